@@ -1,0 +1,187 @@
+"""One process per pipeline rank: score or complete the requests of --infer-data with a converted model.
+
+Examples (world size 1, the common case):
+  python Decentralized_FM_alpha/dist_inference_runner.py --model-name pretrained_models/opt-125m \
+      --model-type opt --infer-data c4_val.jsonl --output-path out/c4_val_opt-125m.jsonl --use-cuda true --fp16
+  # collect DejaVu's training data:
+  ... --model-type opt-save --data-path data/opt-125m_c4 --collect-tokens 400000
+Two ranks: start the command twice with --world-size 2 --rank 0/1 and the same --dist-url.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from Decentralized_FM_alpha.comm.comm_utils import BACKENDS, init_comm  # noqa: E402
+from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import (  # noqa: E402
+    MODEL_TYPES, DistInferenceMaskTokenPipeSync)
+from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  # noqa: E402
+from Decentralized_FM_alpha.utils.activation_store import DEFAULT_CAPACITY, ActivationWriter  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256, now, write_json_atomic  # noqa: E402
+
+PP_MODES = ("pipe_sync_sample_mask_token_pipe",)
+
+
+def str2bool(value: str) -> bool:
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
+    p.add_argument("--model-type", required=True, choices=sorted(MODEL_TYPES),
+                   help="architecture and variant: plain, -save (collect activations), -ml-att-sparse")
+    p.add_argument("--infer-data", required=True, help="request JSONL (SPEC section 4)")
+    p.add_argument("--output-path", default=None, help="result JSONL (default: <infer-data stem>_output.jsonl)")
+    p.add_argument("--seed", type=int, default=42, help="seed for sampling and random sparsity")
+    p.add_argument("--fp16", action="store_true", help="same as --dtype fp16 (original flag)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="compute dtype (default fp32)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="layers per pipeline rank (default: ceil(max-layers / world size))")
+    p.add_argument("--max-layers", type=int, default=None, help="run only the first N layers (default: all)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest sequence; longer prompts are truncated from the left (default: the model's)")
+    p.add_argument("--budget", type=int, default=65536, help="most padded tokens in one forward batch")
+    p.add_argument("--num-iters", type=int, default=None, help="process only the first N requests (default: all)")
+    p.add_argument("--token-micro-batch-size", type=int, default=4, help="most requests in one forward batch")
+    p.add_argument("--world-size", type=int, default=1, help="number of pipeline ranks")
+    p.add_argument("--pipeline-group-size", type=int, default=None, help="pipeline ranks (must equal world size)")
+    p.add_argument("--data-group-size", type=int, default=1, help="data-parallel groups (only 1 is supported)")
+    p.add_argument("--pp-mode", default=PP_MODES[0], choices=PP_MODES, help="pipeline schedule")
+    p.add_argument("--rank", type=int, default=0, help="this process's pipeline rank")
+    p.add_argument("--dist-url", default="tcp://127.0.0.1:9031", help="rendezvous address for world size > 1")
+    p.add_argument("--dist-backend", choices=BACKENDS, default=None, help="default: nccl on GPU, gloo on CPU")
+    p.add_argument("--use-cuda", type=str2bool, default=torch.cuda.is_available(), help="true or false")
+    p.add_argument("--cuda-id", type=int, default=0, help="GPU index of this rank")
+    collect = p.add_argument_group("collection (model types *-save)")
+    collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
+    collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
+    collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (Llama, optional)")
+    return p
+
+
+def resolve_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.dtype = args.dtype or ("fp16" if args.fp16 else "fp32")
+    if args.fp16 and args.dtype != "fp16":
+        raise SystemExit("--fp16 contradicts --dtype " + args.dtype)
+    if args.pipeline_group_size not in (None, args.world_size) or args.data_group_size != 1:
+        raise SystemExit("only pure pipeline parallelism is supported: --pipeline-group-size = --world-size, "
+                         "--data-group-size 1")
+    if not 0 <= args.rank < args.world_size:
+        raise SystemExit(f"--rank {args.rank} outside 0..{args.world_size - 1}")
+    if args.dist_backend is None:
+        args.dist_backend = "nccl" if args.use_cuda else "gloo"
+    if args.use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--use-cuda true but no CUDA device is visible")
+    if args.output_path is None:
+        args.output_path = str(Path(args.infer_data).with_name(Path(args.infer_data).stem + "_output.jsonl"))
+    is_save = args.model_type.endswith("-save")
+    if is_save and not args.data_path:
+        raise SystemExit(f"--model-type {args.model_type} collects activations: give --data-path")
+    return args
+
+
+def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
+    module = pipe.module
+    kinds = module.COLLECTED_KINDS + (module.OPTIONAL_KINDS if args.collect_mlp_gate else ())
+    if args.collect_mlp_gate and not module.OPTIONAL_KINDS:
+        raise SystemExit(f"--collect-mlp-gate: {args.model_type} has no gate")
+    return ActivationWriter(args.data_path, module.collection_dims(pipe.config), pipe.layers, kinds,
+                            capacity=args.collect_tokens, rank=pipe.rank, world_size=pipe.world_size,
+                            manifest_fields={"model_name": args.model_name, "model_type": args.model_type,
+                                             "dtype": args.dtype, "max_seq_len": pipe.max_seq_len,
+                                             "label_definitions": module.label_definitions(pipe.config),
+                                             "source_data": {"path": str(Path(args.infer_data).resolve()),
+                                                             "sha256": file_sha256(args.infer_data)}})
+
+
+def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_path: Path) -> None:
+    """Run the requests through a *-save model, resuming where an earlier run stopped."""
+    writer = make_writer(args, pipe)
+    for block in pipe.blocks:
+        block.writer = writer
+    remaining = requests[writer.docs_done:]
+    if writer.docs_done:
+        print(f"rank {pipe.rank}: resuming after {writer.docs_done} documents, {writer.rows_written} rows")
+        if pipe.is_last:
+            keep_first_lines(output_path, writer.docs_done)
+
+    def before_forward(batch, ids, valid):
+        writer.begin_batch([e.request.index for e in batch], ids, valid)
+
+    def after_batch(docs: int) -> bool:
+        writer.end_batch(docs)
+        return writer.full
+
+    if not writer.full and remaining:
+        pipe.run(remaining, output_path, before_forward=before_forward, after_batch=after_batch,
+                 append=writer.docs_done > 0)
+    stop = "capacity reached" if writer.full else "all requests processed"
+    pipe.comm.barrier()
+    writer.finish(stop)
+    if pipe.rank == 0:
+        print(f"collected {writer.rows_written} rows ({stop}) x {len(writer.kinds)} kinds x "
+              f"{pipe.config.num_hidden_layers} layers -> {args.data_path}")
+
+
+def keep_first_lines(path: Path, n: int) -> None:
+    """Drop result lines past the last committed document (written just before a crash)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)[:n]
+        path.write_text("".join(lines))
+
+
+def main(argv=None) -> None:
+    args = resolve_args(argv)
+    device = torch.device(f"cuda:{args.cuda_id}" if args.use_cuda else "cpu")
+    if args.use_cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    requests = read_requests(args.infer_data)[: args.num_iters]
+    comm = init_comm(args.dist_backend, args.dist_url, args.rank, args.world_size, device)
+    manifest = base_manifest(settings=vars(args), request_file_sha256=file_sha256(args.infer_data))
+    pipe = DistInferenceMaskTokenPipeSync(args, comm, device, block_kwargs=block_kwargs_for(args))
+    output_path = Path(args.output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if args.model_type.endswith("-save"):
+        collect(args, pipe, requests, output_path)
+    else:
+        pipe.run(requests, output_path)
+    comm.barrier()
+    if pipe.is_last:
+        finish_manifest(manifest, output_path, pipe, time.time() - started)
+    comm.close()
+
+
+def block_kwargs_for(args) -> dict:
+    # *-save blocks get their writer right after loading (make_writer needs the loaded pipeline's layers).
+    return {"writer": None} if args.model_type.endswith("-save") else {}
+
+
+def finish_manifest(manifest: dict, output_path: Path, pipe: DistInferenceMaskTokenPipeSync, seconds: float) -> None:
+    from Decentralized_FM_alpha.task_datasets.results import perplexity_of_results
+
+    manifest.update(end_time=now(), seconds=seconds, truncated_prompts=pipe.truncated_prompts,
+                    output_path=str(output_path))
+    if output_path.is_file() and output_path.stat().st_size > 0:
+        manifest["perplexity"] = perplexity_of_results(output_path)
+    write_json_atomic(str(output_path) + ".manifest.json", manifest)
+    summary = manifest.get("perplexity", {})
+    print(f"wrote {output_path}" + (f"; perplexity {summary['perplexity']:.4f} over {summary['tokens']} tokens"
+                                    if "perplexity" in summary else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Shared mechanics of the checkpoint converters: find the HF weights, stream them per output file.
+
+A converter (convert_opt_checkpoint.py, convert_llama_checkpoint.py) only says which HF
+tensor goes to which key of which converted file (SPEC section 3); this module reads the
+shards lazily (safetensors tensor by tensor, .bin through mmap), so a layer at a time is in
+memory, and writes the files plus config, tokenizer and a manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# One converted file: {key in the file: name of the HF tensor}
+FilePlan = dict[str, dict[str, str]]
+
+
+def resolve_model_dir(model_name: str, auth_token: Optional[str] = None) -> Path:
+    """A local directory as is; otherwise a hub id downloaded (weights, config, tokenizer) to the HF cache."""
+    path = Path(model_name)
+    if path.is_dir():
+        return path
+    if path.exists() or model_name.startswith((".", "/")):
+        raise FileNotFoundError(f"model directory not found: {model_name}")
+    from huggingface_hub import snapshot_download  # imported here: only the hub path needs it
+
+    return Path(snapshot_download(model_name, token=auth_token or os.environ.get("HF_TOKEN"),
+                                  allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+
+
+class WeightReader:
+    """Reads named tensors from a HF model directory without loading all shards at once."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.locations = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        d = self.model_dir
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (d / index_name).is_file():
+                weight_map = json.loads((d / index_name).read_text())["weight_map"]
+                return {name: d / shard for name, shard in weight_map.items()}
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (d / single).is_file():
+                return {name: d / single for name in self._names_in(d / single)}
+        raise FileNotFoundError(f"{d}: no model.safetensors, pytorch_model.bin or their .index.json")
+
+    @staticmethod
+    def _names_in(path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+
+    def names(self) -> set[str]:
+        return set(self.locations)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.locations]
+        if missing:
+            raise KeyError(f"{self.model_dir}: tensors not found in the checkpoint: {missing}")
+        out: dict[str, torch.Tensor] = {}
+        by_shard: dict[Path, list[str]] = {}
+        for n in names:
+            by_shard.setdefault(self.locations[n], []).append(n)
+        for shard, shard_names in by_shard.items():
+            if shard.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in shard_names})
+            else:
+                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+                out.update({n: state[n].clone() for n in shard_names})
+        return out
+
+
+def write_converted(reader: WeightReader, plan: FilePlan, save_path: Path, dtype: Optional[torch.dtype]) -> None:
+    """Write each planned file; every tensor of the checkpoint must be used exactly once or be listed as ignored."""
+    save_path.mkdir(parents=True, exist_ok=True)
+    for filename, keys in tqdm(plan.items(), desc="converting", unit="file"):
+        tensors = reader.read(list(keys.values()))
+        state = {}
+        for key, name in keys.items():
+            t = tensors[name]
+            state[key] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
+        torch.save(state, save_path / filename)
+
+
+def check_plan_covers(reader: WeightReader, plan: FilePlan, ignorable: Callable[[str], bool]) -> None:
+    used = {name for keys in plan.values() for name in keys.values()}
+    unused = sorted(n for n in reader.names() - used if not ignorable(n))
+    if unused:
+        raise ValueError(f"{reader.model_dir}: checkpoint tensors the conversion does not know: {unused[:10]}"
+                         f"{' ...' if len(unused) > 10 else ''}")
+
+
+def save_config_and_tokenizer(model_dir: Path, save_path: Path, config) -> None:
+    from transformers import AutoTokenizer
+
+    config.save_pretrained(save_path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(save_path)
+
+
+def write_conversion_manifest(save_path: Path, model_name: str, dtype_name: str, plan: FilePlan) -> None:
+    write_json_atomic(save_path / "conversion_manifest.json",
+                      base_manifest(source=model_name, dtype=dtype_name, files=sorted(plan), end_time=now()))
