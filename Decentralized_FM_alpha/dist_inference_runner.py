@@ -10,6 +10,7 @@ Two ranks: start the command twice with --world-size 2 --rank 0/1 and the same -
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,7 +121,13 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
     def before_forward(batch, ids, valid):
         writer.begin_batch([e.request.index for e in batch], ids, valid)
 
+    crash_after = int(os.environ.get("DEJAVU_TEST_CRASH_AFTER_BATCHES", "0"))  # fault injection for the resume test
+    batches = [0]
+
     def after_batch(docs: int) -> bool:
+        batches[0] += 1
+        if crash_after and batches[0] > crash_after:  # rows of this batch are written but not committed
+            raise SystemExit(f"simulated crash after {crash_after} committed batches")
         writer.end_batch(docs)
         return writer.full
 

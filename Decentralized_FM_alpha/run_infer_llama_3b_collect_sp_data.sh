@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Collect DejaVu's predictor training data from a converted Llama (default Llama 3.2 3B: 28 layers,
+# bf16, 400,000 rows) on C4 train requests. Set COLLECT_MLP_GATE=1 to also store the gate (for --label gate).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"; REPO="$(dirname "$HERE")"
+source "$HERE/launch_ranks.sh"
+MODEL_PATH="${MODEL_PATH:-$REPO/pretrained_models/llama-3.2-3b}"
+INFER_DATA="${INFER_DATA:-$HERE/c4_train/c4_train.jsonl}"
+DATA_PATH="${DATA_PATH:-$REPO/data/$(basename "$MODEL_PATH")_c4}"
+OUTPUT_PATH="${OUTPUT_PATH:-$DATA_PATH/collect_output.jsonl}"
+COLLECT_TOKENS="${COLLECT_TOKENS:-400000}"
+DTYPE="${DTYPE:-bf16}"
+GATE=$([[ "${COLLECT_MLP_GATE:-0}" == 1 ]] && echo --collect-mlp-gate || true)
+mkdir -p "$DATA_PATH"
+launch_ranks --model-name "$MODEL_PATH" --model-type llama-save --dtype "$DTYPE" --infer-data "$INFER_DATA" \
+  --output-path "$OUTPUT_PATH" --data-path "$DATA_PATH" --collect-tokens "$COLLECT_TOKENS" \
+  --max-seq-len "${MAX_SEQ_LEN:-2048}" $GATE ${EXTRA_ARGS:-}
+python "$REPO/scripts/perplexity.py" "$OUTPUT_PATH"

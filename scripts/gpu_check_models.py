@@ -1,0 +1,180 @@
+"""GPU check of the OPT / Llama paths at real shapes with random weights (issues: OPT path, Llama modules).
+
+Builds a random Hugging Face model at a known shape (Llama-3.2-3B from
+tests/fixtures/llama-3.2-3b-config.json, or OPT-1.3b), saves and converts it with our
+converter, then measures in one process:
+  * log-probs of our runner vs HF on the same weights, in the half dtype, next to the
+    HF-half vs HF-fp32 gap (the size of rounding differences at that dtype);
+  * tokens/s of plain inference and of collection, peak GPU memory, bytes written per token.
+With --pipeline-ranks 2 it also runs the runner as 2 pipeline stages (one GPU each, NCCL)
+and compares their log-probs with the 1-GPU run. Writes everything to --out (JSON + logs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
+
+from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint, dist_inference_runner  # noqa: E402
+from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
+
+OPT_SHAPES = {"1.3b": dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32),
+              "125m": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_hf_model(family: str, shape: str, dtype: torch.dtype, seed: int):
+    torch.manual_seed(seed)
+    if family == "llama":
+        values = json.loads((REPO / "tests/fixtures/llama-3.2-3b-config.json").read_text())
+        config, cls = LlamaConfig(**values), LlamaForCausalLM
+    else:
+        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=OPT_SHAPES[shape]["hidden_size"],
+                           pad_token_id=1, bos_token_id=2, eos_token_id=2, **OPT_SHAPES[shape])
+        cls = OPTForCausalLM
+    with torch.device("cuda"):
+        model = cls(config).to(dtype).eval()
+        for name, p in model.named_parameters():  # norms start at 1/0: perturb so mapping errors show
+            if "norm" in name:
+                p.data.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def write_requests(path: Path, n_docs: int, max_chars: int) -> list[str]:
+    texts = []
+    with open(REPO / "data/samples/c4_train_1k.jsonl", encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"][:max_chars])
+            if len(texts) == n_docs:
+                break
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"prompt": t, "max_tokens": 0, "echo": True, "logprobs": 1}) + "\n")
+    return texts
+
+
+def run_runner(args: list[str]) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    dist_inference_runner.main(args)
+    out = Path(args[args.index("--output-path") + 1])
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    tokens = sum(len(json.loads(l)["result"]["choices"][0]["logprobs"]["token_logprobs"]) for l in open(out))
+    return {"seconds": manifest["seconds"], "tokens": tokens, "tokens_per_s": tokens / manifest["seconds"],
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30, "perplexity": manifest.get("perplexity")}
+
+
+def hf_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(ids).logits[0].double(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]
+
+
+def logprob_gaps(model_half, out_path: Path, tokenizer, n_check: int) -> dict:
+    """max/mean |ours - HF| in the half dtype, and |HF half - HF fp32| for scale (the model ends in fp32)."""
+    results = [json.loads(l) for l in open(out_path)][:n_check]
+    ids = [torch.tensor([tokenizer(r["request"]["prompt"])["input_ids"]], device="cuda") for r in results]
+    ours = [torch.tensor(r["result"]["choices"][0]["logprobs"]["token_logprobs"][1:], device="cuda",
+                         dtype=torch.float64) for r in results]
+    half = [hf_logprobs(model_half, x) for x in ids]
+    full = [hf_logprobs(model_half.float(), x) for x in ids]
+    a = torch.cat([o - h for o, h in zip(ours, half)]).abs()
+    b = torch.cat([h - f for h, f in zip(half, full)]).abs()
+    return {"ours_vs_hf_half_max": a.max().item(), "ours_vs_hf_half_mean": a.mean().item(),
+            "hf_half_vs_hf_fp32_max": b.max().item(), "hf_half_vs_hf_fp32_mean": b.mean().item(), "tokens": a.numel()}
+
+
+def pipeline_check(converted: Path, model_type: str, dtype: str, req: Path, reference_out: Path, out_dir: Path,
+                   ranks: int) -> dict:
+    url = "tcp://127.0.0.1:29533"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0"}
+    out = out_dir / "pipeline_out.jsonl"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "Decentralized_FM_alpha/dist_inference_runner.py"),
+                               "--model-name", str(converted), "--model-type", model_type, "--dtype", dtype,
+                               "--infer-data", str(req), "--output-path", str(out), "--use-cuda", "true",
+                               "--cuda-id", str(r), "--world-size", str(ranks), "--rank", str(r), "--dist-url", url,
+                               "--dist-backend", "nccl"], env=env,
+                              stdout=open(out_dir / f"pipeline_rank{r}.log", "w"), stderr=subprocess.STDOUT)
+             for r in range(ranks)]
+    codes = [p.wait(timeout=500) for p in procs]
+    if any(codes):
+        return {"error": f"exit codes {codes}; see pipeline_rank*.log"}
+    diffs = []
+    for a, b in zip(open(reference_out), open(out)):
+        la = json.loads(a)["result"]["choices"][0]["logprobs"]["token_logprobs"][1:]
+        lb = json.loads(b)["result"]["choices"][0]["logprobs"]["token_logprobs"][1:]
+        diffs.append((torch.tensor(la) - torch.tensor(lb)).abs().max().item())
+    return {"ranks": ranks, "max_abs_diff_vs_1gpu": max(diffs), "requests": len(diffs),
+            "manifest": json.loads(Path(str(out) + ".manifest.json").read_text()).get("seconds")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("llama", "opt"), required=True)
+    p.add_argument("--opt-shape", choices=sorted(OPT_SHAPES), default="1.3b", help="OPT shape (family opt)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--docs", type=int, default=64, help="documents for the inference timing")
+    p.add_argument("--max-chars", type=int, default=4000, help="characters kept per document")
+    p.add_argument("--collect-rows", type=int, default=50_000, help="rows to collect in the collection timing")
+    p.add_argument("--check-docs", type=int, default=4, help="documents compared with HF")
+    p.add_argument("--batch", type=int, default=8, help="--token-micro-batch-size")
+    p.add_argument("--pipeline-ranks", type=int, default=1, help="also run this many pipeline stages (GPUs)")
+    p.add_argument("--work", default="/tmp/gpu_check", help="scratch directory for checkpoints and data")
+    p.add_argument("--out", required=True, help="directory for the JSON summary")
+    a = p.parse_args()
+    work, out = Path(a.work) / a.family, Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[a.dtype]
+    report: dict = {"family": a.family, "dtype": a.dtype, "gpu": torch.cuda.get_device_name(),
+                    "torch": torch.__version__}
+    tok_dir = build_test_tokenizer(work / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = build_hf_model(a.family, a.opt_shape, dtype, seed=0)
+    report["params"] = sum(p.numel() for p in model.parameters())
+    hf_dir, converted = work / "hf", work / "converted"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    converter = convert_llama_checkpoint if a.family == "llama" else convert_opt_checkpoint
+    t0 = time.time()
+    converter.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
+    report["convert_seconds"] = time.time() - t0
+    req = work / "req.jsonl"
+    write_requests(req, a.docs, a.max_chars)
+    common = ["--model-name", str(converted), "--dtype", a.dtype, "--infer-data", str(req), "--use-cuda", "true",
+              "--token-micro-batch-size", str(a.batch), "--max-seq-len", "2048"]
+    dense_out = work / "dense.jsonl"
+    run_runner(common + ["--model-type", a.family, "--output-path", str(dense_out)])  # warm-up (kernels, allocator)
+    report["inference"] = run_runner(common + ["--model-type", a.family, "--output-path", str(dense_out)])
+    report["parity"] = logprob_gaps(model, dense_out, tokenizer, a.check_docs)
+    del model
+    torch.cuda.empty_cache()
+    collect_req = work / "req_collect.jsonl"
+    write_requests(collect_req, 1000, 100_000)
+    data = work / "collected"
+    collect_args = common[:]
+    collect_args[collect_args.index(str(req))] = str(collect_req)
+    report["collection"] = run_runner(collect_args + ["--model-type", f"{a.family}-save", "--output-path",
+                                                      str(work / "collect.jsonl"), "--data-path", str(data),
+                                                      "--collect-tokens", str(a.collect_rows)])
+    m = json.loads((data / "manifest.json").read_text())
+    widths = sum(w for _, w in m["files"].values())
+    report["collection"].update(rows=m["rows_written"], complete=m["complete"], stopped_reason=m["stopped_reason"],
+                                bytes_per_token=widths * 2 + 12,
+                                collected_tokens_per_s=m["rows_written"] / report["collection"]["seconds"])
+    if a.pipeline_ranks > 1:
+        report["pipeline"] = pipeline_check(converted, a.family, a.dtype, req, dense_out, out, a.pipeline_ranks)
+    (out / f"gpu_check_{a.family}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

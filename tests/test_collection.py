@@ -1,0 +1,161 @@
+"""Collected activations equal the values captured from Hugging Face models with forward hooks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore
+from tests.helpers_models import make_llama, make_opt
+from tests.runner_helpers import REPO, RUNNER, c4_texts, run_one_rank, run_ranks, write_requests
+
+FP16_TOL = dict(rtol=2e-3, atol=2e-3)  # float16 rounding of the stored values
+
+
+def hf_reference_activations(model, family: str, ids: list[int]) -> dict[str, list[torch.Tensor]]:
+    """att_x, att_label, mlp_x, mlp_label (and mlp_gate) of every layer, (T, width), from HF hooks."""
+    layers = model.model.decoder.layers if family == "opt" else model.model.layers
+    found: dict[str, list] = {k: [None] * len(layers) for k in ("att_x", "att_label", "mlp_x", "mlp_label", "mlp_gate")}
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        out_proj = attn.out_proj if family == "opt" else attn.o_proj
+        heads = attn.num_heads if hasattr(attn, "num_heads") else model.config.num_attention_heads
+
+        def block_in(mod, args, kwargs, i=i):
+            found["att_x"][i] = (args[0] if args else kwargs["hidden_states"])[0].clone()
+
+        def head_norms(mod, args, i=i, heads=heads):
+            x = args[0][0]
+            found["att_label"][i] = x.view(x.shape[0], heads, -1).norm(dim=-1)
+
+        hooks.append(layer.register_forward_pre_hook(block_in, with_kwargs=True))
+        hooks.append(out_proj.register_forward_pre_hook(head_norms))
+        if family == "opt":
+            def mlp_in(mod, args, i=i):
+                x = args[0]  # HF OPT flattens (B, T, d) to (B*T, d) before final_layer_norm
+                found["mlp_x"][i] = x.reshape(-1, x.shape[-1]).clone()
+
+            def mlp_act(mod, args, i=i):
+                found["mlp_label"][i] = args[0].reshape(-1, args[0].shape[-1]).clone()  # input of fc2
+
+            hooks.append(layer.final_layer_norm.register_forward_pre_hook(mlp_in))
+            hooks.append(layer.fc2.register_forward_pre_hook(mlp_act))
+        else:
+            def mlp_in(mod, args, i=i):
+                found["mlp_x"][i] = args[0][0].clone()
+
+            def mlp_act(mod, args, i=i):
+                found["mlp_label"][i] = args[0][0].clone()
+
+            def gate(mod, args, out, i=i):
+                found["mlp_gate"][i] = out[0].clone()
+
+            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(mlp_in))
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_act))
+            hooks.append(layer.mlp.gate_proj.register_forward_hook(gate))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return found
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def collected(request, tmp_path_factory, tiny_tokenizer_dir):
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"collect_{family}")
+    model, _, converted = (make_opt if family == "opt" else make_llama)(tmp, tiny_tokenizer_dir, seed=2)
+    prompts = c4_texts(5, max_chars=300)
+    req = write_requests(tmp / "req.jsonl", prompts)
+    data = tmp / "data"
+    extra = ["--collect-mlp-gate"] if family == "llama" else []
+    run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
+                  "--output-path", str(tmp / "out.jsonl"), "--data-path", str(data), "--token-micro-batch-size", "2",
+                  *extra])
+    return family, model, converted, req, prompts, data, tmp
+
+
+def test_every_collected_array_equals_hf_hooks(collected, tiny_tokenizer_dir):
+    family, model, _, _, prompts, data, _ = collected
+    store = ActivationStore(data)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    kinds = ["att_x", "att_label", "mlp_x", "mlp_label"] + (["mlp_gate"] if family == "llama" else [])
+    assert sorted(store.kinds) == sorted(kinds)
+    row = 0
+    for doc, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        ref = hf_reference_activations(model, family, ids)
+        for layer in range(store.num_layers):
+            for kind in kinds:
+                ours = torch.from_numpy(np.array(store.open(kind, layer)[row:row + len(ids)])).float()
+                torch.testing.assert_close(ours, ref[kind][layer].float(), **FP16_TOL,
+                                           msg=f"{kind} layer {layer} doc {doc}")
+        row += len(ids)
+    assert row == store.rows
+
+
+def test_token_index_and_manifest(collected, tiny_tokenizer_dir):
+    family, _, _, req, prompts, data, _ = collected
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    expected = [(d, t, tok) for d, p in enumerate(prompts) for t, tok in enumerate(tokenizer(p)["input_ids"])]
+    index = ActivationStore(data).token_index()
+    assert index.dtype == np.int32
+    np.testing.assert_array_equal(index, np.array(expected, dtype=np.int32))
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["rows_written"] == len(expected)
+    assert manifest["stopped_reason"] == "all requests processed"
+    assert manifest["source_data"]["path"] == str(req.resolve()) and len(manifest["source_data"]["sha256"]) == 64
+    assert manifest["config"]["num_layers"] == 3 and manifest["capacity"] == 400_000
+    assert set(manifest["files"]) == {f"{k}_{l}.mmap" for k in manifest["kinds"] for l in range(3)}
+    assert "mlp_label" in manifest["label_definitions"] and manifest["git_commit"]
+
+
+def test_capacity_reached_stops_cleanly(collected, tmp_path):
+    family, _, converted, req, _, data, _ = collected
+    run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
+                  "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(tmp_path / "d"),
+                  "--collect-tokens", "50", "--token-micro-batch-size", "1"])
+    small, full = ActivationStore(tmp_path / "d"), ActivationStore(data)
+    assert small.rows == 50 and small.manifest["stopped_reason"] == "capacity reached"
+    np.testing.assert_array_equal(np.asarray(small.open("mlp_x", 1)), np.asarray(full.open("mlp_x", 1)[:50]))
+    np.testing.assert_array_equal(small.token_index(), full.token_index()[:50])
+
+
+def test_two_rank_collection_equals_one_rank(collected, tmp_path):
+    family, _, converted, req, _, data, _ = collected
+    run_ranks(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
+               "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(tmp_path / "d2"),
+               "--num-layers", "2", "--token-micro-batch-size", "2"]
+              + (["--collect-mlp-gate"] if family == "llama" else []), world_size=2)
+    for f in sorted(os.listdir(data)):
+        if f.endswith(".mmap") or f == "token_index.npy":
+            assert (tmp_path / "d2" / f).read_bytes() == (data / f).read_bytes(), f
+
+
+def test_killed_and_resumed_collection_is_byte_identical(collected, tmp_path):
+    """Kill the collecting process after its second committed batch, rerun the same command, compare bytes."""
+    family, _, converted, req, _, data, _ = collected
+    out_dir = tmp_path / "resumed"
+    args = [sys.executable, str(RUNNER), "--model-name", str(converted), "--model-type", f"{family}-save",
+            "--infer-data", str(req), "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(out_dir),
+            "--token-micro-batch-size", "2", "--use-cuda", "false"] + (["--collect-mlp-gate"] if family == "llama" else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEJAVU_TEST_CRASH_AFTER_BATCHES": "2"}
+    crashed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
+    progress = json.loads((out_dir / "progress_rank0.json").read_text())
+    assert progress["docs_done"] == 4 and not json.loads((out_dir / "manifest.json").read_text())["complete"]
+    env.pop("DEJAVU_TEST_CRASH_AFTER_BATCHES")
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after 4 documents" in resumed.stdout
+    for f in sorted(os.listdir(data)):
+        if f.endswith(".mmap") or f == "token_index.npy":
+            assert (out_dir / f).read_bytes() == (data / f).read_bytes(), f
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5

@@ -1,0 +1,123 @@
+"""The runner's log-probs and generations equal Hugging Face OPTForCausalLM / LlamaForCausalLM."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.helpers_models import llama_3b_config, make_llama, make_opt
+from tests.runner_helpers import (c4_texts, hf_token_logprobs, read_results, run_one_rank, run_ranks,
+                                  token_logprobs, write_requests)
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def family(request, tmp_path_factory, tiny_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp(request.param)
+    maker = make_opt if request.param == "opt" else make_llama
+    model, hf_dir, converted = maker(tmp, tiny_tokenizer_dir, seed=1)
+    return request.param, model, converted, tmp
+
+
+def max_logprob_error(model, tokenizer, prompts, results, max_seq_len=None) -> float:
+    worst = 0.0
+    for prompt, result in zip(prompts, results):
+        ids = tokenizer(prompt)["input_ids"]
+        if max_seq_len and len(ids) > max_seq_len:  # the runner keeps BOS and the last tokens
+            ids = ids[:1] + ids[len(ids) - max_seq_len + 1:]
+        ours = token_logprobs(result)
+        assert ours[0] is None and len(ours) == len(ids)
+        worst = max(worst, (torch.tensor(ours[1:], dtype=torch.float64) - hf_token_logprobs(model, ids)).abs().max().item())
+    return worst
+
+
+def test_echo_logprobs_equal_hf_world_size_1(family, tiny_tokenizer_dir):
+    name, model, converted, tmp = family
+    prompts = c4_texts(6)
+    req = write_requests(tmp / "req1.jsonl", prompts)
+    out = tmp / "out1.jsonl"
+    run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+                  "--output-path", str(out), "--token-micro-batch-size", "3"])
+    results = read_results(out)
+    assert len(results) == len(prompts)
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, results)
+    print(f"{name} world size 1: max |d logprob| vs HF = {error:.2e}")
+    assert error <= TOL
+    manifest = json.loads((tmp / "out1.jsonl.manifest.json").read_text())
+    assert manifest["git_commit"] and manifest["versions"]["torch"] and "perplexity" in manifest
+
+
+def test_echo_logprobs_equal_hf_world_size_2_gloo(family, tiny_tokenizer_dir):
+    name, model, converted, tmp = family
+    prompts = c4_texts(4)
+    req = write_requests(tmp / "req2.jsonl", prompts)
+    out = tmp / "out2.jsonl"
+    run_ranks(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+               "--output-path", str(out), "--num-layers", "2"], world_size=2)
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, read_results(out))
+    print(f"{name} world size 2 (gloo): max |d logprob| vs HF = {error:.2e}")
+    assert error <= TOL
+
+
+def test_prompt_longer_than_max_seq_len_is_truncated_from_the_left(family, tiny_tokenizer_dir):
+    name, model, converted, tmp = family
+    prompts = c4_texts(2, max_chars=2000)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert all(len(tokenizer(p)["input_ids"]) > 64 for p in prompts)
+    req = write_requests(tmp / "req_long.jsonl", prompts)
+    out = tmp / "out_long.jsonl"
+    with pytest.warns(UserWarning, match="2 prompt"):
+        run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+                      "--output-path", str(out), "--max-seq-len", "64"])
+    results = read_results(out)
+    assert all(len(token_logprobs(r)) == 64 for r in results)
+    assert max_logprob_error(model, tokenizer, prompts, results, max_seq_len=64) <= TOL
+    manifest = json.loads((tmp / "out_long.jsonl.manifest.json").read_text())
+    assert manifest["truncated_prompts"] == 2
+
+
+def test_greedy_generation_of_20_tokens_equals_hf_generate(family, tiny_tokenizer_dir):
+    name, model, converted, tmp = family
+    prompts = c4_texts(2, max_chars=120)
+    req = write_requests(tmp / "req_gen.jsonl", prompts, max_tokens=20, echo=False)
+    out = tmp / "out_gen.jsonl"
+    run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+                  "--output-path", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    for prompt, result in zip(prompts, read_results(out)):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            hf = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=1)
+        expected = tokenizer.decode(hf[0, ids.shape[1]:])
+        choice = result["result"]["choices"][0]
+        assert len(choice["logprobs"]["tokens"]) == 20
+        assert choice["text"] == expected
+
+
+def test_sampling_is_reproducible_by_seed(family, tiny_tokenizer_dir):
+    name, model, converted, tmp = family
+    req = write_requests(tmp / "req_sample.jsonl", c4_texts(1, max_chars=80), max_tokens=8, echo=False,
+                         temperature=1.0, top_p=0.9, n=2)
+    texts = []
+    for run in range(2):
+        out = tmp / f"out_sample{run}.jsonl"
+        run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+                      "--output-path", str(out), "--seed", "7"])
+        texts.append([c["text"] for c in read_results(out)[0]["result"]["choices"]])
+    assert texts[0] == texts[1] and len(texts[0]) == 2
+
+
+def test_exact_llama_3_2_3b_architecture_two_layers(tmp_path, tiny_tokenizer_dir):
+    """The real 3B shapes (GQA 24/8, head_dim 128, llama3 rope x32, tied 128256 vocab), depth cut to 2."""
+    model, hf_dir, converted = make_llama(tmp_path, tiny_tokenizer_dir, seed=3, config=llama_3b_config(2))
+    prompts = c4_texts(2, max_chars=300)
+    req = write_requests(tmp_path / "req.jsonl", prompts)
+    out = tmp_path / "out.jsonl"
+    run_one_rank(["--model-name", str(converted), "--model-type", "llama", "--infer-data", str(req),
+                  "--output-path", str(out)])
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, read_results(out))
+    print(f"Llama-3.2-3B config, 2 layers: max |d logprob| vs HF = {error:.2e}")
+    assert error <= TOL
