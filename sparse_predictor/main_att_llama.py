@@ -1,0 +1,29 @@
+"""Train DejaVu's attention-head sparse predictor for one layer of Llama (SPEC §7), the twin of main_att.py.
+
+Label: query head h is active for a token when the L2 norm of its attention output (att_label_{l}, before o_proj)
+is among the top int(k * heads) of that token. Heads are query heads: with grouped-query attention several
+share one key/value head, and keeping whole groups is decided at inference. Default input: lookahead,
+att_x_{l-1} (att_x_0 for layer 0).
+
+Example: python sparse_predictor/main_att_llama.py --model llama-3.2-3b --L 3 --lr 0.0001 --k 0.3
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python sparse_predictor/<this file>` run
+
+from sparse_predictor.trainer import run_cli  # noqa: E402
+
+DEFAULTS = {
+    "model": "llama-3.2-3b",
+    "k": 0.7,  # the original main_att.py's; its run_c4_att.sh (and ours) use 0.3
+    "lr": 1e-3,  # the original main_att.py's; its run_c4_att.sh (and ours) use 1e-4
+}
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    return run_cli("att", __doc__, DEFAULTS, argv)
+
+
+if __name__ == "__main__":
+    main()

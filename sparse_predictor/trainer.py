@@ -1,0 +1,778 @@
+"""DejaVu sparse-predictor training, shared by main_mlp.py / main_att.py and their Llama twins (SPEC §7).
+
+Everything that is not model-specific lives here once: reading a layer from the collected mmaps onto the
+device, labels, the document split, the training loop, the metrics, checkpoint + JSON writing, the command
+line of the four mains, and two sub-commands for the run_c4_*.sh scripts:
+    python -m sparse_predictor.trainer launch MAIN --block mlp --data-dir D --out-dir O [-- MAIN's flags]
+    python -m sparse_predictor.trainer summarize --block mlp --out-dir O [--num-layers N]
+
+Behaviour kept from the original (FMInference/DejaVu sparse_predictor/main_{mlp,att}.py, trainer_{mlp,att}.py):
+  - predictor Linear(d, D, bias=False) -> Linear(D, out, bias=False), PyTorch's default init, AdamW(wd 0.01);
+  - class-weighted BCE: w = mean(y) over the batch (+0.005 for the MLP, +0 for attention); weight 1 on
+    active units, w on inactive ones;
+  - a unit is predicted active when sigmoid(logit) >= 0.5; the held-out split is evaluated before training and
+    after every epoch; the kept model is the one with the best held-out Recall, and training stops after 5
+    epochs without improvement or once that Recall exceeds 0.99;
+  - 95/5 split, the held-out part taken from the end of the collection (here: whole documents, no leak).
+Deliberate differences: the BCE is computed from logits (stable; equal to the original's BCE(sigmoid(.)) except
+where the original clamps log at -100), matmuls run under bf16 autocast on CUDA, whole batches are gathered on
+the device instead of a per-sample DataLoader, and no run stops on an all-zero label row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore, activation_file, iter_row_chunks
+from Decentralized_FM_alpha.utils.manifest import REPO_ROOT, base_manifest, now, read_json, write_json_atomic
+
+BLOCKS = ("mlp", "att")
+MLP_LABELS = ("relu", "topk", "threshold", "gate")
+DEFAULT_INPUT = {"mlp": "same", "att": "lookahead"}  # what the original trained on: mlp_x_l and att_x_{l-1}
+NEGATIVE_WEIGHT_FLOOR = {"mlp": 0.005, "att": 0.0}  # trainer_mlp.py adds 0.005 to w, trainer_att.py does not
+TEST_FRACTION = 0.05
+WEIGHT_DECAY = 0.01
+EARLY_STOP_PATIENCE = 5
+EARLY_STOP_RECALL = 0.99
+CHUNK_BYTES = 64 << 20  # per file and read-ahead slot: bounds host RAM whatever the number of rows
+READ_AHEAD = 3
+CPU_RESIDENT_BYTES = 2 << 30  # on a CPU run the "device" is host RAM: keep the layer under 2 GiB, stream beyond
+GPU_RESIDENT_SHARE = 0.6  # of free GPU memory; the rest is for the model, optimizer, label chunks, batches
+
+METRIC_DEFINITIONS = {
+    "Recall": "original trainer_{mlp,att}.py: mean over eval batches of the mean true positives per token, divided "
+              "by True Sparsity; eval batches of --batch_size rows in row order, so it equals TP/P except that the "
+              "last, partial batch weighs as much as a full one",
+    "True Sparsity": "original: mean over eval batches of the mean number of truly active units per token (a count)",
+    "Classifier Sparsity": "original: mean over eval batches of the mean number of units predicted active "
+                           "(sigmoid(logit) >= 0.5) per token (a count)",
+    "Loss": "original: mean over eval batches of the class-weighted BCE",
+    "Loss Weight": "original: mean over eval batches of w, the weight of inactive units in the BCE",
+    "Precision": "true positives / units predicted active, summed over all held-out tokens (null if none predicted)",
+    "Per-token Recall": "mean over held-out tokens with at least one active unit of TP/active for that token",
+    "Recall@K": "predictor's top-K units vs the true top-K by the label's score, at equal budget K: hits / (K * "
+                "tokens); a predicted unit tied with the true K-th score counts as long as the tie leaves room",
+    "K": "topk labels: the label's own count int(k * out); other labels: the held-out mean number of active units "
+         "per token, rounded (at least 1)",
+}
+
+
+# ------------------------------------------------------------------------------------- what to predict
+@dataclass(frozen=True)
+class LabelSpec:
+    """Which units count as active for a token: `scores` rank the units and a rule cuts the ranking."""
+    name: str  # relu | topk | threshold | gate (attention: topk)
+    source_kind: str  # the collected kind the label is computed from: mlp_label, mlp_gate or att_label
+    k: float | None = None  # topk: fraction of units kept per token
+    threshold: float | None = None  # threshold: |y| > threshold
+
+    def definition(self) -> str:
+        return {"relu": "mlp_label > 0 (exact for a ReLU MLP: an inactive neuron contributes nothing)",
+                "topk": f"top int(k * width) of |{self.source_kind}| per token, k = {self.k}",
+                "threshold": f"|mlp_label| > {self.threshold}",
+                "gate": "mlp_gate > 0 (gate projection before SiLU)"}[self.name]
+
+    def top_count(self, width: int) -> int:
+        return int(width * self.k)
+
+    def scores(self, values: torch.Tensor) -> torch.Tensor:
+        """(rows, width) ranking of the units; the labels and the true top-K of Recall@K both come from it."""
+        return values.abs() if self.name in ("topk", "threshold") else values
+
+    def labels(self, scores: torch.Tensor) -> torch.Tensor:
+        """(rows, width) bool: the active units."""
+        if self.name == "topk":
+            return topk_mask(scores, self.top_count(scores.shape[1]))
+        return scores > (self.threshold if self.name == "threshold" else 0.0)
+
+
+def make_label_spec(block: str, name: str, k: float | None, threshold: float | None, width: int) -> LabelSpec:
+    """Validate the label flags; attention always uses the original top-k of head norms."""
+    if block == "att":
+        name, source = "topk", "att_label"
+    else:
+        source = "mlp_gate" if name == "gate" else "mlp_label"
+    if name == "topk":
+        if k is None:
+            raise ValueError("--label topk needs --k (the fraction of units kept per token)")
+        if not 0 < k <= 1 or int(width * k) < 1:
+            raise ValueError(f"--k {k} keeps int({width} * {k}) = {int(width * k)} units; need 0 < k <= 1 and >= 1 unit")
+    elif k is not None:
+        raise ValueError(f"--k is only used by --label topk, not by --label {name}")
+    if name == "threshold":
+        if threshold is None or threshold < 0:
+            raise ValueError(f"--label threshold needs --threshold >= 0, got {threshold}")
+    elif threshold is not None:
+        raise ValueError(f"--threshold is only used by --label threshold, not by --label {name}")
+    return LabelSpec(name, source, k, threshold)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    indices = scores.topk(k, dim=1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, indices, True)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    flag: str  # same | lookahead | from:J, as given
+    kind: str  # att_x or mlp_x
+    layer: int
+
+
+def resolve_input(block: str, flag: str, layer: int) -> InputSpec:
+    """The collected tensor a layer's predictor reads (SPEC §7); inference must feed the same one.
+
+    same: MLP mlp_x_l, attention att_x_l. lookahead (DejaVu's inference wiring): MLP att_x_l, attention
+    att_x_{l-1} (att_x_0 for layer 0). from:J: att_x_J, the residual stream entering layer J <= l.
+    """
+    if flag == "same":
+        return InputSpec(flag, "mlp_x" if block == "mlp" else "att_x", layer)
+    if flag == "lookahead":
+        return InputSpec(flag, "att_x", layer if block == "mlp" else max(layer - 1, 0))
+    match = re.fullmatch(r"from:(\d+)", flag)
+    if match is None:
+        raise ValueError(f"--input must be same, lookahead or from:J, got {flag!r}")
+    source = int(match.group(1))
+    if source > layer:
+        raise ValueError(f"--input {flag}: layer {source} comes after the predicted layer {layer}; need J <= {layer}")
+    return InputSpec(flag, "att_x", source)
+
+
+# ------------------------------------------------------------------------------------- split
+def document_split(doc_ids: np.ndarray, test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Boolean mask of the held-out rows: whole documents, the last ones collected, closest to 5% of the rows.
+
+    The original held out the last 5% of rows (`X[-idx]`, which also leaked row 0 and cut documents in two);
+    taking whole documents from the end keeps its choice without letting a test document's tokens into training.
+    """
+    docs, first_row, counts = np.unique(doc_ids, return_index=True, return_counts=True)
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents for a document-level split, found {len(docs)}")
+    last_first = np.argsort(first_row)[::-1]
+    held_rows = np.cumsum(counts[last_first])
+    target = test_fraction * len(doc_ids)
+    n_docs = int(np.searchsorted(held_rows, target)) + 1
+    if n_docs > 1 and target - held_rows[n_docs - 2] < held_rows[n_docs - 1] - target:
+        n_docs -= 1
+    n_docs = min(n_docs, len(docs) - 1)
+    return np.isin(doc_ids, docs[last_first[:n_docs]])
+
+
+# ------------------------------------------------------------------------------------- reading onto the device
+@dataclass(frozen=True)
+class RowFile:
+    """One validated collected file: `rows` float16 rows of `width`, stored from the start of `path`."""
+    path: Path
+    width: int
+    rows: int
+
+
+def open_rows(store: ActivationStore, kind: str, layer: int) -> RowFile:
+    if kind not in store.kinds:
+        raise FileNotFoundError(f"{activation_file(store.data_dir, kind, layer)} is needed but {kind!r} was not "
+                                f"collected (manifest kinds: {list(store.kinds)})")
+    mm = store.open(kind, layer)  # checks the file against the manifest
+    return RowFile(Path(mm.filename), mm.shape[1], mm.shape[0])
+
+
+def _pread_rows(fd: int, file: RowFile, rows: slice, out: torch.Tensor, previous_copy) -> None:
+    """Read rows straight from the file into `out`: no mapping, so file pages never count as this process's RAM."""
+    if previous_copy is not None:
+        previous_copy.synchronize()  # the device copy that last read this buffer is done
+    view = memoryview(out[: rows.stop - rows.start].view(torch.uint8).numpy().reshape(-1))
+    offset = rows.start * file.width * 2
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"{file.path}: file ended at byte {offset + done}, rows {rows} expected")
+        done += n
+
+
+def stream_chunks(files: Sequence[RowFile], slices: Sequence[slice],
+                  device: torch.device) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """For each slice, the rows of every file as float16 device tensors; reads run READ_AHEAD slices ahead."""
+    cuda = device.type == "cuda"
+    chunk_rows = max(s.stop - s.start for s in slices)
+    buffers = [[torch.empty((chunk_rows, f.width), dtype=torch.float16, pin_memory=cuda) for f in files]
+               for _ in range(READ_AHEAD)]
+    copied = [None] * READ_AHEAD  # per buffer set: CUDA event of the last copy out of it
+    fds = [os.open(f.path, os.O_RDONLY) for f in files]
+    try:
+        with ThreadPoolExecutor(max_workers=READ_AHEAD * len(files)) as pool:
+            def submit(i: int) -> list:
+                slot = i % READ_AHEAD
+                return [pool.submit(_pread_rows, fd, f, slices[i], buf, copied[slot])
+                        for fd, f, buf in zip(fds, files, buffers[slot])]
+
+            pending = deque(submit(i) for i in range(min(READ_AHEAD, len(slices))))
+            for i, rows in enumerate(slices):
+                for future in pending.popleft():
+                    future.result()
+                slot, n = i % READ_AHEAD, rows.stop - rows.start
+                if cuda:
+                    tensors = [buf[:n].to(device, non_blocking=True) for buf in buffers[slot]]
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record()
+                else:
+                    tensors = [buf[:n].clone() for buf in buffers[slot]]
+                if i + READ_AHEAD < len(slices):
+                    pending.append(submit(i + READ_AHEAD))
+                yield rows, tensors
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def chunk_slices(rows: int, widths: Sequence[int]) -> list[slice]:
+    return list(iter_row_chunks(rows, max(1, CHUNK_BYTES // (2 * max(widths)))))
+
+
+@dataclass
+class DeviceRows:
+    x: torch.Tensor  # (n, d) float16: the predictor input
+    labels: torch.Tensor  # (n, out) bool
+    scores: torch.Tensor | None  # (n, out) float16 ranking, kept for held-out rows (Recall@K)
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def load_rows(x_file: RowFile, label_file: RowFile, label: LabelSpec, selected: np.ndarray, device: torch.device,
+              keep_scores: bool, desc: str) -> DeviceRows:
+    """The selected rows (a bool mask over all rows) on the device, labels computed there chunk by chunk."""
+    n = int(selected.sum())
+    out = DeviceRows(torch.empty((n, x_file.width), dtype=torch.float16, device=device),
+                     torch.empty((n, label_file.width), dtype=torch.bool, device=device),
+                     torch.empty((n, label_file.width), dtype=torch.float16, device=device) if keep_scores else None)
+    slices = [s for s in chunk_slices(len(selected), (x_file.width, label_file.width)) if selected[s].any()]
+    filled = 0
+    for rows, (x, values) in tqdm(stream_chunks((x_file, label_file), slices, device), total=len(slices),
+                                  desc=desc, unit="chunk", leave=False):
+        local = np.flatnonzero(selected[rows])
+        if len(local) < rows.stop - rows.start:
+            index = torch.from_numpy(local).to(device)
+            x, values = x[index], values[index]
+        scores = label.scores(values.float())
+        part = slice(filled, filled + len(local))
+        out.x[part] = x
+        out.labels[part] = label.labels(scores)
+        if keep_scores:
+            out.scores[part] = scores.to(torch.float16)  # exact: the scores are values of fp16 inputs or their abs
+        filled += len(local)
+    return out
+
+
+@dataclass
+class LayerData:
+    """One layer's predictor input and labels, split by document, ready on the device."""
+    input: InputSpec
+    x_file: RowFile
+    label_file: RowFile
+    label: LabelSpec
+    is_test: np.ndarray  # (rows,) bool
+    test: DeviceRows
+    K: int
+    train: DeviceRows | None  # all training rows when they fit on the device, else None (streamed per epoch)
+    window_rows: int  # training rows per streamed window
+
+    @property
+    def rows_train(self) -> int:
+        return int((~self.is_test).sum())
+
+    def train_windows(self, epoch: int, seed: int) -> Iterator[DeviceRows]:
+        """The training rows of one epoch: one resident block, or windows of randomly ordered chunks."""
+        if self.train is not None:
+            yield self.train
+            return
+        for window in window_masks(self.is_test, chunk_slices(len(self.is_test), (self.x_file.width,
+                                   self.label_file.width)), self.window_rows, np.random.default_rng(seed + epoch)):
+            yield load_rows(self.x_file, self.label_file, self.label, window, self.test.x.device, False,
+                            f"epoch {epoch} window")
+
+
+def window_masks(is_test: np.ndarray, slices: list[slice], window_rows: int,
+                 rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Training rows grouped into windows of at most `window_rows`: whole chunks, in random order."""
+    window, count = np.zeros(len(is_test), dtype=bool), 0
+    for i in rng.permutation(len(slices)):
+        rows = slices[i]
+        n = int((~is_test[rows]).sum())
+        if count and count + n > window_rows:
+            yield window
+            window, count = np.zeros(len(is_test), dtype=bool), 0
+        window[rows] = ~is_test[rows]
+        count += n
+    if count:
+        yield window
+
+
+def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
+               device: torch.device, batch_size: int, max_device_bytes: int | None = None) -> LayerData:
+    """Split by document, put the held-out rows on the device and, if they fit, the training rows too."""
+    spec = resolve_input(block, input_flag, layer)
+    x_file = open_rows(store, spec.kind, spec.layer)
+    label_file = open_rows(store, label.source_kind, layer)
+    is_test = document_split(store.document_ids())
+    budget = device_budget(device, max_device_bytes)
+    test = load_rows(x_file, label_file, label, is_test, device, True, f"layer {layer} held-out rows")
+    K = recall_at_k_budget(label, test.labels)
+    test_bytes = test.n * (2 * x_file.width + 3 * label_file.width)
+    train_row_bytes = 2 * x_file.width + label_file.width
+    window_rows = (budget - test_bytes) // train_row_bytes
+    n_train = int((~is_test).sum())
+    if window_rows < min(batch_size, n_train):
+        raise MemoryError(f"device memory budget {budget / 2**30:.2f} GiB holds the held-out rows "
+                          f"({test_bytes / 2**30:.2f} GiB) but not one batch of training rows; raise --max-device-gb")
+    train = None
+    if window_rows >= n_train:
+        train = load_rows(x_file, label_file, label, ~is_test, device, False, f"layer {layer} training rows")
+    else:
+        print(f"layer {layer}: {n_train} training rows exceed the device budget; streaming windows of "
+              f"{window_rows} rows each epoch")
+    return LayerData(spec, x_file, label_file, label, is_test, test, K, train, int(window_rows))
+
+
+def recall_at_k_budget(label: LabelSpec, test_labels: torch.Tensor) -> int:
+    if label.name == "topk":
+        return label.top_count(test_labels.shape[1])
+    return max(1, round(test_labels.sum(dim=1).float().mean().item()))
+
+
+def device_budget(device: torch.device, max_device_bytes: int | None) -> int:
+    if max_device_bytes is not None:
+        return max_device_bytes
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * GPU_RESIDENT_SHARE)
+    return CPU_RESIDENT_BYTES
+
+
+# ------------------------------------------------------------------------------------- metrics
+def class_weighted_bce(logits: torch.Tensor, y: torch.Tensor, weight_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original loss: BCE with weight 1 on active units and w = mean(y) + floor on inactive ones."""
+    w = y.mean() + weight_floor
+    return F.binary_cross_entropy_with_logits(logits, y, weight=y * (1 - w) + w), w
+
+
+def batch_statistics(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, K: int,
+                     weight_floor: float) -> dict[str, torch.Tensor]:
+    """Per-token counts of one eval batch (and its loss), kept on the device until the end of the evaluation.
+
+    logits (B, out) float32, labels (B, out) bool, scores (B, out): the label's ranking of the units.
+    """
+    preds = logits.sigmoid() >= 0.5  # as the original: not logits >= 0, which differs for tiny negatives
+    loss, w = class_weighted_bce(logits, labels.float(), weight_floor)
+    scores = scores.float()
+    kth = scores.topk(K, dim=1).values[:, -1:]  # the true K-th score of each token
+    picked = scores.gather(1, logits.topk(K, dim=1).indices)
+    above, tied = (picked > kth).sum(dim=1), (picked == kth).sum(dim=1)
+    room = K - (scores > kth).sum(dim=1)  # tied units that still fit in a true top-K
+    return {"tp": (labels & preds).sum(dim=1), "active": labels.sum(dim=1), "predicted": preds.sum(dim=1),
+            "topk_hits": above + torch.minimum(tied, room), "loss": loss, "w": w}
+
+
+def aggregate_statistics(batches: list[dict[str, torch.Tensor]], K: int) -> dict[str, float | None]:
+    """Held-out metrics; the first five exactly as the original's evaluate() (see METRIC_DEFINITIONS)."""
+    def mean_of_batch_means(key: str) -> float:
+        return torch.stack([b[key].double().mean() for b in batches]).mean().item()
+
+    def total(key: str) -> int:
+        return int(sum(b[key].sum() for b in batches))
+
+    true_sparsity = mean_of_batch_means("active")
+    tp, predicted = total("tp"), total("predicted")
+    active = torch.cat([b["active"] for b in batches]).double()
+    per_token = torch.cat([b["tp"] for b in batches]).double()[active > 0] / active[active > 0]
+    tokens = sum(len(b["tp"]) for b in batches)
+    return {"Recall": mean_of_batch_means("tp") / true_sparsity if true_sparsity > 0 else None,
+            "True Sparsity": true_sparsity,
+            "Classifier Sparsity": mean_of_batch_means("predicted"),
+            "Loss": mean_of_batch_means("loss"),
+            "Loss Weight": mean_of_batch_means("w"),
+            "Precision": tp / predicted if predicted else None,
+            "Per-token Recall": per_token.mean().item() if len(per_token) else None,
+            "Recall@K": total("topk_hits") / (K * tokens),
+            "K": K}
+
+
+def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, out) float32 logits; under autocast the matmuls run in amp_dtype with float32 master weights."""
+    if amp_dtype is None:
+        return model(x.float())
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
+        return model(x).float()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test: DeviceRows, K: int, weight_floor: float, batch_size: int,
+             amp_dtype: torch.dtype | None) -> dict[str, float | None]:
+    """Held-out metrics, in eval batches of batch_size rows in row order as the original's test loader."""
+    model.eval()
+    batches = [batch_statistics(predictor_logits(model, test.x[s], amp_dtype), test.labels[s], test.scores[s], K,
+                                weight_floor) for s in iter_row_chunks(test.n, batch_size)]
+    model.train()
+    return aggregate_statistics(batches, K)
+
+
+# ------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainConfig:
+    D: int = 1000
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-4
+    seed: int = 0
+    early_stop: bool = True  # the original's: 5 epochs without improvement, or held-out Recall > 0.99
+    amp: bool = True  # bf16 autocast matmuls; used on CUDA only (CPU bf16 matmuls are slow, and tests run there)
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict  # of the kept (best) model
+    best_epoch: int  # 0 = the untrained model
+    history: list[dict]  # per epoch: held-out metrics, train loss, seconds
+
+
+def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)  # built on the CPU so that a seed gives the same weights on any device
+    return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
+
+
+def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log=print) -> TrainResult:
+    device = data.test.x.device
+    amp_dtype = torch.bfloat16 if cfg.amp and device.type == "cuda" else None
+    floor = NEGATIVE_WEIGHT_FLOOR[block]
+    model = make_predictor(data.x_file.width, cfg.D, data.label_file.width, cfg.seed).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def held_out() -> dict:
+        return evaluate(model, data.test, data.K, floor, cfg.batch_size, amp_dtype)
+
+    best = held_out()
+    log(f"[Start] {format_metrics(best)}")
+    best_state, best_epoch, history, no_improve = cpu_state(model), 0, [], 0
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch"):
+        start = time.perf_counter()
+        loss_sum, steps = torch.zeros((), device=device), 0
+        for rows in data.train_windows(epoch, cfg.seed):
+            for index in torch.randperm(rows.n, device=device, generator=generator).split(cfg.batch_size):
+                logits = predictor_logits(model, rows.x[index], amp_dtype)
+                loss, _ = class_weighted_bce(logits, rows.labels[index].float(), floor)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                steps += 1
+        train_loss = loss_sum.item() / steps  # the epoch's only host sync
+        train_s = time.perf_counter() - start
+        metrics = held_out()
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_s": train_s,
+                        "eval_s": time.perf_counter() - start - train_s, **metrics})
+        log(f"[Epoch {epoch}] train loss {train_loss:.4f} ({train_s:.2f} s) [Valid] {format_metrics(metrics)}")
+        if metrics["Recall"] is not None and (best["Recall"] is None or metrics["Recall"] > best["Recall"]):
+            best, best_epoch, no_improve = metrics, epoch, 0
+            best_state = cpu_state(model)
+        else:
+            no_improve += 1
+        if cfg.early_stop and (no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL):
+            break
+    return TrainResult(best_state, best, best_epoch, history)
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}: {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
+
+
+# ------------------------------------------------------------------------------------- outputs
+def write_outputs(out_dir: Path, block: str, layer: int, state_dict: dict, record: dict) -> tuple[Path, Path]:
+    """`<out-dir>/{block}_layer{L}.pt` (state dict with keys 0.weight, 1.weight) and its JSON, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / f"{block}_layer{layer}.pt"
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, checkpoint)
+    json_path = out_dir / f"{block}_layer{layer}.json"
+    write_json_atomic(json_path, record)
+    return checkpoint, json_path
+
+
+def layer_record(args: argparse.Namespace, block: str, layer: int, store: ActivationStore, data: LayerData,
+                 cfg: TrainConfig, result: TrainResult, timings: dict, provenance: dict) -> dict:
+    docs = store.document_ids()
+    return {
+        **result.metrics,
+        "block": block, "layer": layer, "model": args.model, "dataset": args.dataset,
+        "input": data.input.flag, "input_kind": data.input.kind, "input_layer": data.input.layer,
+        "input_file": data.x_file.path.name,
+        "label": data.label.name, "label_definition": data.label.definition(), "label_file": data.label_file.path.name,
+        "k": data.label.k, "threshold": data.label.threshold,
+        "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
+        "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
+        "split": f"by document: the last-collected documents closest to {TEST_FRACTION:.0%} of the rows are held out",
+        "predictor": {"layers": ["Linear(d, D, bias=False)", "Linear(D, out, bias=False)"],
+                      "d": data.x_file.width, "D": cfg.D, "out": data.label_file.width},
+        "hyperparameters": {**asdict(cfg), "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
+                            "negative_weight_floor": NEGATIVE_WEIGHT_FLOOR[block],
+                            "matmul_dtype": "bfloat16" if cfg.amp and data.test.x.device.type == "cuda" else "float32",
+                            "device": str(data.test.x.device), "resident_on_device": data.train is not None},
+        "selection": "the epoch with the best held-out Recall (epoch 0 = untrained), as the original; the metrics "
+                     "above are that epoch's on the same held-out split, see final_epoch and history",
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "final_epoch": result.history[-1] if result.history else None, "history": result.history,
+        "metric_definitions": METRIC_DEFINITIONS,
+        "timings": timings,
+        "data": {"data_dir": str(store.data_dir), "rows": store.rows, "dims": asdict(store.dims),
+                 **{key: store.manifest.get(key) for key in ("model_name", "model_type", "source_data", "git_commit")}},
+        "checkpoint": f"{block}_layer{layer}.pt",
+        "provenance": {**provenance, "end_time": now()},
+    }
+
+
+SUMMARY_COLUMNS = ("layer", "Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K",
+                   "input", "label")
+
+
+def summarize(out_dir: str | os.PathLike, block: str, num_layers: int | None = None) -> tuple[Path, Path, list[int]]:
+    """`<out-dir>/{block}_summary.csv` and `.md` from the per-layer JSONs; returns them and the missing layers."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(rf"{block}_layer(\d+)\.json")
+    records = sorted((read_json(p) for p in out_dir.iterdir() if pattern.fullmatch(p.name)), key=lambda r: r["layer"])
+    if not records:
+        raise FileNotFoundError(f"no {block}_layer*.json in {out_dir}")
+    found = {r["layer"] for r in records}
+    missing = sorted(set(range(num_layers)) - found) if num_layers is not None else []
+    csv_path, md_path = out_dir / f"{block}_summary.csv", out_dir / f"{block}_summary.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUMMARY_COLUMNS)
+        writer.writerows([r[c] for c in SUMMARY_COLUMNS] for r in records)
+
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    models = sorted({f"{r['model']} / {r['dataset']}" for r in records})
+    lines = [f"# {block} sparse predictors: {', '.join(models)}", "",
+             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in records]
+    if missing:
+        lines += ["", f"Missing layers (no JSON): {missing}"]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path, missing
+
+
+# ------------------------------------------------------------------------------------- command line of the mains
+def default_paths(model: str, dataset: str) -> tuple[Path, Path]:
+    """SPEC §6 collection directory and the predictor directory next to it (both under the ignored data/)."""
+    return REPO_ROOT / "data" / f"{model}_{dataset}", REPO_ROOT / "data" / f"{model}_{dataset}_sparse_predictor"
+
+
+def build_parser(block: str, description: str, defaults: dict) -> argparse.ArgumentParser:
+    """The flags of the four mains (SPEC §7); `defaults` holds the model-specific ones (model, label, k, lr)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=defaults["model"],
+                   help="names the run (JSON, default paths); dims, layers and rows come from the manifest "
+                        "(default %(default)s)")
+    p.add_argument("--dataset", default="c4", help="names the collection, as the original (default %(default)s)")
+    p.add_argument("--data-dir", help="collected activations (SPEC §6); default data/<model>_<dataset> in the repo")
+    p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; default data/<model>_<dataset>_sparse_predictor")
+    p.add_argument("--L", default="0", help="layer index, or 'all' for every layer of the manifest in turn "
+                                           "(default %(default)s)")
+    p.add_argument("--input", default=DEFAULT_INPUT[block],
+                   help="predictor input: same (MLP: mlp_x_l; attention: att_x_l), lookahead (MLP: att_x_l; "
+                        "attention: att_x_{l-1}, att_x_0 for layer 0), or from:J (att_x_J, J <= l). Default "
+                        "%(default)s, what the original trained on")
+    if block == "mlp":
+        p.add_argument("--label", choices=MLP_LABELS, default=defaults["label"],
+                       help="relu: mlp_label > 0; topk: top fraction --k of |mlp_label| per token; threshold: "
+                            "|mlp_label| > --threshold; gate: mlp_gate > 0 (needs mlp_gate collected). "
+                            "Default %(default)s")
+        p.add_argument("--k", type=float, default=None,
+                       help=f"fraction of neurons active per token for --label topk (default {defaults['k']} "
+                            "with topk; an error with other labels)")
+        p.add_argument("--threshold", type=float, default=None, help="|mlp_label| cut for --label threshold")
+    else:
+        p.add_argument("--k", type=float, default=defaults["k"],
+                       help="fraction of heads active per token: top int(k * heads) head norms (default %(default)s)")
+    p.add_argument("--D", type=int, default=1000, help="low-rank width of the predictor (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default %(default)s)")
+    p.add_argument("--batch_size", type=int, default=1024, help="training and eval batch (default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--device", default=None, help="torch device; default cuda:0 if CUDA is available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and windows (default %(default)s)")
+    p.add_argument("--max-device-gb", type=float, default=None,
+                   help=f"device memory for the layer's rows; more rows are streamed in windows each epoch. Default "
+                        f"{GPU_RESIDENT_SHARE:.0%}% of free GPU memory, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
+    return p
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for CUDA, which this torch build/machine does not have")
+    return device
+
+
+def require_complete(store: ActivationStore) -> None:
+    if store.manifest.get("complete") is not True:
+        raise ValueError(f"{store.data_dir}: the collection is not complete (manifest complete="
+                         f"{store.manifest.get('complete')!r}); finish or resume it before training")
+
+
+def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None = None) -> list[Path]:
+    """Parse the flags, train the requested layer(s), write checkpoint + JSON; returns the JSON paths."""
+    args = build_parser(block, description, defaults).parse_args(argv)
+    device = resolve_device(args.device)
+    data_dir, out_dir = default_paths(args.model, args.dataset)
+    args.data_dir, args.out_dir = args.data_dir or str(data_dir), args.out_dir or str(out_dir)
+    store = ActivationStore(args.data_dir)
+    require_complete(store)
+    layers = range(store.num_layers) if args.L == "all" else [int(args.L)]
+    for layer in layers:
+        if not 0 <= layer < store.num_layers:
+            raise ValueError(f"--L {layer}: the manifest has layers 0..{store.num_layers - 1}")
+    if block == "att":
+        label = make_label_spec(block, "topk", args.k, None, store.dims.num_heads)
+    else:
+        if args.label == "topk" and args.k is None:
+            args.k = defaults["k"]  # the model's default fraction, recorded with the other flags
+        label = make_label_spec(block, args.label, args.k, args.threshold, store.dims.ffn_dim)
+    cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    max_bytes = None if args.max_device_gb is None else int(args.max_device_gb * 2**30)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    print(args)
+    written = []
+    for layer in layers:
+        provenance = base_manifest(args=vars(args))
+        print("=" * 40, "Layer", layer, "=" * 40)
+        start = time.perf_counter()
+        data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes)
+        loaded = time.perf_counter()
+        result = train_predictor(data, block, cfg)
+        timings = {"load_s": loaded - start, "train_and_eval_s": time.perf_counter() - loaded,
+                   "total_s": time.perf_counter() - start}
+        record = layer_record(args, block, layer, store, data, cfg, result, timings, provenance)
+        checkpoint, json_path = write_outputs(Path(args.out_dir), block, layer, result.state_dict, record)
+        print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} s): "
+              f"{format_metrics(result.metrics)}")
+        written.append(json_path)
+        del data
+    return written
+
+
+# ------------------------------------------------------------------------------------- run_c4_*.sh support
+def visible_gpus() -> list[str]:
+    """GPU ids to spread layers over: CUDA_VISIBLE_DEVICES if set ('' = none), else nvidia-smi's count."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    if listing.returncode != 0:
+        raise RuntimeError(f"nvidia-smi -L failed ({listing.stderr.strip()}); set CUDA_VISIBLE_DEVICES='' to train "
+                           f"on the CPU")
+    return [str(i) for i in range(sum(line.startswith("GPU ") for line in listing.stdout.splitlines()))]
+
+
+def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: str, main_args: list[str],
+           jobs_per_gpu: int = 1) -> int:
+    """Train every layer of the manifest, one process and one log per layer, over all visible GPUs; summarize."""
+    num_layers = ActivationStore(data_dir).num_layers
+    gpus = visible_gpus()
+    slots = [g for g in gpus for _ in range(jobs_per_gpu)] or [None]
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    print(f"{num_layers} layers of {data_dir} on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU'}; logs in {log_dir}")
+    todo: queue.Queue[int] = queue.Queue()
+    for layer in range(num_layers):
+        todo.put(layer)
+    failed: list[int] = []
+    progress = tqdm(total=num_layers, desc=f"{block} layers", unit="layer")
+
+    def worker(gpu: str | None) -> None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "")
+        while True:
+            try:
+                layer = todo.get_nowait()
+            except queue.Empty:
+                return
+            command = [sys.executable, main_script, "--data-dir", data_dir, "--out-dir", out_dir, "--L", str(layer),
+                       "--device", "cpu" if gpu is None else "cuda:0", *main_args]
+            with open(Path(log_dir) / f"{block}_layer{layer}.log", "w") as log:
+                log.write(" ".join(command) + "\n")
+                log.flush()
+                if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                    failed.append(layer)
+            progress.update()
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    progress.close()
+    if failed:
+        print(f"FAILED layers {sorted(failed)}: see {log_dir}/{block}_layer<L>.log")
+    csv_path, md_path, missing = summarize(out_dir, block, num_layers)
+    print(f"wrote {csv_path} and {md_path}")
+    print(md_path.read_text())
+    return 1 if failed or missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    main_args = argv[argv.index("--") + 1:] if "--" in argv else []  # flags for every main, after --
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description="Helpers of the run_c4_*.sh scripts. launch: ... -- MAIN_FLAGS "
+                                                 "passes MAIN_FLAGS to every main.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("launch", help="train every layer of a collection over all visible GPUs, then summarize")
+    run.add_argument("main_script", help="sparse_predictor/main_{mlp,att}[_llama].py")
+    run.add_argument("--block", choices=BLOCKS, required=True, help="mlp or att: names the outputs")
+    run.add_argument("--data-dir", required=True, help="collected activations; its manifest gives the layers")
+    run.add_argument("--out-dir", required=True, help="predictor checkpoints, JSONs and the summary")
+    run.add_argument("--log-dir", required=True, help="one log per layer: {block}_layer{L}.log")
+    run.add_argument("--jobs-per-gpu", type=int, default=1, help="layers trained at once on each GPU (default 1)")
+    summary = sub.add_parser("summarize", help="write {block}_summary.csv/.md from the per-layer JSONs")
+    summary.add_argument("--block", choices=BLOCKS, required=True, help="mlp or att")
+    summary.add_argument("--out-dir", required=True, help="directory of {block}_layer{L}.json")
+    summary.add_argument("--num-layers", type=int, default=None, help="expected layers; missing ones fail the run")
+    args = parser.parse_args(argv)
+    if args.command == "launch":
+        return launch(args.main_script, args.block, args.data_dir, args.out_dir, args.log_dir, main_args,
+                      args.jobs_per_gpu)
+    csv_path, md_path, missing = summarize(args.out_dir, args.block, args.num_layers)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}" + (f"; MISSING layers {missing}" if missing else ""))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
