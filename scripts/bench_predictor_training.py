@@ -48,6 +48,7 @@ from sparse_predictor.trainer import (DEFAULT_INPUT, MLP_LABELS, NEGATIVE_WEIGHT
 
 ALL_KINDS = ("att_x", "att_label", "mlp_x", "mlp_label")
 BATCH_TOKENS = 16384  # tokens (with padding) generated per writer batch
+MASSIVE_DIM = 4.0  # value of input dim 0: without a constant input the bias-free predictor can only cut at 0
 
 
 # ------------------------------------------------------------------------------------- synthetic data
@@ -57,7 +58,8 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
                           device: str = "cpu") -> None:
     """A collection whose labels follow a known low-rank map of the input, in the SPEC §6 format.
 
-    Per layer l: att_x_l = att_x_{l-1} + drift * noise (a slowly drifting residual stream, DejaVu's premise),
+    Per layer l: att_x_l = att_x_{l-1} + drift * noise (a slowly drifting residual stream, DejaVu's premise,
+    whose dim 0 starts at MASSIVE_DIM: the predictor has no bias, so a threshold away from 0 needs a constant input),
     mlp_x_l = att_x_l + drift * noise, mlp_label_l (and mlp_gate_l) = standardized (mlp_x_l A B + noise * eps),
     shifted so that a fraction `active` is > 0, att_label_l = softplus of the same map of att_x_l onto the heads.
     random_labels replaces the maps by noise independent of the input. link_layers writes layer 0 only and makes
@@ -96,6 +98,7 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
             writer.begin_batch(list(range(doc, doc + docs_per_batch)),
                                torch.randint(0, 32000, (docs_per_batch, doc_len), generator=cpu_gen), valid)
             x = randn(docs_per_batch, doc_len, dims.hidden_size)  # (B, T, d)
+            x[..., 0] = MASSIVE_DIM  # a near-constant dimension, as real residual streams have
             for layer in written:
                 x = x + drift * randn(*x.shape) if layer else x
                 mlp_x = x + drift * randn(*x.shape)
@@ -153,7 +156,7 @@ def run_fast(args: argparse.Namespace, store: ActivationStore, label: LabelSpec,
     data = load_layer(store, args.block, args.layer, args.input, label, device, args.batch_size)
     load_s = time.perf_counter() - start
     cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      early_stop=False)
+                      selection="last")
     result = train_predictor(data, args.block, cfg)
     end_to_end = time.perf_counter() - start
     return {"load_s": load_s, "epoch_s": [h["train_s"] for h in result.history],

@@ -52,6 +52,12 @@ TEST_FRACTION = 0.05
 WEIGHT_DECAY = 0.01
 EARLY_STOP_PATIENCE = 5
 EARLY_STOP_RECALL = 0.99
+SELECTIONS = {
+    "original": "keep the epoch with the best held-out Recall (epoch 0 = untrained) and stop after 5 epochs without "
+                "improvement or once it exceeds 0.99, as the original trainer; the reported metrics then come from "
+                "the split that chose the epoch",
+    "last": "train all --epochs and keep the last epoch: no choice made on the held-out split",
+}
 CHUNK_BYTES = 64 << 20  # per file and read-ahead slot: bounds host RAM whatever the number of rows
 READ_AHEAD = 3
 CPU_RESIDENT_BYTES = 2 << 30  # on a CPU run the "device" is host RAM: keep the layer under 2 GiB, stream beyond
@@ -414,6 +420,11 @@ def aggregate_statistics(batches: list[dict[str, torch.Tensor]], K: int) -> dict
             "K": K}
 
 
+def matmul_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; float32 on the CPU, where bf16 matmuls are slow (and the tests run)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """(B, out) float32 logits; under autocast the matmuls run in amp_dtype with float32 master weights."""
     if amp_dtype is None:
@@ -441,8 +452,7 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 1e-4
     seed: int = 0
-    early_stop: bool = True  # the original's: 5 epochs without improvement, or held-out Recall > 0.99
-    amp: bool = True  # bf16 autocast matmuls; used on CUDA only (CPU bf16 matmuls are slow, and tests run there)
+    selection: str = "original"  # or "last": see SELECTIONS
 
 
 @dataclass
@@ -460,7 +470,7 @@ def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
 
 def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log=print) -> TrainResult:
     device = data.test.x.device
-    amp_dtype = torch.bfloat16 if cfg.amp and device.type == "cuda" else None
+    amp_dtype = matmul_dtype(device)
     floor = NEGATIVE_WEIGHT_FLOOR[block]
     model = make_predictor(data.x_file.width, cfg.D, data.label_file.width, cfg.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
@@ -490,13 +500,17 @@ def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log=print) ->
         history.append({"epoch": epoch, "train_loss": train_loss, "train_s": train_s,
                         "eval_s": time.perf_counter() - start - train_s, **metrics})
         log(f"[Epoch {epoch}] train loss {train_loss:.4f} ({train_s:.2f} s) [Valid] {format_metrics(metrics)}")
-        if metrics["Recall"] is not None and (best["Recall"] is None or metrics["Recall"] > best["Recall"]):
+        if cfg.selection == "last":
+            best, best_epoch = metrics, epoch
+        elif metrics["Recall"] is not None and (best["Recall"] is None or metrics["Recall"] > best["Recall"]):
             best, best_epoch, no_improve = metrics, epoch, 0
             best_state = cpu_state(model)
         else:
             no_improve += 1
-        if cfg.early_stop and (no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL):
+        if cfg.selection == "original" and (no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL):
             break
+    if cfg.selection == "last":
+        best_state = cpu_state(model)
     return TrainResult(best_state, best, best_epoch, history)
 
 
@@ -505,7 +519,10 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def format_metrics(metrics: dict) -> str:
-    return " ".join(f"{k}: {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
+    def show(v) -> str:
+        return "n/a" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"
+
+    return " ".join(f"{k}: {show(v)}" for k, v in metrics.items())
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -538,10 +555,9 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, store: Activa
                       "d": data.x_file.width, "D": cfg.D, "out": data.label_file.width},
         "hyperparameters": {**asdict(cfg), "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
                             "negative_weight_floor": NEGATIVE_WEIGHT_FLOOR[block],
-                            "matmul_dtype": "bfloat16" if cfg.amp and data.test.x.device.type == "cuda" else "float32",
+                            "matmul_dtype": str(matmul_dtype(data.test.x.device) or torch.float32),
                             "device": str(data.test.x.device), "resident_on_device": data.train is not None},
-        "selection": "the epoch with the best held-out Recall (epoch 0 = untrained), as the original; the metrics "
-                     "above are that epoch's on the same held-out split, see final_epoch and history",
+        "selection": cfg.selection, "selection_rule": SELECTIONS[cfg.selection],
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "final_epoch": result.history[-1] if result.history else None, "history": result.history,
         "metric_definitions": METRIC_DEFINITIONS,
@@ -624,6 +640,9 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
     p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device; default cuda:0 if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and windows (default %(default)s)")
+    p.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
+                   help="which epoch's predictor is kept. " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
+                        + " Default %(default)s")
     p.add_argument("--max-device-gb", type=float, default=None,
                    help=f"device memory for the layer's rows; more rows are streamed in windows each epoch. Default "
                         f"{GPU_RESIDENT_SHARE:.0%}% of free GPU memory, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
@@ -663,7 +682,8 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         if args.label == "topk" and args.k is None:
             args.k = defaults["k"]  # the model's default fraction, recorded with the other flags
         label = make_label_spec(block, args.label, args.k, args.threshold, store.dims.ffn_dim)
-    cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      selection=args.selection)
     max_bytes = None if args.max_device_gb is None else int(args.max_device_gb * 2**30)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Train the attention sparse predictor of every layer in a Llama collection (SPEC §7): one process and one log per layer,
+# spread over all visible GPUs (CUDA_VISIBLE_DEVICES, else nvidia-smi; the CPU if none), then
+# $OUT_DIR/att_summary.csv and .md. Layers come from the collection's manifest. Settings as the original run_c4_att.sh.
+# Environment (defaults): MODEL (llama-3.2-3b), DATASET (c4), DATA_DIR (<repo>/data/$MODEL_$DATASET),
+#   OUT_DIR (<repo>/data/$MODEL_$DATASET_sparse_predictor), LOG_DIR ($OUT_DIR/logs), LR (0.0001), K (0.3),
+#   JOBS_PER_GPU (1), EXTRA_ARGS (more flags for main_att_llama.py, e.g. "--input from:0 --epochs 10").
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MODEL=${MODEL:-llama-3.2-3b}
+DATASET=${DATASET:-c4}
+DATA_DIR=${DATA_DIR:-$REPO/data/${MODEL}_${DATASET}}
+OUT_DIR=${OUT_DIR:-$REPO/data/${MODEL}_${DATASET}_sparse_predictor}
+LOG_DIR=${LOG_DIR:-$OUT_DIR/logs}
+LR=${LR:-0.0001}
+K=${K:-0.3}
+
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m sparse_predictor.trainer launch \
+    "$REPO"/sparse_predictor/main_att_llama.py --block att --data-dir "$DATA_DIR" \
+    --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
+    -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --k "$K" ${EXTRA_ARGS:-}
