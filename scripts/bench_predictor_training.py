@@ -96,7 +96,8 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
             lengths = torch.randint(doc_len // 2, doc_len + 1, (docs_per_batch,), generator=cpu_gen)
             valid = torch.arange(doc_len)[None, :] < lengths[:, None]  # (B, T)
             writer.begin_batch(list(range(doc, doc + docs_per_batch)),
-                               torch.randint(0, 32000, (docs_per_batch, doc_len), generator=cpu_gen), valid)
+                               torch.randint(0, 32000, (docs_per_batch, doc_len), generator=cpu_gen),
+                               valid.to(device))  # the writer masks the values with it: same device
             x = randn(docs_per_batch, doc_len, dims.hidden_size)  # (B, T, d)
             x[..., 0] = MASSIVE_DIM  # a near-constant dimension, as real residual streams have
             for layer in written:
@@ -343,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                                   active=args.active, noise=args.noise, drift=args.drift, seed=args.seed,
                                   link_layers=args.link_layers, device=str(device))
             generate_s = time.perf_counter() - start
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # leave the GPU's memory to the variants' processes
             print(f"wrote {args.rows} rows x {args.layers} layers of {kinds} to {data_dir} in {generate_s:.1f} s")
         if args.generate_only:
             return

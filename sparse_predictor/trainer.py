@@ -12,7 +12,8 @@ Behaviour kept from the original (FMInference/DejaVu sparse_predictor/main_{mlp,
     active units, w on inactive ones;
   - a unit is predicted active when sigmoid(logit) >= 0.5; the held-out split is evaluated before training and
     after every epoch; the kept model is the one with the best held-out Recall, and training stops after 5
-    epochs without improvement or once that Recall exceeds 0.99;
+    epochs without improvement or once that Recall exceeds 0.99 (--selection original, the default; --selection
+    last trains all epochs and keeps the last, choosing nothing on the held-out split);
   - 95/5 split, the held-out part taken from the end of the collection (here: whole documents, no leak).
 Deliberate differences: the BCE is computed from logits (stable; equal to the original's BCE(sigmoid(.)) except
 where the original clamps log at -100), matmuls run under bf16 autocast on CUDA, whole batches are gathered on
@@ -34,7 +35,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -468,7 +469,7 @@ def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
 
 
-def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log=print) -> TrainResult:
+def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     device = data.test.x.device
     amp_dtype = matmul_dtype(device)
     floor = NEGATIVE_WEIGHT_FLOOR[block]
@@ -494,6 +495,7 @@ def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log=print) ->
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
+            del rows  # a streamed window is freed before the next one is loaded
         train_loss = loss_sum.item() / steps  # the epoch's only host sync
         train_s = time.perf_counter() - start
         metrics = held_out()
