@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from Decentralized_FM_alpha.comm.comm_utils import BACKENDS, init_comm  # noqa: E402
+from Decentralized_FM_alpha.modules.sparsity import MODES, SparsityController, plan_from_args  # noqa: E402
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import (  # noqa: E402
     MODEL_TYPES, DistInferenceMaskTokenPipeSync)
 from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  # noqa: E402
@@ -68,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
     collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
     collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (Llama, optional)")
+    sparse = p.add_argument_group("sparse inference (model types *-ml-att-sparse; SPEC section 8)")
+    sparse.add_argument("--sparse-mode", choices=MODES, default=None,
+                        help="what ranks neurons/heads: trained predictors (default), oracle = true |activation|, "
+                             "random, or dense")
+    sparse.add_argument("--predictor-dir", default=None,
+                        help="directory of mlp_layer{L}.pt / att_layer{L}.pt and their JSONs (alias: $SPRARSE_PATH)")
+    sparse.add_argument("--mlp-topk", default=None,
+                        help="MLP neurons kept per token: an integer count or a fraction < 1 (alias: $TOPK); "
+                             "omitted = dense MLP")
+    sparse.add_argument("--att-topk", default=None,
+                        help="attention heads kept per token: count or fraction (alias: $ATTN_TOPK_1 with "
+                             "$SPARSE_ATT=1); omitted = dense attention")
+    sparse.add_argument("--sparse-layers", default=None, help="inclusive layer range A-B made sparse (default: all)")
+    sparse.add_argument("--gqa-groups", action="store_true",
+                        help="Llama: keep whole key/value groups (scores summed over each group's query heads)")
     return p
 
 
@@ -109,9 +125,7 @@ def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
 
 def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_path: Path) -> None:
     """Run the requests through a *-save model, resuming where an earlier run stopped."""
-    writer = make_writer(args, pipe)
-    for block in pipe.blocks:
-        block.writer = writer
+    writer = pipe.blocks[0].writer
     remaining = requests[writer.docs_done:]
     if writer.docs_done:
         print(f"rank {pipe.rank}: resuming after {writer.docs_done} documents, {writer.rows_written} rows")
@@ -168,13 +182,23 @@ def main(argv=None) -> None:
         pipe.run(requests, output_path)
     comm.barrier()
     if pipe.is_last:
+        if args.model_type.endswith("-ml-att-sparse"):
+            manifest["sparsity"] = pipe.blocks[0].sparsity.describe()
         finish_manifest(manifest, output_path, pipe, time.time() - started)
     comm.close()
 
 
-def block_kwargs_for(args) -> dict:
-    # *-save blocks get their writer right after loading (make_writer needs the loaded pipeline's layers).
-    return {"writer": None} if args.model_type.endswith("-save") else {}
+def block_kwargs_for(args):
+    """What the variant's GPTBlocks need besides config and layer: a writer (*-save) or a sparsity controller."""
+    if args.model_type.endswith("-save"):
+        return lambda pipe: {"writer": make_writer(args, pipe)}
+    if args.model_type.endswith("-ml-att-sparse"):
+        def sparsity(pipe):
+            plan = plan_from_args(args, pipe.config.num_hidden_layers)
+            dims = pipe.module.model_dims(pipe.config)
+            return {"sparsity": SparsityController(plan, dims, pipe.layers, pipe.device)}
+        return sparsity
+    return None
 
 
 def finish_manifest(manifest: dict, output_path: Path, pipe: DistInferenceMaskTokenPipeSync, seconds: float) -> None:

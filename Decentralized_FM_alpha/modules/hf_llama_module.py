@@ -178,22 +178,22 @@ class GPTBlock(nn.Module):
         self.record("att_x", lambda: x)
         heads, present = self.self_attn.head_outputs(self.input_layernorm(x), attention_bias, layer_past)
         self.record("att_label", lambda: heads.float().norm(dim=-1))  # (B, T, H)
-        heads = self.keep_heads(heads, x)
+        heads = self.keep_heads(heads)
         x = x + self.self_attn.o_proj(heads.flatten(2))
         self.record("mlp_x", lambda: x)
         a = self.mlp_intermediate(self.post_attention_layernorm(x))
         self.record("mlp_label", lambda: a)
-        a = self.keep_neurons(a, x)
+        a = self.keep_neurons(a)
         return x + self.mlp.down_proj(a), present
 
     # -- seams for the collecting and sparse variants
     def record(self, kind: str, value) -> None:
         """Called with a zero-argument function producing the activation `kind` (B, T, width)."""
 
-    def keep_heads(self, heads: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+    def keep_heads(self, heads: torch.Tensor) -> torch.Tensor:
         return heads
 
-    def keep_neurons(self, a: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+    def keep_neurons(self, a: torch.Tensor) -> torch.Tensor:
         return a
 
 

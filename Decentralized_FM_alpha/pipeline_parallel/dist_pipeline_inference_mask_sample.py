@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -59,7 +59,9 @@ class Encoded:
 
 
 class DistInferenceMaskTokenPipeSync:
-    def __init__(self, args, comm, device: torch.device, block_kwargs: Optional[dict] = None):
+    def __init__(self, args, comm, device: torch.device, block_kwargs: Optional[Callable[[Any], dict]] = None):
+        """`block_kwargs(self)` gives extra GPTBlock arguments (a collection writer, a sparsity controller)
+        once the config and this rank's layers are known."""
         self.args, self.comm, self.device = args, comm, device
         self.rank, self.world_size = comm.rank, comm.world_size
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -77,7 +79,7 @@ class DistInferenceMaskTokenPipeSync:
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
         self.hidden_size = self.config.hidden_size
         self.max_seq_len = args.max_seq_len or self.config.max_position_embeddings
-        self._load_model(block_kwargs or {})
+        self._load_model(block_kwargs(self) if block_kwargs else {})
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
         self.truncated_prompts = 0
 

@@ -1,0 +1,29 @@
+"""OPT with DejaVu's simulated sparsity: hf_opt_module plus per-layer neuron and head selection.
+
+Each block tells the shared SparsityController what it computes (so a predictor gets exactly
+the input it was trained on) and lets it zero the neurons and heads outside the kept top-k.
+Modes, budgets and what the simulation does not model: modules/sparsity.py (SPEC section 8).
+"""
+from __future__ import annotations
+
+from transformers import OPTConfig
+
+from Decentralized_FM_alpha.modules import hf_opt_module as dense
+from Decentralized_FM_alpha.modules.hf_opt_module import GPTEmbeddings, GPTLMHead  # noqa: F401  (the runner's pieces)
+from Decentralized_FM_alpha.modules.hf_opt_module_save import collection_dims as model_dims  # noqa: F401
+from Decentralized_FM_alpha.modules.sparsity import SparsityController
+
+
+class GPTBlock(dense.GPTBlock):
+    def __init__(self, config: OPTConfig, layer_index: int, sparsity: SparsityController):
+        super().__init__(config, layer_index)
+        self.sparsity = sparsity
+
+    def record(self, kind: str, value) -> None:
+        self.sparsity.observe(self.layer_index, kind, value)
+
+    def keep_heads(self, heads):
+        return self.sparsity.keep_heads(self.layer_index, heads)
+
+    def keep_neurons(self, a):
+        return self.sparsity.keep_neurons(self.layer_index, a)
