@@ -16,7 +16,8 @@ GPU:            python scripts/bench_predictor_training.py --out out/bench_h100
 CPU smoke:      python scripts/bench_predictor_training.py --device cpu --rows 20000 --hidden 256 --ffn 1024 \\
                     --heads 8 --kv-heads 2 --D 256 --epochs 3 --ref-epochs 1 --out out/bench_cpu
 All layers:     python scripts/bench_predictor_training.py --layers 28 --link-layers --kinds all --generate-only \\
-                    --data-dir data/synthetic-3b_c4   # then DATA_DIR=data/synthetic-3b_c4 bash sparse_predictor/run_c4_mlp_llama.sh
+                    --data-dir data/synthetic-3b_c4
+                then: DATA_DIR=data/synthetic-3b_c4 bash sparse_predictor/run_c4_mlp_llama.sh (and the other run_c4)
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ActivationWriter, ModelDims, activation_file  # noqa: E402
+from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, ActivationWriter, ModelDims,  # noqa: E402
+                                                            activation_file)
 from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
 from sparse_predictor.trainer import (DEFAULT_INPUT, MLP_LABELS, NEGATIVE_WEIGHT_FLOOR, WEIGHT_DECAY,  # noqa: E402
                                       LabelSpec, TrainConfig, document_split, load_layer, make_label_spec,
@@ -81,7 +83,8 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
 
     def scores(x: torch.Tensor, layer: int, block: str) -> torch.Tensor:
         a, b = maps[layer][block]
-        z = randn(*x.shape[:-1], b.shape[1]) if random_labels else (x @ a) @ b + noise * randn(*x.shape[:-1], b.shape[1])
+        eps = randn(*x.shape[:-1], b.shape[1])
+        z = eps if random_labels else (x @ a) @ b + noise * eps
         return z / z.std()
 
     writer = ActivationWriter(data_dir, dims, written, kinds, capacity=rows, rank=0, world_size=1, manifest_fields={

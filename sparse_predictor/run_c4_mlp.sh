@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train the MLP sparse predictor of every layer in an OPT collection (SPEC §7): one process and one log per layer,
-# spread over all visible GPUs (CUDA_VISIBLE_DEVICES, else nvidia-smi; the CPU if none), then
-# $OUT_DIR/mlp_summary.csv and .md. Layers come from the collection's manifest. Settings as the original run_c4_mlp.sh.
+# Train the MLP sparse predictor of every layer in an OPT collection (SPEC §7), one process and
+# one log per layer, spread over all visible GPUs (CUDA_VISIBLE_DEVICES, else nvidia-smi; the CPU if none);
+# then write $OUT_DIR/mlp_summary.csv and .md. The layers come from the collection's manifest.
+# Settings as the original run_c4_mlp.sh.
 # Environment (defaults): MODEL (opt-125m), DATASET (c4), DATA_DIR (<repo>/data/$MODEL_$DATASET),
 #   OUT_DIR (<repo>/data/$MODEL_$DATASET_sparse_predictor), LOG_DIR ($OUT_DIR/logs), LR (0.001), LABEL (relu),
 #   JOBS_PER_GPU (1), EXTRA_ARGS (more flags for main_mlp.py, e.g. "--input from:0 --epochs 10").

@@ -121,7 +121,8 @@ def make_label_spec(block: str, name: str, k: float | None, threshold: float | N
         if k is None:
             raise ValueError("--label topk needs --k (the fraction of units kept per token)")
         if not 0 < k <= 1 or int(width * k) < 1:
-            raise ValueError(f"--k {k} keeps int({width} * {k}) = {int(width * k)} units; need 0 < k <= 1 and >= 1 unit")
+            raise ValueError(f"--k {k} keeps int({width} * {k}) = {int(width * k)} units; "
+                             f"need 0 < k <= 1 and at least 1 unit")
     elif k is not None:
         raise ValueError(f"--k is only used by --label topk, not by --label {name}")
     if name == "threshold":
@@ -509,7 +510,8 @@ def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable
             best_state = cpu_state(model)
         else:
             no_improve += 1
-        if cfg.selection == "original" and (no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL):
+        stop = no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL
+        if cfg.selection == "original" and stop:
             break
     if cfg.selection == "last":
         best_state = cpu_state(model)
@@ -617,7 +619,8 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
                         "(default %(default)s)")
     p.add_argument("--dataset", default="c4", help="names the collection, as the original (default %(default)s)")
     p.add_argument("--data-dir", help="collected activations (SPEC §6); default data/<model>_<dataset> in the repo")
-    p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; default data/<model>_<dataset>_sparse_predictor")
+    p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; "
+                                     "default data/<model>_<dataset>_sparse_predictor in the repo")
     p.add_argument("--L", default="0", help="layer index, or 'all' for every layer of the manifest in turn "
                                            "(default %(default)s)")
     p.add_argument("--input", default=DEFAULT_INPUT[block],

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +269,8 @@ def test_learnable_layer_reaches_high_recall_and_writes_the_contract_files(learn
 
 def test_original_selection_stops_once_held_out_recall_exceeds_0_99(learnable_store, tmp_path):
     [json_path] = main_mlp.main(["--data-dir", str(learnable_store), "--out-dir", str(tmp_path), "--L", "0",
-                                 "--epochs", "8", "--D", "128", "--lr", "0.001", "--batch_size", "128", "--device", "cpu"])
+                                 "--epochs", "8", "--D", "128", "--lr", "0.001", "--batch_size", "128",
+                                 "--device", "cpu"])
     record = json.loads(json_path.read_text())
     recalls = [h["Recall"] for h in record["history"]]
     assert recalls[-1] > 0.99 and all(r <= 0.99 for r in recalls[:-1]) and len(recalls) < 8
@@ -294,3 +297,19 @@ def test_random_labels_stay_at_chance_for_recall_at_k(tmp_path):
     assert abs(record["Recall@K"] - 8 / 32) < 0.04
     assert abs(record["Precision"] - 8 / 32) < 0.04
     assert record["Recall"] > 0.8  # the original's Recall alone looks good here: it rewards predicting most heads
+
+
+# ------------------------------------------------------------------------------------- run scripts
+def test_run_script_trains_every_manifest_layer_with_one_log_each_and_summarizes(marked_store, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DATA_DIR": str(marked_store),
+           "OUT_DIR": str(tmp_path / "out"), "K": "0.5", "EXTRA_ARGS": "--epochs 1 --D 8"}
+    done = subprocess.run(["bash", str(repo / "sparse_predictor" / "run_c4_att_llama.sh")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == [f"att_layer{l}.log" for l in range(3)]
+    rows = (tmp_path / "out" / "att_summary.csv").read_text().splitlines()
+    assert rows[0].split(",")[:6] == ["layer", "Recall", "True Sparsity", "Classifier Sparsity", "Precision",
+                                      "Recall@K"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert "| 2 |" in (tmp_path / "out" / "att_summary.md").read_text()
