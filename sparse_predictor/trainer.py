@@ -639,10 +639,16 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
     else:
         p.add_argument("--k", type=float, default=defaults["k"],
                        help="fraction of heads active per token: top int(k * heads) head norms (default %(default)s)")
+    add_training_arguments(p, lr=defaults["lr"])
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
+    """The training flags (SPEC §7 plus --selection, --max-device-gb), for the mains and any script that trains."""
     p.add_argument("--D", type=int, default=1000, help="low-rank width of the predictor (default %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default %(default)s)")
     p.add_argument("--batch_size", type=int, default=1024, help="training and eval batch (default %(default)s)")
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device; default cuda:0 if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and windows (default %(default)s)")
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
@@ -651,7 +657,11 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
     p.add_argument("--max-device-gb", type=float, default=None,
                    help=f"device memory for the layer's rows; more rows are streamed in windows each epoch. Default "
                         f"{GPU_RESIDENT_SHARE:.0%}% of free GPU memory, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
-    return p
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       selection=args.selection)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -687,8 +697,7 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         if args.label == "topk" and args.k is None:
             args.k = defaults["k"]  # the model's default fraction, recorded with the other flags
         label = make_label_spec(block, args.label, args.k, args.threshold, store.dims.ffn_dim)
-    cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      selection=args.selection)
+    cfg = train_config(args)
     max_bytes = None if args.max_device_gb is None else int(args.max_device_gb * 2**30)
     if device.type == "cuda":
         torch.cuda.set_device(device)
