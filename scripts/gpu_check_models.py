@@ -79,18 +79,29 @@ def hf_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(ids).logits[0].double(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]
 
 
-def logprob_gaps(model_half, out_path: Path, tokenizer, n_check: int) -> dict:
-    """max/mean |ours - HF| in the half dtype, and |HF half - HF fp32| for scale (the model ends in fp32)."""
-    results = [json.loads(l) for l in open(out_path)][:n_check]
-    ids = [torch.tensor([tokenizer(r["request"]["prompt"])["input_ids"]], device="cuda") for r in results]
-    ours = [torch.tensor(r["result"]["choices"][0]["logprobs"]["token_logprobs"][1:], device="cuda",
-                         dtype=torch.float64) for r in results]
-    half = [hf_logprobs(model_half, x) for x in ids]
-    full = [hf_logprobs(model_half.float(), x) for x in ids]
-    a = torch.cat([o - h for o, h in zip(ours, half)]).abs()
-    b = torch.cat([h - f for h, f in zip(half, full)]).abs()
-    return {"ours_vs_hf_half_max": a.max().item(), "ours_vs_hf_half_mean": a.mean().item(),
-            "hf_half_vs_hf_fp32_max": b.max().item(), "hf_half_vs_hf_fp32_mean": b.mean().item(), "tokens": a.numel()}
+def runner_logprobs(out_path: Path, n: int) -> list[torch.Tensor]:
+    return [torch.tensor(json.loads(l)["result"]["choices"][0]["logprobs"]["token_logprobs"][1:], device="cuda",
+                         dtype=torch.float64) for l in list(open(out_path))[:n]]
+
+
+def gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    d = torch.cat([x - y for x, y in zip(a, b)]).abs()
+    return {"max": d.max().item(), "mean": d.mean().item()}
+
+
+def logprob_gaps(model_half, half_out: Path, fp32_out: Path, tokenizer, n_check: int) -> dict:
+    """Our runner vs HF on the same weights: in the half dtype, and in fp32 (the model ends in fp32).
+
+    Half-precision runs of a deep random model differ by rounding that grows with depth, so the
+    half-dtype gaps are shown next to HF's own half-vs-fp32 gap; the fp32 gap is the sharp check."""
+    prompts = [json.loads(l)["request"]["prompt"] for l in list(open(half_out))[:n_check]]
+    ids = [torch.tensor([tokenizer(p)["input_ids"]], device="cuda") for p in prompts]
+    ours_half, ours_fp32 = runner_logprobs(half_out, n_check), runner_logprobs(fp32_out, n_check)
+    hf_half = [hf_logprobs(model_half, x) for x in ids]
+    hf_fp32 = [hf_logprobs(model_half.float(), x) for x in ids]
+    return {"ours_half_vs_hf_half": gap(ours_half, hf_half), "ours_half_vs_hf_fp32": gap(ours_half, hf_fp32),
+            "hf_half_vs_hf_fp32": gap(hf_half, hf_fp32), "ours_fp32_vs_hf_fp32": gap(ours_fp32, hf_fp32),
+            "tokens": sum(x.numel() for x in ours_half)}
 
 
 def pipeline_check(converted: Path, model_type: str, dtype: str, req: Path, reference_out: Path, out_dir: Path,
@@ -127,6 +138,9 @@ def main() -> None:
     p.add_argument("--collect-rows", type=int, default=50_000, help="rows to collect in the collection timing")
     p.add_argument("--check-docs", type=int, default=4, help="documents compared with HF")
     p.add_argument("--batch", type=int, default=8, help="--token-micro-batch-size")
+    p.add_argument("--sparse-timing", action="store_true",
+                   help="also time sparse-simulated inference (oracle, random, random-weight predictors) vs dense")
+    p.add_argument("--skip-collection", action="store_true", help="skip the collection timing")
     p.add_argument("--pipeline-ranks", type=int, default=1, help="also run this many pipeline stages (GPUs)")
     p.add_argument("--work", default="/tmp/gpu_check", help="scratch directory for checkpoints and data")
     p.add_argument("--out", required=True, help="directory for the JSON summary")
@@ -156,28 +170,66 @@ def main() -> None:
     dense_out = work / "dense.jsonl"
     run_runner(common + ["--model-type", a.family, "--output-path", str(dense_out)])  # warm-up (kernels, allocator)
     report["inference"] = run_runner(common + ["--model-type", a.family, "--output-path", str(dense_out)])
-    report["parity"] = logprob_gaps(model, dense_out, tokenizer, a.check_docs)
+    fp32_args = common[:]
+    fp32_args[fp32_args.index(a.dtype)] = "fp32"
+    fp32_out = work / "dense_fp32.jsonl"
+    run_runner(fp32_args + ["--model-type", a.family, "--output-path", str(fp32_out), "--num-iters", str(a.check_docs)])
+    report["parity"] = logprob_gaps(model, dense_out, fp32_out, tokenizer, a.check_docs)
     del model
     torch.cuda.empty_cache()
-    collect_req = work / "req_collect.jsonl"
-    write_requests(collect_req, 1000, 100_000)
-    data = work / "collected"
-    collect_args = common[:]
-    collect_args[collect_args.index(str(req))] = str(collect_req)
-    report["collection"] = run_runner(collect_args + ["--model-type", f"{a.family}-save", "--output-path",
-                                                      str(work / "collect.jsonl"), "--data-path", str(data),
-                                                      "--collect-tokens", str(a.collect_rows)])
-    m = json.loads((data / "manifest.json").read_text())
-    widths = sum(w for _, w in m["files"].values())
-    report["collection"].update(rows=m["rows_written"], complete=m["complete"], stopped_reason=m["stopped_reason"],
-                                bytes_per_token=widths * 2 + 12,
-                                collected_tokens_per_s=m["rows_written"] / report["collection"]["seconds"])
-    shutil.rmtree(data)  # ~0.8 MB per token at 3B shapes
+    if not a.skip_collection:
+        report["collection"] = collection_timing(a, common, req, work)
+    if a.sparse_timing:
+        report["sparse_timing"] = sparse_timing(a, common, converted, work)
     if a.pipeline_ranks > 1:
         report["pipeline"] = pipeline_check(converted, a.family, a.dtype, req, dense_out, out, a.pipeline_ranks)
     shutil.rmtree(work)
     (out / f"gpu_check_{a.family}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+
+
+def collection_timing(a, common: list[str], req: Path, work: Path) -> dict:
+    collect_req = work / "req_collect.jsonl"
+    write_requests(collect_req, 1000, 100_000)
+    data = work / "collected"
+    collect_args = common[:]
+    collect_args[collect_args.index(str(req))] = str(collect_req)
+    timing = run_runner(collect_args + ["--model-type", f"{a.family}-save", "--output-path", str(work / "collect.jsonl"),
+                                        "--data-path", str(data), "--collect-tokens", str(a.collect_rows)])
+    m = json.loads((data / "manifest.json").read_text())
+    widths = sum(w for _, w in m["files"].values())
+    timing.update(rows=m["rows_written"], complete=m["complete"], stopped_reason=m["stopped_reason"],
+                  bytes_per_token=widths * 2 + 12,
+                  collected_tokens_per_s=m["rows_written"] / timing["seconds"])
+    shutil.rmtree(data)  # ~0.8 MB per token at 3B shapes
+    return timing
+
+
+def write_random_predictors(directory: Path, config: dict, rank: int = 1000) -> None:
+    """Untrained predictors in the trainer's file format: for timing only, their choices mean nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    d, heads = config["hidden_size"], config["num_attention_heads"]
+    ffn = config.get("intermediate_size") or config["ffn_dim"]
+    for layer in range(config["num_hidden_layers"]):
+        for block, out, src in (("mlp", ffn, layer), ("att", heads, max(layer - 1, 0))):
+            torch.save({"0.weight": torch.randn(rank, d) / d ** 0.5, "1.weight": torch.randn(out, rank) / rank ** 0.5},
+                       directory / f"{block}_layer{layer}.pt")
+            (directory / f"{block}_layer{layer}.json").write_text(json.dumps(
+                {"layer": layer, "input": "lookahead", "input_kind": "att_x", "input_layer": src, "label": "untrained"}))
+
+
+def sparse_timing(a, common: list[str], converted: Path, work: Path) -> dict:
+    """tokens/s of the sparse simulation (MLP 25% of neurons, half the heads) next to dense, same requests."""
+    config = json.loads((converted / "config.json").read_text())
+    write_random_predictors(work / "predictors", config)
+    budgets = ["--mlp-topk", "0.25", "--att-topk", str(config["num_attention_heads"] // 2)]
+    timings = {"dense": run_runner(common + ["--model-type", a.family, "--output-path", str(work / "s_dense.jsonl")])}
+    for mode in ("oracle", "random", "predictor"):
+        run = run_runner(common + ["--model-type", f"{a.family}-ml-att-sparse", "--sparse-mode", mode, *budgets,
+                                   "--predictor-dir", str(work / "predictors"), "--output-path",
+                                   str(work / f"s_{mode}.jsonl")])
+        timings[mode] = {**run, "relative_to_dense": run["tokens_per_s"] / timings["dense"]["tokens_per_s"]}
+    return timings
 
 
 if __name__ == "__main__":
