@@ -1,0 +1,246 @@
+"""What the analysis scripts (drift, lookahead, sparsity_stats, plots, report) share, written once.
+
+Reading a collection (SPEC §6) in row chunks of a deterministic sample, per-row cosine, percentile summaries,
+predictor training through sparse_predictor.trainer (SPEC §7), result files with their provenance, and the plot
+style (one colour per model). Scripts import it as `scripts.analysis_common` after putting the repo root on sys.path.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore
+from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic
+from sparse_predictor import main_att, main_mlp, main_mlp_llama
+from sparse_predictor.trainer import (SELECTIONS, LabelSpec, TrainConfig, load_layer, require_complete,
+                                      resolve_device, train_predictor)
+
+PERCENTILES = (5, 25, 50, 75, 95)
+CHUNK_BYTES = 256 << 20  # float32 bytes of activations held at once while streaming a sample
+MODEL_FAMILIES = ("opt", "llama")
+# DejaVu's default MLP label per family, as the mains define it (SPEC §7).
+DEFAULT_MLP_LABEL = {"opt": (main_mlp.DEFAULTS["label"], main_mlp.DEFAULTS["k"]),
+                     "llama": (main_mlp_llama.DEFAULTS["label"], main_mlp_llama.DEFAULTS["k"])}
+DEFAULT_ATT_K = main_att.DEFAULTS["k"]
+
+
+# ------------------------------------------------------------------------------------- collections
+def open_collection(data_dir: str | os.PathLike) -> ActivationStore:
+    """A complete collection; an incomplete one is an error, as for predictor training."""
+    store = ActivationStore(data_dir)
+    require_complete(store)
+    return store
+
+
+def model_family(manifest: dict) -> str:
+    """opt or llama, from the collection's model_type (opt-save, llama-save, ...)."""
+    model_type = str(manifest.get("model_type", ""))
+    for family in MODEL_FAMILIES:
+        if model_type.startswith(family):
+            return family
+    raise ValueError(f"model_type {model_type!r} in the manifest is neither OPT nor Llama "
+                     f"(expected a value starting with one of {MODEL_FAMILIES})")
+
+
+def model_label(manifest: dict) -> str:
+    """Short model name for tables and legends: the last part of model_name (a hub id or a path)."""
+    return Path(str(manifest["model_name"]).rstrip("/")).name
+
+
+def collection_source(store: ActivationStore) -> dict[str, Any]:
+    """Where a result's rows came from: the collection, its manifest and that manifest's own provenance."""
+    m = store.manifest
+    return {"data_dir": str(store.data_dir.resolve()), "manifest": str((store.data_dir / "manifest.json").resolve()),
+            "model_name": m.get("model_name"), "model_type": m.get("model_type"), "model": model_label(m),
+            "family": model_family(m), "rows_written": store.rows, "dims": store.dims.__dict__,
+            "source_data": m.get("source_data"), "collection_command": m.get("command"),
+            "collection_git_commit": m.get("git_commit")}
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """Sorted row indices of a collection to analyse, and how they were chosen."""
+    rows: np.ndarray  # (n,) int64, ascending
+    available: int  # rows eligible before subsampling
+    first_token_rows_dropped: int
+    seed: int
+    max_rows: int | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"rows_used": int(len(self.rows)), "rows_eligible": self.available,
+                "first_token_rows_dropped": self.first_token_rows_dropped, "seed": self.seed,
+                "max_rows": self.max_rows}
+
+
+def sample_rows(store: ActivationStore, max_rows: int | None, seed: int, exclude_first_token: bool) -> RowSample:
+    """Rows to analyse: optionally without position 0 of each document, then at most max_rows drawn with seed."""
+    eligible = np.arange(store.rows)
+    dropped = 0
+    if exclude_first_token:
+        positions = np.asarray(store.token_index()[:, 1])
+        eligible = eligible[positions != 0]
+        dropped = store.rows - len(eligible)
+    if len(eligible) == 0:
+        raise ValueError(f"{store.data_dir}: no rows left to analyse after dropping {dropped} first-token rows")
+    if max_rows is not None and max_rows < len(eligible):
+        eligible = np.sort(np.random.default_rng(seed).choice(eligible, size=max_rows, replace=False))
+    return RowSample(eligible.astype(np.int64), int(store.rows - dropped), dropped, seed, max_rows)
+
+
+def rows_per_chunk(floats_per_row: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, budget_bytes // (4 * floats_per_row))
+
+
+def iter_row_chunks(rows: np.ndarray, chunk: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """(position in the sample, row indices) chunk by chunk."""
+    for start in range(0, len(rows), chunk):
+        part = slice(start, min(start + chunk, len(rows)))
+        yield part, rows[part]
+
+
+def read_rows(mm: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """The given rows of a float16 memmap as float32: only those rows are read from disk."""
+    return torch.from_numpy(np.asarray(mm[rows], dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------- statistics
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) cosine of each row of a with the same row of b; a zero row gives 0 (no direction)."""
+    dot = (a * b).sum(dim=1, dtype=torch.float64)
+    norms = a.double().norm(dim=1) * b.double().norm(dim=1)
+    return torch.where(norms > 0, dot / norms.clamp_min(1e-300), torch.zeros_like(dot)).float()
+
+
+def summarize_values(values: np.ndarray) -> dict[str, float | int]:
+    """Mean and the PERCENTILES of a 1-D sample, with its size."""
+    if len(values) == 0:
+        raise ValueError("cannot summarize an empty sample")
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))},
+            "n": int(len(values))}
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all', or a comma list of layers and inclusive ranges ('0,4,8-11'), each checked against num_layers."""
+    if spec == "all":
+        return list(range(num_layers))
+    layers: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        layers += range(int(lo), int(hi or lo) + 1)
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} outside 0..{num_layers - 1}")
+    return sorted(set(layers))
+
+
+def parse_fractions(spec: str) -> list[float]:
+    values = [float(v) for v in spec.split(",")]
+    if any(not 0 < v <= 1 for v in values):
+        raise ValueError(f"fractions must be in (0, 1], got {spec}")
+    return values
+
+
+# ------------------------------------------------------------------------------------- predictor training
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The predictor flags of the mains (SPEC §7) that the analysis scripts pass on to the trainer."""
+    parser.add_argument("--D", type=int, default=1000, help="low-rank width of each predictor (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs each (default %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=1024, help="training and eval batch (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="AdamW learning rate (default %(default)s, as the run_c4_mlp*.sh scripts)")
+    parser.add_argument("--device", default=None, help="torch device; default cuda:0 if available, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="predictor init and shuffling seed (default %(default)s)")
+    parser.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
+                        help="which epoch is kept: " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
+                             + " Default %(default)s")
+    parser.add_argument("--max-device-gb", type=float, default=None,
+                        help="device memory for a layer's rows; beyond it the trainer streams windows (trainer default)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       selection=args.selection)
+
+
+def train_and_evaluate(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
+                       cfg: TrainConfig, device: torch.device, max_device_bytes: int | None,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """Train one predictor with the project's trainer; its held-out metrics and what it was trained on."""
+    data = load_layer(store, block, layer, input_flag, label, device, cfg.batch_size, max_device_bytes)
+    result = train_predictor(data, block, cfg, log=log)
+    return {**result.metrics, "block": block, "layer": layer, "input": input_flag, "input_kind": data.input.kind,
+            "input_layer": data.input.layer, "label": label.name, "k": label.k, "threshold": label.threshold,
+            "label_definition": label.definition(), "rows_train": data.rows_train,
+            "rows_test": int(data.is_test.sum()), "best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+
+
+def device_from_args(args: argparse.Namespace) -> tuple[torch.device, int | None]:
+    max_bytes = None if args.max_device_gb is None else int(args.max_device_gb * 2**30)
+    return resolve_device(args.device), max_bytes
+
+
+# ------------------------------------------------------------------------------------- result files
+def start_provenance(**fields: Any) -> dict[str, Any]:
+    """The provenance block (command, git commit, versions, start time) of a result; finished by write_results."""
+    return base_manifest(**fields)
+
+
+def write_results(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any], records: Sequence[dict],
+                  columns: Sequence[str], provenance: dict[str, Any]) -> tuple[Path, Path]:
+    """`<out-dir>/<stem>.json` (payload + records + provenance) and `<stem>.csv` (the records), atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    write_json_atomic(json_path, {**payload, "records": list(records), "csv": csv_path.name,
+                                  "provenance": {**provenance, "end_time": now()}})
+    write_csv_atomic(csv_path, records, columns)
+    return json_path, csv_path
+
+
+def write_csv_atomic(path: Path, records: Sequence[dict], columns: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- plots
+MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def model_colors(models: Sequence[str]) -> dict[str, str]:
+    """One colour per model, in first-seen order, the same in every figure of one report."""
+    ordered = list(dict.fromkeys(models))
+    if len(ordered) > len(MODEL_COLORS):
+        raise ValueError(f"{len(ordered)} models but only {len(MODEL_COLORS)} distinct colours")
+    return {m: MODEL_COLORS[i] for i, m in enumerate(ordered)}
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    """A matplotlib figure drawn off-screen (Agg), so plots work on machines without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,269 @@
+"""Drift of the residual stream between layers: does an earlier layer's input look like a later one's?
+
+DejaVu's premise (asynchronous lookahead) is that the residual stream changes slowly from layer to layer. For
+each layer l, distance k = 1..K and kind (att_x: the block input; mlp_x: the stream after the attention add),
+this script measures the cosine similarity between the same token's x_l and x_{l+k} over a sample of collected
+tokens (SPEC §6), and reports the mean and the 5/25/50/75/95th percentiles, in two spaces:
+  raw     the stored residual stream;
+  normed  both vectors passed through the norm of the target layer l+k (its input norm for att_x, its MLP norm
+          for mlp_x), i.e. what layer l+k's block would see if it were fed x_l instead of x_{l+k}. OPT: LayerNorm
+          (mean-centred, unit variance, then weight and bias); Llama: RMS normalisation (then weight). Without
+          --model-dir the norms are parameter-free (no weight, no bias), and the output says so; for Llama that
+          makes normed equal to raw up to eps, since cosine ignores a per-vector scale.
+--exclude-massive-dims N also reports both spaces without the N hidden dimensions of largest mean |activation|
+(normalisation first, over all dims, as the model does; the dims are dropped before the cosine), so a reader
+can see whether a handful of dimensions drive the similarity.
+
+    python scripts/drift.py --data-dir data/llama-3.2-3b_c4 --out-dir out/drift/llama-3.2-3b \\
+        --model-dir pretrained_models/llama-3.2-3b --max-distance 8 --exclude-first-token --exclude-massive-dims 4
+Writes <out-dir>/drift.json (settings, chosen massive dims, per-layer records, provenance) and drift.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/drift.py` run
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from Decentralized_FM_alpha.modules.checkpoint import read_state_dict  # noqa: E402
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
+from scripts.analysis_common import (PERCENTILES, RowSample, collection_source, iter_row_chunks, model_family,  # noqa: E402
+                                     open_collection, read_rows, rows_per_chunk, rowwise_cosine, sample_rows,
+                                     start_provenance, summarize_values, write_results)
+
+KINDS = ("att_x", "mlp_x")
+DEFAULT_EPS = 1e-5  # nn.LayerNorm's default (OPT) and Llama 3.x's rms_norm_eps
+# The norm each kind goes through in a layer, as keys of the converted pytorch_{l}.pt (SPEC §3): (weight, bias).
+NORM_KEYS = {("opt", "att_x"): ("self_attn_layer_norm.weight", "self_attn_layer_norm.bias"),
+             ("opt", "mlp_x"): ("final_layer_norm.weight", "final_layer_norm.bias"),
+             ("llama", "att_x"): ("input_layernorm.weight", None),
+             ("llama", "mlp_x"): ("post_attention_layernorm.weight", None)}
+CSV_COLUMNS = ("model", "kind", "layer", "k", "target_layer", "space", "dims", "mean",
+               *(f"p{p}" for p in PERCENTILES), "n")
+
+
+# ------------------------------------------------------------------------------------- the model's norms
+@dataclass
+class Norms:
+    """The norm a kind goes through at each layer; weights empty for the parameter-free version."""
+    family: str
+    eps: float
+    description: str
+    weights: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def apply(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(n, d) float32 rows through layer `layer`'s norm for `kind`."""
+        if self.family == "opt":
+            x = x - x.mean(dim=1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        if (kind, layer) in self.weights:
+            weight, bias = self.weights[(kind, layer)]
+            x = x * weight
+            if bias is not None:
+                x = x + bias
+        return x
+
+
+def parameter_free_norms(family: str) -> Norms:
+    what = ("LayerNorm without affine (mean-centred, unit variance)" if family == "opt"
+            else "RMS normalisation without weight")
+    return Norms(family, DEFAULT_EPS, f"{what}, eps {DEFAULT_EPS}; parameter-free because no --model-dir was given")
+
+
+def load_model_norms(family: str, model_dir: Path, kinds: tuple[str, ...], num_layers: int, hidden: int) -> Norms:
+    """The model's norm weights (and OPT biases) from a converted checkpoint directory (SPEC §3)."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"missing checkpoint config: {config_path}")
+    config = json.loads(config_path.read_text())
+    eps = float(config["rms_norm_eps"]) if family == "llama" else float(config.get("layer_norm_eps", DEFAULT_EPS))
+    weights = {}
+    for layer in range(num_layers):
+        path = model_dir / f"pytorch_{layer}.pt"
+        state = read_state_dict(model_dir, path.name)  # error naming the file when it is missing
+        for kind in kinds:
+            weight_key, bias_key = NORM_KEYS[(family, kind)]
+            weights[(kind, layer)] = tuple(norm_parameter(state, key, path, hidden) if key else None
+                                           for key in (weight_key, bias_key))
+    what = "LayerNorm with the model's weight and bias" if family == "opt" else "RMSNorm with the model's weight"
+    keys = ", ".join(f"{k}: {NORM_KEYS[(family, k)][0]}" for k in kinds)
+    return Norms(family, eps, f"{what} ({keys}) from {model_dir.resolve()}/pytorch_{{l}}.pt, eps {eps}", weights)
+
+
+def norm_parameter(state: dict, key: str, path: Path, hidden: int) -> torch.Tensor:
+    if key not in state:
+        raise KeyError(f"{path}: missing key {key!r} (needed for the normed drift)")
+    value = state[key].float()
+    if tuple(value.shape) != (hidden,):
+        raise ValueError(f"{path}: {key!r} has shape {tuple(value.shape)}, the collection's hidden size is {hidden}")
+    return value
+
+
+# ------------------------------------------------------------------------------------- massive dimensions
+@dataclass
+class MassiveDims:
+    """The hidden dimensions left out of the 'without_massive' cosines, chosen once per model or per layer."""
+    count: int
+    per_layer: bool
+    chosen: dict[str, list[int]]  # "model" -> dims, or "{kind}_{layer}" -> dims
+    mean_abs: dict[str, list[float]]  # mean |activation| of the chosen dims, same keys and order
+    median_mean_abs: dict[str, float]  # median over all dims of mean |activation|, for scale
+
+    def excluded(self, kind: str, source: int, target: int) -> list[int]:
+        """Dims dropped for the pair (x_source, x_target): the model's, or the union of both layers' own."""
+        if not self.per_layer:
+            return self.chosen["model"]
+        return sorted(set(self.chosen[f"{kind}_{source}"]) | set(self.chosen[f"{kind}_{target}"]))
+
+    def describe(self) -> dict:
+        rule = ("per layer: for the pair (l, l+k) the union of the dims chosen at l and at l+k" if self.per_layer
+                else "once per model: largest mean over the analysed kinds and layers of mean |activation|")
+        return {"count": self.count, "rule": rule, "chosen": self.chosen, "mean_abs_of_chosen": self.mean_abs,
+                "median_mean_abs_all_dims": self.median_mean_abs}
+
+
+def mean_abs_per_dim(store: ActivationStore, kinds: tuple[str, ...], sample: RowSample) -> dict[str, np.ndarray]:
+    """'{kind}_{layer}' -> (d,) mean |activation| over the sampled rows, streamed chunk by chunk."""
+    sums = {f"{k}_{l}": np.zeros(store.dims.hidden_size) for k in kinds for l in range(store.num_layers)}
+    chunk = rows_per_chunk(store.dims.hidden_size)
+    for _, rows in tqdm(list(iter_row_chunks(sample.rows, chunk)), desc="mean |x| per dim", unit="chunk"):
+        for kind in kinds:
+            for layer in range(store.num_layers):
+                sums[f"{kind}_{layer}"] += read_rows(store.open(kind, layer), rows).abs().sum(dim=0).double().numpy()
+    return {key: s / len(sample.rows) for key, s in sums.items()}
+
+
+def choose_massive_dims(mean_abs: dict[str, np.ndarray], count: int, per_layer: bool) -> MassiveDims:
+    """The `count` dims of largest mean |activation|, per '{kind}_{layer}' or from their mean over all of them."""
+    def top(values: np.ndarray) -> list[int]:
+        return sorted(int(i) for i in np.argsort(-values, kind="stable")[:count])
+
+    pooled = dict(mean_abs) if per_layer else {"model": np.mean(list(mean_abs.values()), axis=0)}
+    chosen = {key: top(v) for key, v in pooled.items()}
+    return MassiveDims(count, per_layer, chosen, {key: [float(pooled[key][i]) for i in dims] for key, dims in chosen.items()},
+                       {key: float(np.median(v)) for key, v in pooled.items()})
+
+
+# ------------------------------------------------------------------------------------- cosines
+def pair_cosines(x_source: torch.Tensor, x_target: torch.Tensor, kind: str, source: int, target: int, norms: Norms,
+                 massive: MassiveDims | None) -> dict[tuple[str, str], torch.Tensor]:
+    """(space, dims) -> (n,) cosines of one chunk for the pair (x_source, x_target)."""
+    spaces = {"raw": (x_source, x_target),
+              "normed": (norms.apply(kind, target, x_source), norms.apply(kind, target, x_target))}
+    out = {}
+    for space, (a, b) in spaces.items():
+        out[(space, "all")] = rowwise_cosine(a, b)
+        if massive is not None:
+            keep = np.setdiff1d(np.arange(a.shape[1]), massive.excluded(kind, source, target))
+            keep_t = torch.from_numpy(keep)
+            out[(space, "without_massive")] = rowwise_cosine(a[:, keep_t], b[:, keep_t])
+    return out
+
+
+def drift_cosines(store: ActivationStore, kinds: tuple[str, ...], max_distance: int, sample: RowSample, norms: Norms,
+                  massive: MassiveDims | None) -> dict[tuple[str, int, int, str, str], np.ndarray]:
+    """(kind, layer, k, space, dims) -> (rows,) cosines over the sample; every layer file is read once."""
+    L = store.num_layers
+    pairs = [(l, k) for l in range(L) for k in range(1, max_distance + 1) if l + k < L]
+    if not pairs:
+        raise ValueError(f"{store.data_dir}: {L} layer(s) leave no pair at distance 1..{max_distance}")
+    variants = [(s, d) for s in ("raw", "normed") for d in (("all", "without_massive") if massive else ("all",))]
+    cosines = {(kind, l, k, s, d): np.empty(len(sample.rows), dtype=np.float32)
+               for kind in kinds for l, k in pairs for s, d in variants}
+    chunk = rows_per_chunk(L * store.dims.hidden_size * 2)  # one kind's layers, plus room for normed copies
+    for part, rows in tqdm(list(iter_row_chunks(sample.rows, chunk)), desc="drift cosines", unit="chunk"):
+        for kind in kinds:
+            x = [read_rows(store.open(kind, layer), rows) for layer in range(L)]
+            for l, k in pairs:
+                for (space, dims), values in pair_cosines(x[l], x[l + k], kind, l, l + k, norms, massive).items():
+                    cosines[(kind, l, k, space, dims)][part] = values.numpy()
+    return cosines
+
+
+def drift_records(model: str, cosines: dict[tuple[str, int, int, str, str], np.ndarray]) -> list[dict]:
+    return [{"model": model, "kind": kind, "layer": l, "k": k, "target_layer": l + k, "space": space, "dims": dims,
+             **summarize_values(values)} for (kind, l, k, space, dims), values in cosines.items()]
+
+
+def mean_over_layers(records: list[dict]) -> list[dict]:
+    """Per (kind, k, space, dims): the mean over layers of the per-layer mean cosine (what the report quotes)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["kind"], r["k"], r["space"], r["dims"]), []).append(r["mean"])
+    return [{"kind": kind, "k": k, "space": space, "dims": dims, "mean_of_layer_means": float(np.mean(v)),
+             "layers": len(v)} for (kind, k, space, dims), v in sorted(groups.items())]
+
+
+# ------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="a complete collection (SPEC §6): att_x_{l}.mmap, mlp_x_{l}.mmap")
+    p.add_argument("--out-dir", required=True, help="where drift.json and drift.csv are written")
+    p.add_argument("--max-distance", "-K", type=int, default=8,
+                   help="largest layer distance k; pairs (l, l+k) for k = 1..K within the model (default %(default)s)")
+    p.add_argument("--kinds", default="att_x,mlp_x",
+                   help="comma list of att_x and/or mlp_x (default %(default)s)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="converted checkpoint (SPEC §3) whose norm weights (OPT: self_attn_layer_norm / "
+                        "final_layer_norm weight and bias; Llama: input_layernorm / post_attention_layernorm weight) "
+                        "and eps are used for the normed space; without it the norms are parameter-free")
+    p.add_argument("--max-rows", type=int, default=50_000,
+                   help="analyse at most this many rows, drawn without replacement with --seed (default "
+                        "%(default)s; a number >= the collection's rows uses them all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default %(default)s)")
+    p.add_argument("--exclude-first-token", action="store_true",
+                   help="drop position 0 of every document (token_index.npy) before sampling")
+    p.add_argument("--exclude-massive-dims", type=int, default=0, metavar="N",
+                   help="also report cosines without the N hidden dims of largest mean |activation| over the "
+                        "sampled rows (default 0: not computed)")
+    p.add_argument("--massive-per-layer", action="store_true",
+                   help="choose the massive dims per kind and layer (a pair drops the union of both layers' dims) "
+                        "instead of once per model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        raise SystemExit(f"--kinds {args.kinds}: only {KINDS} are residual streams")
+    if args.max_distance < 1 or args.max_rows < 1 or args.exclude_massive_dims < 0:
+        raise SystemExit("--max-distance and --max-rows must be >= 1, --exclude-massive-dims >= 0")
+    provenance = start_provenance(kind="drift")
+    store = open_collection(args.data_dir)
+    family = model_family(store.manifest)
+    if args.exclude_massive_dims >= store.dims.hidden_size:
+        raise SystemExit(f"--exclude-massive-dims {args.exclude_massive_dims} leaves no dims of {store.dims.hidden_size}")
+    norms = (load_model_norms(family, args.model_dir, kinds, store.num_layers, store.dims.hidden_size)
+             if args.model_dir else parameter_free_norms(family))
+    print(f"normed space: {norms.description}")
+    sample = sample_rows(store, args.max_rows, args.seed, args.exclude_first_token)
+    massive = None
+    if args.exclude_massive_dims:
+        massive = choose_massive_dims(mean_abs_per_dim(store, kinds, sample), args.exclude_massive_dims,
+                                      args.massive_per_layer)
+        print(f"massive dims left out: {massive.chosen if args.massive_per_layer else massive.chosen['model']}")
+    source = collection_source(store)
+    records = drift_records(source["model"], drift_cosines(store, kinds, args.max_distance, sample, norms, massive))
+    payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
+               "sample": sample.describe(), "exclude_first_token": args.exclude_first_token,
+               "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
+                                 "eps": norms.eps, "target_layer_norm": True},
+               "massive_dims": massive.describe() if massive else None,
+               "definition": "cosine(x_l, x_{l+k}) of the same token, raw and through layer l+k's norm",
+               "summary": mean_over_layers(records)}
+    json_path, csv_path = write_results(args.out_dir, "drift", payload, records, CSV_COLUMNS, provenance)
+    print(f"wrote {json_path} and {csv_path}: {len(records)} drift records ({len(sample.rows)} rows of "
+          f"{source['model']}, k = 1..{args.max_distance})")
+    return json_path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""How sparse is each layer really, and how much does the predictors' Recall depend on the label definition?
+
+Per layer, over a sample of collected tokens (SPEC §6), the statistics of STATISTIC_DEFINITIONS below: exact
+zeros (OPT's ReLU sparsity), near-zero fractions |y| < t, the share of |SiLU(g)*u| (or ReLU) magnitude held by
+each token's top neurons, the fraction of negative gate pre-activations (Llama, needs mlp_gate; reported as
+absent otherwise) and the share of head-norm magnitude held by the top heads. Then, unless --no-label-sweep,
+the label sweep: one MLP predictor per layer of --sweep-layers and label of --labels, trained and evaluated
+with the project's trainer (sparse_predictor/trainer.py, SPEC §7), so that the sensitivity of Recall,
+Recall@K, Precision and the sparsities to the label definition can be read side by side.
+
+    python scripts/sparsity_stats.py --data-dir data/llama-3.2-3b_c4 --out-dir out/sparsity/llama-3.2-3b
+Writes <out-dir>/sparsity_stats.json/.csv and, with the sweep, label_sweep.json/.csv (each with provenance).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/sparsity_stats.py` run
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
+from sparse_predictor.trainer import LabelSpec, make_label_spec  # noqa: E402
+from scripts.analysis_common import (RowSample, add_training_arguments, collection_source, device_from_args,  # noqa: E402
+                                     iter_row_chunks, open_collection, parse_fractions, parse_layers, read_rows,
+                                     rows_per_chunk, sample_rows, start_provenance, train_and_evaluate, train_config,
+                                     write_results)
+
+STATISTIC_DEFINITIONS = {
+    "zero_fraction": "fraction of mlp_label entries == 0 in float16 storage; OPT: ReLU zeros, the exact inactive "
+                     "neurons DejaVu skips",
+    "positive_fraction": "fraction of mlp_label entries > 0 (the active fraction of the 'relu' label)",
+    "below_{t}": "fraction of |mlp_label| entries < t",
+    "mlp_top{f}_mass": "mean over tokens of the share of the token's sum of |mlp_label| held by its top int(f * ffn) "
+                       "neurons (tokens whose sum is 0 are left out and counted in tokens_with_zero_mlp_mass)",
+    "gate_negative_fraction": "fraction of mlp_gate entries < 0 (gate pre-activation, SiLU(g) < 0); null when "
+                              "mlp_gate was not collected",
+    "att_top{f}_mass": "mean over tokens of the share of the sum of head output norms (att_label) held by the top "
+                       "int(f * heads) heads (absent where int(f * heads) < 1)",
+}
+DEFAULT_LABELS = "relu,topk:0.1,topk:0.3,topk:0.5,threshold:0.01,gate"
+SWEEP_METRICS = ("Recall", "Recall@K", "K", "Precision", "True Sparsity", "Classifier Sparsity")
+SWEEP_COLUMNS = ("model", "layer", "label_spec", "label", "k", "threshold", *SWEEP_METRICS, "input", "rows_train",
+                 "rows_test", "best_epoch", "status")
+
+
+# ------------------------------------------------------------------------------------- per-layer statistics
+def top_mass_shares(magnitudes: torch.Tensor, fractions: list[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
+    """Per token, the share of its total magnitude held by its top int(f * width) units; and which tokens count.
+
+    magnitudes (n, width) >= 0; tokens whose total is 0 have no share and are masked out.
+    """
+    ordered = magnitudes.sort(dim=1, descending=True).values.double().cumsum(dim=1)
+    total = ordered[:, -1]
+    counted = total > 0
+    shares = {}
+    for f in fractions:
+        top = int(f * magnitudes.shape[1])
+        if top >= 1:
+            shares[f] = ordered[counted, top - 1] / total[counted]
+    return shares, counted
+
+
+def fraction_key(prefix: str, value: float) -> str:
+    return f"{prefix}{value:g}"
+
+
+def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thresholds: list[float],
+                     fractions: list[float]) -> dict:
+    """One layer's sparsity statistics over the sampled rows, streamed chunk by chunk."""
+    has_gate = "mlp_gate" in store.kinds
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    zero_mass_tokens = 0
+
+    def add(key: str, total: float, n: int) -> None:
+        sums[key] = sums.get(key, 0.0) + float(total)
+        counts[key] = counts.get(key, 0) + int(n)
+
+    label_mm, heads_mm = store.open("mlp_label", layer), store.open("att_label", layer)
+    gate_mm = store.open("mlp_gate", layer) if has_gate else None
+    for _, rows in iter_row_chunks(sample.rows, rows_per_chunk(3 * store.dims.ffn_dim)):
+        y = read_rows(label_mm, rows)
+        add("zero_fraction", (y == 0).sum(), y.numel())
+        add("positive_fraction", (y > 0).sum(), y.numel())
+        magnitude = y.abs()
+        for t in thresholds:
+            add(fraction_key("below_", t), (magnitude < t).sum(), y.numel())
+        shares, counted = top_mass_shares(magnitude, fractions)
+        for f, share in shares.items():
+            add(fraction_key("mlp_top", f) + "_mass", share.sum(), len(share))
+        zero_mass_tokens += int((~counted).sum())
+        head_shares, _ = top_mass_shares(read_rows(heads_mm, rows).abs(), fractions)
+        for f, share in head_shares.items():
+            add(fraction_key("att_top", f) + "_mass", share.sum(), len(share))
+        if gate_mm is not None:
+            g = read_rows(gate_mm, rows)
+            add("gate_negative_fraction", (g < 0).sum(), g.numel())
+    stats = {key: sums[key] / counts[key] if counts[key] else None for key in sums}  # None: no token had mass
+    if not has_gate:
+        stats["gate_negative_fraction"] = None
+    return {"layer": layer, **stats, "tokens_with_zero_mlp_mass": zero_mass_tokens}
+
+
+def statistic_columns(thresholds: list[float], fractions: list[float]) -> list[str]:
+    return (["zero_fraction", "positive_fraction"] + [fraction_key("below_", t) for t in thresholds]
+            + [fraction_key("mlp_top", f) + "_mass" for f in fractions] + ["gate_negative_fraction"]
+            + [fraction_key("att_top", f) + "_mass" for f in fractions] + ["tokens_with_zero_mlp_mass"])
+
+
+# ------------------------------------------------------------------------------------- label sweep
+def parse_label(spec: str, ffn: int) -> LabelSpec:
+    """'relu', 'gate', 'topk:K' or 'threshold:T' as the trainer's label."""
+    name, _, value = spec.partition(":")
+    if name in ("topk", "threshold") and not value:
+        raise ValueError(f"label {spec!r}: write {name}:VALUE")
+    if name not in ("topk", "threshold") and value:
+        raise ValueError(f"label {spec!r}: {name} takes no value")
+    return make_label_spec("mlp", name, float(value) if name == "topk" else None,
+                           float(value) if name == "threshold" else None, ffn)
+
+
+def label_sweep(store: ActivationStore, model: str, layers: list[int], label_specs: list[str], args: argparse.Namespace) -> list[dict]:
+    """One predictor per (layer, label); a gate label without collected mlp_gate is recorded as absent."""
+    labels = {spec: parse_label(spec, store.dims.ffn_dim) for spec in label_specs}
+    device, max_bytes = device_from_args(args)
+    cfg = train_config(args)
+    records = []
+    progress = tqdm([(l, s) for l in layers for s in label_specs], desc="label sweep predictors", unit="predictor")
+    for layer, spec in progress:
+        progress.set_postfix(layer=layer, label=spec)
+        label = labels[spec]
+        if label.source_kind not in store.kinds:
+            records.append({"model": model, "layer": layer, "label_spec": spec, "label": label.name,
+                            "status": f"absent: {label.source_kind} was not collected (--collect-mlp-gate)"})
+            continue
+        metrics = train_and_evaluate(store, "mlp", layer, args.input, label, cfg, device, max_bytes, log=tqdm.write)
+        records.append({"model": model, "label_spec": spec, "status": "trained", **metrics})
+    return records
+
+
+# ------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "statistics:\n" + "\n".join(f"  {k}: {v}" for k, v in STATISTIC_DEFINITIONS.items())
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="a complete collection (SPEC §6)")
+    p.add_argument("--out-dir", required=True, help="where sparsity_stats.* and label_sweep.* are written")
+    p.add_argument("--thresholds", default="0.001,0.01,0.1",
+                   help="comma list of t for below_{t} = fraction of |mlp_label| < t (default %(default)s)")
+    p.add_argument("--fractions", default="0.05,0.1,0.2,0.3,0.5",
+                   help="comma list of f for the top-f magnitude shares of neurons and heads (default %(default)s)")
+    p.add_argument("--max-rows", type=int, default=50_000,
+                   help="statistics over at most this many rows drawn with --sample-seed (default %(default)s; a "
+                        "number >= the collection's rows uses them all); the sweep trains on all rows")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the statistics' row sample (default %(default)s)")
+    p.add_argument("--exclude-first-token", action="store_true",
+                   help="statistics without position 0 of each document (the sweep is unaffected)")
+    p.add_argument("--layers", default="all", help="layers of the statistics: 'all' or e.g. '0,4,8-11'")
+    p.add_argument("--no-label-sweep", action="store_true", help="only the statistics: train no predictor")
+    p.add_argument("--labels", default=DEFAULT_LABELS,
+                   help="comma list of MLP labels for the sweep: relu, gate, topk:K (fraction), threshold:T "
+                        "(default %(default)s)")
+    p.add_argument("--sweep-layers", default="all", help="layers of the sweep: 'all' or e.g. '0,13,27'")
+    p.add_argument("--input", default="same",
+                   help="predictor input of the sweep (trainer --input: same, lookahead, from:J; default %(default)s)")
+    add_training_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    if args.max_rows < 1:
+        raise SystemExit("--max-rows must be >= 1")
+    thresholds, fractions = [float(t) for t in args.thresholds.split(",")], parse_fractions(args.fractions)
+    provenance = start_provenance(kind="sparsity_stats")
+    store = open_collection(args.data_dir)
+    source = collection_source(store)
+    layers = parse_layers(args.layers, store.num_layers)
+    sample = sample_rows(store, args.max_rows, args.sample_seed, args.exclude_first_token)
+    gate_note = ("mlp_gate collected" if "mlp_gate" in store.kinds else
+                 "mlp_gate ABSENT from this collection (collect with --collect-mlp-gate): gate statistics and the "
+                 "gate label are not computed")
+    print(gate_note)
+    records = [{"model": source["model"], **layer_statistics(store, l, sample, thresholds, fractions)}
+               for l in tqdm(layers, desc="sparsity statistics", unit="layer")]
+    payload = {"analysis": "sparsity_stats", "source": source, "sample": sample.describe(),
+               "exclude_first_token": args.exclude_first_token, "thresholds": thresholds, "fractions": fractions,
+               "mlp_gate": gate_note, "definitions": STATISTIC_DEFINITIONS}
+    written = list(write_results(args.out_dir, "sparsity_stats", payload, records,
+                                 ["model", "layer", *statistic_columns(thresholds, fractions)], provenance))
+    if not args.no_label_sweep:
+        sweep_provenance = start_provenance(kind="label_sweep")
+        sweep_layers = parse_layers(args.sweep_layers, store.num_layers)
+        sweep = label_sweep(store, source["model"], sweep_layers, args.labels.split(","), args)
+        written += write_results(args.out_dir, "label_sweep",
+                                 {"analysis": "label_sweep", "source": source, "input": args.input,
+                                  "labels": args.labels.split(","), "layers": sweep_layers,
+                                  "training": {**vars(train_config(args)), "device": str(device_from_args(args)[0])}},
+                                 sweep, SWEEP_COLUMNS, sweep_provenance)
+    print(f"wrote {', '.join(str(p) for p in written)} ({source['model']}, {len(layers)} layers, "
+          f"{len(sample.rows)} rows{'' if args.no_label_sweep else ', label sweep'})")
+    return written
+
+
+if __name__ == "__main__":
+    main()
