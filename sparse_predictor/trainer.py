@@ -670,6 +670,8 @@ def resolve_device(name: str | None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} asked for CUDA, which this torch build/machine does not have")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device and events need an index
     return device
 
 

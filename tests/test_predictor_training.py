@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ActivationWriter, ModelDims
+from scripts import bench_predictor_training as bench
 from scripts.bench_predictor_training import write_synthetic_store
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama
 from sparse_predictor.trainer import (LabelSpec, aggregate_statistics, batch_statistics, chunk_slices,
@@ -313,3 +314,15 @@ def test_run_script_trains_every_manifest_layer_with_one_log_each_and_summarizes
                                       "Recall@K"]
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert "| 2 |" in (tmp_path / "out" / "att_summary.md").read_text()
+
+
+def test_fast_trainer_matches_the_straightforward_reference_within_one_point(learnable_store):
+    args = bench.parse_args(["--device", "cpu", "--D", "128", "--batch-size", "128", "--epochs", "2",
+                             "--ref-epochs", "2", "--data-dir", str(learnable_store)])
+    store = ActivationStore(learnable_store)
+    label = make_label_spec("mlp", "relu", None, None, store.dims.ffn_dim)
+    fast = bench.run_fast(args, store, label, torch.device("cpu"))
+    reference = bench.run_reference(args, store, label, torch.device("cpu"))
+    assert fast["rows_train"] == 8000 - fast["rows_test"]
+    assert 0.5 < reference["recall_by_epoch"][1] < 0.99  # still learning: the comparison is not at a ceiling
+    assert abs(fast["recall_by_epoch"][1] - reference["recall_by_epoch"][1]) < 0.01
