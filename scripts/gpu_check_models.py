@@ -104,15 +104,13 @@ def logprob_gaps(model_half, half_out: Path, fp32_out: Path, tokenizer, n_check:
             "tokens": sum(x.numel() for x in ours_half)}
 
 
-def pipeline_check(converted: Path, model_type: str, dtype: str, req: Path, reference_out: Path, out_dir: Path,
-                   ranks: int) -> dict:
+def pipeline_check(common: list[str], model_type: str, reference_out: Path, out_dir: Path, ranks: int) -> dict:
+    """The same run as `reference_out` (1 GPU) split into `ranks` pipeline stages, one GPU each, over NCCL."""
     url = "tcp://127.0.0.1:29533"
     env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0"}
     out = out_dir / "pipeline_out.jsonl"
     procs = [subprocess.Popen([sys.executable, str(REPO / "Decentralized_FM_alpha/dist_inference_runner.py"),
-                               "--model-name", str(converted), "--model-type", model_type, "--dtype", dtype,
-                               "--infer-data", str(req), "--output-path", str(out), "--use-cuda", "true",
-                               "--cuda-id", str(r), "--world-size", str(ranks), "--rank", str(r), "--dist-url", url,
+                               *common, "--model-type", model_type, "--output-path", str(out), "--cuda-id", str(r), "--world-size", str(ranks), "--rank", str(r), "--dist-url", url,
                                "--dist-backend", "nccl"], env=env,
                               stdout=open(out_dir / f"pipeline_rank{r}.log", "w"), stderr=subprocess.STDOUT)
              for r in range(ranks)]
@@ -182,7 +180,7 @@ def main() -> None:
     if a.sparse_timing:
         report["sparse_timing"] = sparse_timing(a, common, converted, work)
     if a.pipeline_ranks > 1:
-        report["pipeline"] = pipeline_check(converted, a.family, a.dtype, req, dense_out, out, a.pipeline_ranks)
+        report["pipeline"] = pipeline_check(common, a.family, dense_out, out, a.pipeline_ranks)
     shutil.rmtree(work)
     (out / f"gpu_check_{a.family}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
