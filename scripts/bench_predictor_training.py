@@ -127,7 +127,7 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
 def matmul_peak(device: torch.device) -> tuple[float, str]:
     """Measured FLOP/s of a large square matmul in the dtype the trainer's matmuls use on this device."""
     cuda = device.type == "cuda"
-    n, dtype, iters = (8192, torch.bfloat16, 20) if cuda else (1024, torch.float32, 5)
+    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 5)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -285,7 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=8, help="key/value heads, recorded only (default %(default)s)")
     p.add_argument("--layers", type=int, default=1, help="layers in the manifest (default %(default)s)")
     p.add_argument("--link-layers", action="store_true", help="write layer 0 only; other layers are symlinks to it")
-    p.add_argument("--kinds", default=None, help="comma list of kinds to write, or 'all'; default what --block needs")
+    p.add_argument("--kinds", default=None, help="comma list of kinds to write (mlp_gate included), or 'all' for "
+                                                 f"{', '.join(ALL_KINDS)}; default what --block needs")
     p.add_argument("--doc-len", type=int, default=512, help="longest synthetic document (default %(default)s)")
     p.add_argument("--rank", type=int, default=64, help="rank of the map from input to labels (default %(default)s)")
     p.add_argument("--active", type=float, default=0.1, help="MLP fraction with label > 0 (default %(default)s)")
@@ -312,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", choices=("fast", "reference"), help=argparse.SUPPRESS)  # internal: one child process
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ref_epochs > args.epochs and not args.skip_reference:
+        p.error("--ref-epochs must not exceed --epochs: Recall is compared after the same number of epochs")
     args.input = args.input or DEFAULT_INPUT[args.block]
     if args.block == "att":
         args.label, args.k = "topk", 0.3 if args.k is None else args.k

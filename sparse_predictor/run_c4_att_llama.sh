@@ -16,7 +16,7 @@ LOG_DIR=${LOG_DIR:-$OUT_DIR/logs}
 LR=${LR:-0.0001}
 K=${K:-0.3}
 
-PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m sparse_predictor.trainer launch \
+python "$REPO"/sparse_predictor/trainer.py launch \
     "$REPO"/sparse_predictor/main_att_llama.py --block att --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
     -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --k "$K" ${EXTRA_ARGS:-}

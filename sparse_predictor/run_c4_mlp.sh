@@ -16,7 +16,7 @@ LOG_DIR=${LOG_DIR:-$OUT_DIR/logs}
 LR=${LR:-0.001}
 LABEL=${LABEL:-relu}
 
-PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m sparse_predictor.trainer launch \
+python "$REPO"/sparse_predictor/trainer.py launch \
     "$REPO"/sparse_predictor/main_mlp.py --block mlp --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
     -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --label "$LABEL" ${EXTRA_ARGS:-}

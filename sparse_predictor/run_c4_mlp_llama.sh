@@ -17,7 +17,7 @@ LR=${LR:-0.001}
 LABEL=${LABEL:-topk}
 K=${K:-0.5}
 
-PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m sparse_predictor.trainer launch \
+python "$REPO"/sparse_predictor/trainer.py launch \
     "$REPO"/sparse_predictor/main_mlp_llama.py --block mlp --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
     -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --label "$LABEL" --k "$K" ${EXTRA_ARGS:-}

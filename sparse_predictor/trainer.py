@@ -3,8 +3,8 @@
 Everything that is not model-specific lives here once: reading a layer from the collected mmaps onto the
 device, labels, the document split, the training loop, the metrics, checkpoint + JSON writing, the command
 line of the four mains, and two sub-commands for the run_c4_*.sh scripts:
-    python -m sparse_predictor.trainer launch MAIN --block mlp --data-dir D --out-dir O [-- MAIN's flags]
-    python -m sparse_predictor.trainer summarize --block mlp --out-dir O [--num-layers N]
+    python sparse_predictor/trainer.py launch MAIN --block mlp --data-dir D --out-dir O --log-dir L [-- MAIN's flags]
+    python sparse_predictor/trainer.py summarize --block mlp --out-dir O [--num-layers N]
 
 Behaviour kept from the original (FMInference/DejaVu sparse_predictor/main_{mlp,att}.py, trainer_{mlp,att}.py):
   - predictor Linear(d, D, bias=False) -> Linear(D, out, bias=False), PyTorch's default init, AdamW(wd 0.01);
@@ -42,8 +42,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from Decentralized_FM_alpha.utils.activation_store import ActivationStore, activation_file, iter_row_chunks
-from Decentralized_FM_alpha.utils.manifest import REPO_ROOT, base_manifest, now, read_json, write_json_atomic
+if __name__ == "__main__":  # lets `python sparse_predictor/trainer.py summarize ...` find the repo's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, activation_file,  # noqa: E402
+                                                            iter_row_chunks)
+from Decentralized_FM_alpha.utils.manifest import (REPO_ROOT, base_manifest, now, read_json,  # noqa: E402
+                                                   write_json_atomic)
 
 BLOCKS = ("mlp", "att")
 MLP_LABELS = ("relu", "topk", "threshold", "gate")
