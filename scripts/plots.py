@@ -90,7 +90,7 @@ def plot_lookahead(results: Sequence[dict], colors: dict[str, str], out_dir: Pat
                 by_layer.plot([r["layer"] for r in cells], [r["Recall@K"] for r in cells], style, marker="o",
                               markersize=3, color=colors[model], label=f"{model}, input att_x_(l-{j})")
         by_distance.set(xlabel="input distance j (predictor input att_x_(l-j))", ylabel="held-out Recall@K",
-                        title=f"{block} predictors: Recall@K vs input distance (mean over layers)")
+                        title=f"{block} predictors: Recall@K vs input distance\n(mean over the layers l with l - j >= 0)")
         by_layer.set(xlabel="predicted layer l", ylabel="held-out Recall@K",
                      title=f"{block} predictors: Recall@K per layer")
         finish_axes(by_distance)

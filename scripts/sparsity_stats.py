@@ -19,15 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/sparsity_stats.py` run
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from sparse_predictor.trainer import LabelSpec, make_label_spec  # noqa: E402
-from scripts.analysis_common import (RowSample, add_training_arguments, collection_source, device_from_args,  # noqa: E402
+from sparse_predictor.trainer import LabelSpec, add_training_arguments, make_label_spec, train_config  # noqa: E402
+from scripts.analysis_common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
                                      iter_row_chunks, open_collection, parse_fractions, parse_layers, read_rows,
-                                     rows_per_chunk, sample_rows, start_provenance, train_and_evaluate, train_config,
+                                     rows_per_chunk, sample_rows, start_provenance, train_and_evaluate,
                                      write_results)
 
 STATISTIC_DEFINITIONS = {
@@ -101,9 +100,9 @@ def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thre
             g = read_rows(gate_mm, rows)
             add("gate_negative_fraction", (g < 0).sum(), g.numel())
     stats = {key: sums[key] / counts[key] if counts[key] else None for key in sums}  # None: no token had mass
-    if not has_gate:
-        stats["gate_negative_fraction"] = None
-    return {"layer": layer, **stats, "tokens_with_zero_mlp_mass": zero_mass_tokens}
+    stats["tokens_with_zero_mlp_mass"] = zero_mass_tokens
+    # None where a statistic does not apply: no mlp_gate collected, or int(f * heads) < 1
+    return {"layer": layer, **{c: stats.get(c) for c in statistic_columns(thresholds, fractions)}}
 
 
 def statistic_columns(thresholds: list[float], fractions: list[float]) -> list[str]:
@@ -167,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-layers", default="all", help="layers of the sweep: 'all' or e.g. '0,13,27'")
     p.add_argument("--input", default="same",
                    help="predictor input of the sweep (trainer --input: same, lookahead, from:J; default %(default)s)")
-    add_training_arguments(p)
+    add_training_arguments(p, lr=RUN_SCRIPT_LR)
     return p
 
 
@@ -187,11 +186,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     print(gate_note)
     records = [{"model": source["model"], **layer_statistics(store, l, sample, thresholds, fractions)}
                for l in tqdm(layers, desc="sparsity statistics", unit="layer")]
-    payload = {"analysis": "sparsity_stats", "source": source, "sample": sample.describe(),
+    columns = statistic_columns(thresholds, fractions)
+    payload = {"analysis": "sparsity_stats", "source": source, "sample": sample.describe(), "columns": columns,
                "exclude_first_token": args.exclude_first_token, "thresholds": thresholds, "fractions": fractions,
                "mlp_gate": gate_note, "definitions": STATISTIC_DEFINITIONS}
     written = list(write_results(args.out_dir, "sparsity_stats", payload, records,
-                                 ["model", "layer", *statistic_columns(thresholds, fractions)], provenance))
+                                 ["model", "layer", *columns], provenance))
     if not args.no_label_sweep:
         sweep_provenance = start_provenance(kind="label_sweep")
         sweep_layers = parse_layers(args.sweep_layers, store.num_layers)
