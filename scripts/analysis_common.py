@@ -19,7 +19,7 @@ import torch
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
-from sparse_predictor.trainer import (SELECTIONS, LabelSpec, TrainConfig, load_layer, require_complete,
+from sparse_predictor.trainer import (LabelSpec, TrainConfig, load_layer, require_complete,
                                       resolve_device, train_predictor)
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -29,6 +29,7 @@ MODEL_FAMILIES = ("opt", "llama")
 DEFAULT_MLP_LABEL = {"opt": (main_mlp.DEFAULTS["label"], main_mlp.DEFAULTS["k"]),
                      "llama": (main_mlp_llama.DEFAULTS["label"], main_mlp_llama.DEFAULTS["k"])}
 DEFAULT_ATT_K = main_att.DEFAULTS["k"]
+RUN_SCRIPT_LR = 1e-3  # what sparse_predictor/run_c4_mlp*.sh train with
 
 
 # ------------------------------------------------------------------------------------- collections
@@ -149,27 +150,6 @@ def parse_fractions(spec: str) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------- predictor training
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The predictor flags of the mains (SPEC §7) that the analysis scripts pass on to the trainer."""
-    parser.add_argument("--D", type=int, default=1000, help="low-rank width of each predictor (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs each (default %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=1024, help="training and eval batch (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="AdamW learning rate (default %(default)s, as the run_c4_mlp*.sh scripts)")
-    parser.add_argument("--device", default=None, help="torch device; default cuda:0 if available, else cpu")
-    parser.add_argument("--seed", type=int, default=0, help="predictor init and shuffling seed (default %(default)s)")
-    parser.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
-                        help="which epoch is kept: " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
-                             + " Default %(default)s")
-    parser.add_argument("--max-device-gb", type=float, default=None,
-                        help="device memory for a layer's rows; beyond it the trainer streams windows (trainer default)")
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       selection=args.selection)
-
-
 def train_and_evaluate(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
                        cfg: TrainConfig, device: torch.device, max_device_bytes: int | None,
                        log: Callable[[str], None]) -> dict[str, Any]:

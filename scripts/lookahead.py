@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scr
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-
-from sparse_predictor.trainer import BLOCKS, MLP_LABELS, LabelSpec, make_label_spec  # noqa: E402
-from scripts.analysis_common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, add_training_arguments,  # noqa: E402
+from sparse_predictor.trainer import (BLOCKS, MLP_LABELS, LabelSpec, add_training_arguments, make_label_spec,  # noqa: E402
+                                      train_config)
+from scripts.analysis_common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, RUN_SCRIPT_LR,  # noqa: E402
                                      collection_source, device_from_args, open_collection, parse_layers,
-                                     start_provenance, train_and_evaluate, train_config, write_results)
+                                     start_provenance, train_and_evaluate, write_results)
 
 METRICS = ("Recall@K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "K")
 CSV_COLUMNS = ("model", "block", "layer", "distance", "input_layer", *METRICS, "label", "k", "threshold",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction kept per token for topk labels; default Llama MLP 0.5, attention "
                         f"{DEFAULT_ATT_K} (main_att.py)")
     p.add_argument("--threshold", type=float, default=None, help="|mlp_label| cut for --label threshold")
-    add_training_arguments(p)
+    add_training_arguments(p, lr=RUN_SCRIPT_LR)
     return p
 
 
