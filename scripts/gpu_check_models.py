@@ -44,7 +44,7 @@ def build_hf_model(family: str, shape: str, dtype: torch.dtype, seed: int):
                            pad_token_id=1, bos_token_id=2, eos_token_id=2, **OPT_SHAPES[shape])
         cls = OPTForCausalLM
     with torch.device("cuda"):
-        model = cls(config).to(dtype).eval()
+        model = cls(config).to(dtype).eval()  # saved in the half dtype, like the released checkpoints
         for name, p in model.named_parameters():  # norms start at 1/0: perturb so mapping errors show
             if "norm" in name:
                 p.data.add_(0.1 * torch.randn_like(p))
@@ -89,18 +89,26 @@ def gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
     return {"max": d.max().item(), "mean": d.mean().item()}
 
 
-def logprob_gaps(model_half, half_out: Path, fp32_out: Path, tokenizer, n_check: int) -> dict:
-    """Our runner vs HF on the same weights: in the half dtype, and in fp32 (the model ends in fp32).
+def logprob_gaps(hf_dir: Path, family: str, dtype: torch.dtype, half_out: Path, fp32_out: Path, tokenizer,
+                 n_check: int) -> dict:
+    """Our runner vs HF on the same saved weights, in the half dtype and in fp32.
 
-    Half-precision runs of a deep random model differ by rounding that grows with depth, so the
-    half-dtype gaps are shown next to HF's own half-vs-fp32 gap; the fp32 gap is the sharp check."""
+    The HF references are loaded with from_pretrained(dtype=...), as a user would: casting a
+    built model with .to(bf16) would also round Llama's rotary inv_freq buffer, which HF keeps in
+    float32. Half-precision runs of a deep random model differ by rounding that grows with
+    depth, so the half gaps are shown next to HF's own half-vs-fp32 gap; fp32 is the sharp check."""
+    cls = LlamaForCausalLM if family == "llama" else OPTForCausalLM
     prompts = [json.loads(l)["request"]["prompt"] for l in list(open(half_out))[:n_check]]
     ids = [torch.tensor([tokenizer(p)["input_ids"]], device="cuda") for p in prompts]
     ours_half, ours_fp32 = runner_logprobs(half_out, n_check), runner_logprobs(fp32_out, n_check)
-    hf_half = [hf_logprobs(model_half, x) for x in ids]
-    hf_fp32 = [hf_logprobs(model_half.float(), x) for x in ids]
-    return {"ours_half_vs_hf_half": gap(ours_half, hf_half), "ours_half_vs_hf_fp32": gap(ours_half, hf_fp32),
-            "hf_half_vs_hf_fp32": gap(hf_half, hf_fp32), "ours_fp32_vs_hf_fp32": gap(ours_fp32, hf_fp32),
+    refs = {}
+    for name, ref_dtype in (("half", dtype), ("fp32", torch.float32)):
+        model = cls.from_pretrained(hf_dir, dtype=ref_dtype).cuda().eval()
+        refs[name] = [hf_logprobs(model, x) for x in ids]
+        del model
+        torch.cuda.empty_cache()
+    return {"ours_half_vs_hf_half": gap(ours_half, refs["half"]), "ours_half_vs_hf_fp32": gap(ours_half, refs["fp32"]),
+            "hf_half_vs_hf_fp32": gap(refs["half"], refs["fp32"]), "ours_fp32_vs_hf_fp32": gap(ours_fp32, refs["fp32"]),
             "tokens": sum(x.numel() for x in ours_half)}
 
 
@@ -156,11 +164,12 @@ def main() -> None:
     hf_dir, converted = work / "hf", work / "converted"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
+    del model
+    torch.cuda.empty_cache()
     converter = convert_llama_checkpoint if a.family == "llama" else convert_opt_checkpoint
     t0 = time.time()
     converter.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
     report["convert_seconds"] = time.time() - t0
-    shutil.rmtree(hf_dir)  # disk: the converted copy is all the runner needs
     req = work / "req.jsonl"
     write_requests(req, a.docs, a.max_chars)
     common = ["--model-name", str(converted), "--dtype", a.dtype, "--infer-data", str(req), "--use-cuda", "true",
@@ -172,9 +181,8 @@ def main() -> None:
     fp32_args[fp32_args.index(a.dtype)] = "fp32"
     fp32_out = work / "dense_fp32.jsonl"
     run_runner(fp32_args + ["--model-type", a.family, "--output-path", str(fp32_out), "--num-iters", str(a.check_docs)])
-    report["parity"] = logprob_gaps(model, dense_out, fp32_out, tokenizer, a.check_docs)
-    del model
-    torch.cuda.empty_cache()
+    report["parity"] = logprob_gaps(hf_dir, a.family, dtype, dense_out, fp32_out, tokenizer, a.check_docs)
+    shutil.rmtree(hf_dir)  # disk: the converted copy is all the runner needs from here on
     if not a.skip_collection:
         report["collection"] = collection_timing(a, common, req, work)
     if a.sparse_timing:

@@ -121,3 +121,19 @@ def test_exact_llama_3_2_3b_architecture_two_layers(tmp_path, tiny_tokenizer_dir
     error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, read_results(out))
     print(f"Llama-3.2-3B config, 2 layers: max |d logprob| vs HF = {error:.2e}")
     assert error <= TOL
+
+
+def test_llama3_rope_scaling_at_long_positions(tmp_path, tiny_tokenizer_dir):
+    """Llama 3.2's rope (theta 5e5, llama3 scaling x32) over ~2,900 positions, narrow model for speed."""
+    config = llama_3b_config(2)
+    config.hidden_size, config.intermediate_size, config.vocab_size = 256, 512, 1024
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    model, _, converted = make_llama(tmp_path, tiny_tokenizer_dir, seed=9, config=config)
+    prompts = c4_texts(1, max_chars=6000)
+    req = write_requests(tmp_path / "req.jsonl", prompts)
+    out = tmp_path / "out.jsonl"
+    run_one_rank(["--model-name", str(converted), "--model-type", "llama", "--infer-data", str(req),
+                  "--output-path", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert len(tokenizer(prompts[0])["input_ids"]) > 2500
+    assert max_logprob_error(model, tokenizer, prompts, read_results(out)) <= TOL
