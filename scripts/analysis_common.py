@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
-from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic
+from Decentralized_FM_alpha.utils.manifest import now, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
 from sparse_predictor.trainer import (LabelSpec, TrainConfig, load_layer, require_complete,
                                       resolve_device, train_predictor)
@@ -124,7 +124,8 @@ def summarize_values(values: np.ndarray) -> dict[str, float | int]:
     if len(values) == 0:
         raise ValueError("cannot summarize an empty sample")
     values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(values.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))},
+    percentiles = np.percentile(values, PERCENTILES)
+    return {"mean": float(values.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, percentiles)},
             "n": int(len(values))}
 
 
@@ -168,14 +169,12 @@ def device_from_args(args: argparse.Namespace) -> tuple[torch.device, int | None
 
 
 # ------------------------------------------------------------------------------------- result files
-def start_provenance(**fields: Any) -> dict[str, Any]:
-    """The provenance block (command, git commit, versions, start time) of a result; finished by write_results."""
-    return base_manifest(**fields)
-
-
 def write_results(out_dir: str | os.PathLike, stem: str, payload: dict[str, Any], records: Sequence[dict],
                   columns: Sequence[str], provenance: dict[str, Any]) -> tuple[Path, Path]:
-    """`<out-dir>/<stem>.json` (payload + records + provenance) and `<stem>.csv` (the records), atomically."""
+    """`<out-dir>/<stem>.json` (payload + records + provenance) and `<stem>.csv` (the records), atomically.
+
+    `provenance` is the script's base_manifest(...) taken at its start; the end time is added here.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"

@@ -34,9 +34,10 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.modules.checkpoint import read_state_dict  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from scripts.analysis_common import (PERCENTILES, RowSample, collection_source, iter_row_chunks, model_family,  # noqa: E402
-                                     open_collection, read_rows, rows_per_chunk, rowwise_cosine, sample_rows,
-                                     start_provenance, summarize_values, write_results)
+from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from scripts.analysis_common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
+                                     iter_row_chunks, model_family, open_collection, read_rows, rows_per_chunk,
+                                     rowwise_cosine, sample_rows, summarize_values, write_results)
 
 KINDS = ("att_x", "mlp_x")
 DEFAULT_EPS = 1e-5  # nn.LayerNorm's default (OPT) and Llama 3.x's rms_norm_eps
@@ -147,8 +148,9 @@ def choose_massive_dims(mean_abs: dict[str, np.ndarray], count: int, per_layer: 
 
     pooled = dict(mean_abs) if per_layer else {"model": np.mean(list(mean_abs.values()), axis=0)}
     chosen = {key: top(v) for key, v in pooled.items()}
-    return MassiveDims(count, per_layer, chosen, {key: [float(pooled[key][i]) for i in dims] for key, dims in chosen.items()},
-                       {key: float(np.median(v)) for key, v in pooled.items()})
+    mean_abs_of_chosen = {key: [float(pooled[key][i]) for i in dims] for key, dims in chosen.items()}
+    medians = {key: float(np.median(v)) for key, v in pooled.items()}
+    return MassiveDims(count, per_layer, chosen, mean_abs_of_chosen, medians)
 
 
 # ------------------------------------------------------------------------------------- cosines
@@ -236,11 +238,12 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"--kinds {args.kinds}: only {KINDS} are residual streams")
     if args.max_distance < 1 or args.max_rows < 1 or args.exclude_massive_dims < 0:
         raise SystemExit("--max-distance and --max-rows must be >= 1, --exclude-massive-dims >= 0")
-    provenance = start_provenance(kind="drift")
+    provenance = base_manifest(kind="drift")
     store = open_collection(args.data_dir)
     family = model_family(store.manifest)
     if args.exclude_massive_dims >= store.dims.hidden_size:
-        raise SystemExit(f"--exclude-massive-dims {args.exclude_massive_dims} leaves no dims of {store.dims.hidden_size}")
+        raise SystemExit(f"--exclude-massive-dims {args.exclude_massive_dims} leaves none of the "
+                         f"{store.dims.hidden_size} dims")
     norms = (load_model_norms(family, args.model_dir, kinds, store.num_layers, store.dims.hidden_size)
              if args.model_dir else parameter_free_norms(family))
     print(f"normed space: {norms.description}")

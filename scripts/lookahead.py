@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scr
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from sparse_predictor.trainer import (BLOCKS, MLP_LABELS, LabelSpec, add_training_arguments, make_label_spec,  # noqa: E402
-                                      train_config)
+from sparse_predictor.trainer import (BLOCKS, MLP_LABELS, LabelSpec, add_training_arguments,  # noqa: E402
+                                      make_label_spec, train_config)
+from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from scripts.analysis_common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, RUN_SCRIPT_LR,  # noqa: E402
                                      collection_source, device_from_args, open_collection, parse_layers,
-                                     start_provenance, train_and_evaluate, write_results)
+                                     train_and_evaluate, write_results)
 
 METRICS = ("Recall@K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "K")
 CSV_COLUMNS = ("model", "block", "layer", "distance", "input_layer", *METRICS, "label", "k", "threshold",
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.max_distance < 0:
         raise SystemExit("--max-distance must be >= 0")
-    provenance = start_provenance(kind="lookahead")
+    provenance = base_manifest(kind="lookahead")
     store = open_collection(args.data_dir)
     source = collection_source(store)
     label = resolve_label(args, source["family"], store)

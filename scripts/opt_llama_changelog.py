@@ -35,7 +35,8 @@ TWIN_PAIRS = (
     ("Decentralized_FM_alpha/run_infer_opt_125m_collect_sp_data.sh",
      "Decentralized_FM_alpha/run_infer_llama_3b_collect_sp_data.sh"),
     ("Decentralized_FM_alpha/run_infer_opt_125m_c4_1gpu.sh", "Decentralized_FM_alpha/run_infer_llama_3b_c4_1gpu.sh"),
-    ("Decentralized_FM_alpha/run_infer_opt_125m_c4_sparse.sh", "Decentralized_FM_alpha/run_infer_llama_3b_c4_sparse.sh"),
+    ("Decentralized_FM_alpha/run_infer_opt_125m_c4_sparse.sh",
+     "Decentralized_FM_alpha/run_infer_llama_3b_c4_sparse.sh"),
 )
 RUN_SCRIPT_TWINS = ("Decentralized_FM_alpha/run_infer_opt_125m_", "Decentralized_FM_alpha/run_infer_llama_3b_")
 
@@ -68,7 +69,7 @@ def definitions(source: str) -> dict[str, str]:
     for node in tree.body:
         if isinstance(node, DEFINITIONS):
             module_text = module_text.replace(ast.get_source_segment(source, node), "")
-    found = {MODULE_LEVEL: module_text}
+    found = {MODULE_LEVEL: without_blank_lines(module_text)}
 
     def visit(nodes: list[ast.stmt], prefix: str) -> None:
         for node in nodes:
@@ -80,10 +81,15 @@ def definitions(source: str) -> dict[str, str]:
                         if isinstance(child, DEFINITIONS):
                             text = text.replace(ast.get_source_segment(source, child), "")
                     visit(node.body, name + ".")
-                found[name] = text
+                found[name] = without_blank_lines(text)
 
     visit(tree.body, "")
     return found
+
+
+def without_blank_lines(text: str) -> str:
+    """Text minus blank lines: removing a definition leaves blank lines that are no change of their own."""
+    return "\n".join(line for line in text.splitlines() if line.strip())
 
 
 def outermost(names: set[str]) -> tuple[str, ...]:

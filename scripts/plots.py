@@ -90,7 +90,8 @@ def plot_lookahead(results: Sequence[dict], colors: dict[str, str], out_dir: Pat
                 by_layer.plot([r["layer"] for r in cells], [r["Recall@K"] for r in cells], style, marker="o",
                               markersize=3, color=colors[model], label=f"{model}, input att_x_(l-{j})")
         by_distance.set(xlabel="input distance j (predictor input att_x_(l-j))", ylabel="held-out Recall@K",
-                        title=f"{block} predictors: Recall@K vs input distance\n(mean over the layers l with l - j >= 0)")
+                        title=f"{block} predictors: Recall@K vs input distance\n"
+                              "(mean over the layers l with l - j >= 0)")
         by_layer.set(xlabel="predicted layer l", ylabel="held-out Recall@K",
                      title=f"{block} predictors: Recall@K per layer")
         finish_axes(by_distance)
@@ -141,9 +142,9 @@ def plot_label_sweep(results: Sequence[dict], colors: dict[str, str], out_dir: P
     for ax, metric in zip(axes, ("Recall", "Recall@K")):
         for i, result in enumerate(results):
             model = model_of(result)
-            means = [np.mean([r[metric] for r in result["records"] if r["label_spec"] == spec and r["status"] == "trained"])
-                     if any(r["label_spec"] == spec and r["status"] == "trained" for r in result["records"]) else np.nan
-                     for spec in labels]
+            trained = [[r[metric] for r in result["records"] if r["label_spec"] == spec and r["status"] == "trained"]
+                       for spec in labels]
+            means = [np.mean(values) if values else np.nan for values in trained]
             ax.bar(np.arange(len(labels)) + i * width, means, width, color=colors[model], label=model)
         ax.set_xticks(np.arange(len(labels)) + width * (len(results) - 1) / 2, labels, rotation=30, fontsize=8)
         ax.set(xlabel="MLP label definition (missing bar: not trained, e.g. mlp_gate absent)",
@@ -179,7 +180,8 @@ def plot_perplexity(rows: list[dict], colors: dict[str, str], out_dir: Path) -> 
             ax.axhline(float(row["perplexity"]), color=colors[row["model"]], linewidth=0.8,
                        label=f"{row['model']} dense ({row['dataset']})")
         elif row.get("mlp_topk") not in (None, ""):
-            groups[(row["model"], row["dataset"], row["mode"])].append((float(row["mlp_topk"]), float(row["perplexity"])))
+            point = (float(row["mlp_topk"]), float(row["perplexity"]))
+            groups[(row["model"], row["dataset"], row["mode"])].append(point)
     modes = sorted({mode for _, _, mode in groups})
     for (model, dataset, mode), points in sorted(groups.items()):
         points.sort()

@@ -43,7 +43,8 @@ SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
 SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity statistics", "Label sensitivity",
             "Predictors", "Perplexity sweep")
 DEFINITIONS = {
-    **{k: METRIC_DEFINITIONS[k] for k in ("Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K")},
+    **{k: METRIC_DEFINITIONS[k]
+       for k in ("Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K")},
     "Drift cosine": "cosine similarity between the same token's x_l and x_{l+k} (att_x: residual stream entering "
                     "the layer; mlp_x: after the attention residual add). raw: as stored; normed: both through layer "
                     "l+k's norm (see each result's normalisation line). 'without_massive' drops the listed dims",
@@ -147,7 +148,8 @@ def discover(paths: Sequence[Path]) -> Inputs:
         if not path.exists():
             inputs.missing.append(f"input path does not exist: {path}")
             continue
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".csv")) if path.is_dir() else [path]
+        files = ([path] if not path.is_dir() else
+                 sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".csv")))
         recognised = [f for f in files if classify_file(f, inputs, predictor_files)]
         if not recognised:
             inputs.unrecognised.append(str(path))
@@ -174,7 +176,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def by_model(values: dict[str, float]) -> str:
-    """'A 0.9300, B 0.7100': one number per model, in the report's model order."""
+    """'A 0.9300, B 0.7100': one number per model, in the report's model order (collections first, as given)."""
     return ", ".join(f"{model} {fmt(v)}" for model, v in values.items())
 
 
@@ -213,7 +215,8 @@ def drift_section(results: list[tuple[Path, dict]], sources: Sources) -> list[st
                         f"{massive['count']} dims, {massive['rule']}: " + "; ".join(
                             f"{key} {dims}" for key, dims in massive["chosen"].items()))
         lines += [f"- **{model}** [{src}]: normed space = {r['normalization']['description']}; rows "
-                  f"{r['sample']['rows_used']} of {r['sample']['rows_eligible']} eligible (seed {r['sample']['seed']}); "
+                  f"{r['sample']['rows_used']} of {r['sample']['rows_eligible']} eligible "
+                  f"(seed {r['sample']['seed']}); "
                   f"first token excluded: {r['exclude_first_token']} ({r['sample']['first_token_rows_dropped']} rows "
                   f"dropped); massive dims: {massive_text}"]
         groups = defaultdict(dict)
@@ -368,18 +371,22 @@ def build_report(paths: Sequence[Path], out_dir: Path) -> Path:
     inputs = discover(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = out_dir / "figures"
-    colors = model_colors(all_models(inputs))
+    models = all_models(inputs)
+    colors = model_colors(models)
+    for results in inputs.results.values():  # every table and sentence lists the models in one order
+        results.sort(key=lambda item: models.index(item[1]["source"]["model"]))
+    inputs.predictors.sort(key=lambda s: models.index(s.model))
     sources, missing = Sources(), list(inputs.missing)
-    present = {"Collections": bool(inputs.collections), "Residual-stream drift": bool(inputs.results["drift"]),
-               "Lookahead": bool(inputs.results["lookahead"]), "Sparsity statistics": bool(inputs.results["sparsity_stats"]),
-               "Label sensitivity": bool(inputs.results["label_sweep"]), "Predictors": bool(inputs.predictors),
-               "Perplexity sweep": bool(inputs.sweeps)}
+    analysis_sections = (("Residual-stream drift", "drift", drift_section),
+                         ("Lookahead", "lookahead", lookahead_section),
+                         ("Sparsity statistics", "sparsity_stats", sparsity_section),
+                         ("Label sensitivity", "label_sweep", label_sweep_section))
+    present = {"Collections": bool(inputs.collections), "Predictors": bool(inputs.predictors),
+               "Perplexity sweep": bool(inputs.sweeps),
+               **{title: bool(inputs.results[analysis]) for title, analysis, _ in analysis_sections}}
     body: dict[str, list[str]] = {}
     if present["Collections"]:
         body["Collections"] = collections_section(inputs, sources)
-    analysis_sections = (("Residual-stream drift", "drift", drift_section), ("Lookahead", "lookahead", lookahead_section),
-                         ("Sparsity statistics", "sparsity_stats", sparsity_section),
-                         ("Label sensitivity", "label_sweep", label_sweep_section))
     for title, analysis, make in analysis_sections:
         if present[title]:
             results = inputs.results[analysis]
@@ -398,7 +405,8 @@ def build_report(paths: Sequence[Path], out_dir: Path) -> Path:
              f"Generated by `{provenance['command']}` at commit `{provenance['git_commit']}` on "
              f"{provenance['start_time']}. Every table row names its source [S<n>]: see Sources for the file, "
              f"command, commit and manifest.", "", "## Inputs", ""]
-    lines += [f"- `{p}`" for p in paths] + [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]
+    lines += [f"- `{p}`" for p in paths]
+    lines += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     for title in SECTIONS:
         lines += [f"## {title}", ""] + body.get(title, ["Missing: no input of this kind was given.", ""])

@@ -24,9 +24,10 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from sparse_predictor.trainer import LabelSpec, add_training_arguments, make_label_spec, train_config  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from scripts.analysis_common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
                                      iter_row_chunks, open_collection, parse_fractions, parse_layers, read_rows,
-                                     rows_per_chunk, sample_rows, start_provenance, train_and_evaluate,
+                                     rows_per_chunk, sample_rows, train_and_evaluate,
                                      write_results)
 
 STATISTIC_DEFINITIONS = {
@@ -123,7 +124,8 @@ def parse_label(spec: str, ffn: int) -> LabelSpec:
                            float(value) if name == "threshold" else None, ffn)
 
 
-def label_sweep(store: ActivationStore, model: str, layers: list[int], label_specs: list[str], args: argparse.Namespace) -> list[dict]:
+def label_sweep(store: ActivationStore, model: str, layers: list[int], label_specs: list[str],
+                args: argparse.Namespace) -> list[dict]:
     """One predictor per (layer, label); a gate label without collected mlp_gate is recorded as absent."""
     labels = {spec: parse_label(spec, store.dims.ffn_dim) for spec in label_specs}
     device, max_bytes = device_from_args(args)
@@ -145,7 +147,8 @@ def label_sweep(store: ActivationStore, model: str, layers: list[int], label_spe
 # ------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     epilog = "statistics:\n" + "\n".join(f"  {k}: {v}" for k, v in STATISTIC_DEFINITIONS.items())
-    p = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="a complete collection (SPEC §6)")
     p.add_argument("--out-dir", required=True, help="where sparsity_stats.* and label_sweep.* are written")
     p.add_argument("--thresholds", default="0.001,0.01,0.1",
@@ -155,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50_000,
                    help="statistics over at most this many rows drawn with --sample-seed (default %(default)s; a "
                         "number >= the collection's rows uses them all); the sweep trains on all rows")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of the statistics' row sample (default %(default)s)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of the statistics' row sample (default %(default)s)")
     p.add_argument("--exclude-first-token", action="store_true",
                    help="statistics without position 0 of each document (the sweep is unaffected)")
     p.add_argument("--layers", default="all", help="layers of the statistics: 'all' or e.g. '0,4,8-11'")
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.max_rows < 1:
         raise SystemExit("--max-rows must be >= 1")
     thresholds, fractions = [float(t) for t in args.thresholds.split(",")], parse_fractions(args.fractions)
-    provenance = start_provenance(kind="sparsity_stats")
+    provenance = base_manifest(kind="sparsity_stats")
     store = open_collection(args.data_dir)
     source = collection_source(store)
     layers = parse_layers(args.layers, store.num_layers)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = list(write_results(args.out_dir, "sparsity_stats", payload, records,
                                  ["model", "layer", *columns], provenance))
     if not args.no_label_sweep:
-        sweep_provenance = start_provenance(kind="label_sweep")
+        sweep_provenance = base_manifest(kind="label_sweep")
         sweep_layers = parse_layers(args.sweep_layers, store.num_layers)
         sweep = label_sweep(store, source["model"], sweep_layers, args.labels.split(","), args)
         written += write_results(args.out_dir, "label_sweep",

@@ -46,7 +46,8 @@ def drifting_model(path: Path, family: str, seed: int, drift: float, num_layers:
         mlp_x = x + drift * rng.standard_normal(x.shape).astype(np.float32)
         values[("att_x", layer)] = x
         values[("mlp_x", layer)] = mlp_x
-        values[("att_label", layer)] = np.abs(x @ rng.standard_normal((dims.hidden_size, dims.num_heads))).astype(np.float32)
+        heads = x @ rng.standard_normal((dims.hidden_size, dims.num_heads))
+        values[("att_label", layer)] = np.abs(heads).astype(np.float32)
         up = mlp_x @ rng.standard_normal((dims.hidden_size, dims.ffn_dim)).astype(np.float32) / 4
         if family == "opt":
             values[("mlp_label", layer)] = np.maximum(up, 0)
