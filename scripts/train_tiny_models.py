@@ -217,9 +217,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, mixed_precision: bool = True):
     """bf16 autocast on GPU; full fp32 on CPU (where bf16 autocast is slow and the runs are tests)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed_precision and device.type == "cuda")
 
 
 def next_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -231,14 +231,14 @@ def next_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
 
 @torch.no_grad()
 def validation_nll(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                   device: torch.device) -> tuple[float, int]:
+                   device: torch.device, mixed_precision: bool = True) -> tuple[float, int]:
     """(mean NLL per scored token, scored tokens) over the validation windows."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-        with autocast(device):
+        with autocast(device, mixed_precision):
             total += next_token_loss(model, x, y, reduction="sum").double()
         count += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
@@ -247,14 +247,16 @@ def validation_nll(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.
 
 def train_model(model: torch.nn.Module, blocks: torch.Tensor, schedule: torch.Tensor, args: argparse.Namespace,
                 device: torch.device, evaluate: Callable[[torch.nn.Module], float], desc: str) -> dict:
-    """Train in place; return per-step losses and learning rates, validation losses and wall time."""
+    """Train in place; return per-step losses and learning rates, validation losses and times.
+
+    A non-finite loss stops the run (checked once per log interval, where the losses come to the host)."""
     model.to(device).train()
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     blocks, schedule = blocks.to(device), schedule.to(device)
     losses = torch.zeros(args.steps, device=device)  # kept on the device: one host sync per log interval
     lrs, val_curve = [], []
     progress = tqdm(range(args.steps), desc=desc, unit="step")
-    start = time.perf_counter()
+    start, eval_seconds = time.perf_counter(), 0.0
     for step in progress:
         lr = cosine_lr(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -271,16 +273,33 @@ def train_model(model: torch.nn.Module, blocks: torch.Tensor, schedule: torch.Te
         last = step == args.steps - 1
         if (step + 1) % args.log_every == 0 or last:
             recent = losses[max(0, step + 1 - args.log_every):step + 1].mean().item()
+            if not math.isfinite(recent):
+                raise FloatingPointError(f"{desc}: non-finite training loss by step {step + 1}: lower --lr")
             progress.set_postfix(loss=f"{recent:.3f}", lr=f"{lr:.2e}")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
+            eval_start = time.perf_counter()
             val_curve.append({"step": step + 1, "val_loss": evaluate(model)})
+            eval_seconds += time.perf_counter() - eval_start
             progress.write(f"{desc} step {step + 1}: val loss {val_curve[-1]['val_loss']:.4f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     train_losses = losses.tolist()
     return {"train_loss": train_losses, "lr": lrs, "val_curve": val_curve, "wall_time_s": wall,
+            "eval_time_s": eval_seconds,
             "final_train_loss": sum(train_losses[-args.log_every:]) / len(train_losses[-args.log_every:])}
+
+
+def overfitting_note(val_curve: list[dict]) -> str:
+    """A warning when the validation loss ended more than 1% above its minimum (empty otherwise)."""
+    if not val_curve:
+        return ""
+    best = min(val_curve, key=lambda v: v["val_loss"])
+    if val_curve[-1]["val_loss"] <= 1.01 * best["val_loss"]:
+        return ""
+    return (f"validation loss rose from {best['val_loss']:.4f} at step {best['step']} to "
+            f"{val_curve[-1]['val_loss']:.4f} at the end: the model overfits the training sample; "
+            f"consider --steps {best['step']}")
 
 
 # ---------------------------------------------------------------- outputs
@@ -298,8 +317,14 @@ def saved_model_perplexity(model_dir: Path, val_inputs: torch.Tensor, val_target
                            device: torch.device) -> tuple[float, int]:
     """Reload the saved weights (so the number describes the checkpoint users get) and evaluate them in fp32."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    nll, tokens = validation_nll(model, val_inputs, val_targets, batch_size, device)
+    nll, tokens = validation_nll(model, val_inputs, val_targets, batch_size, device, mixed_precision=False)
     return math.exp(nll), tokens
+
+
+def display_path(path: Path) -> str:
+    """Repository-relative when inside the repository, so cards and summaries do not name one machine's paths."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 def directory_bytes(path: Path) -> int:
@@ -321,10 +346,13 @@ def model_card(name: str, config, record: dict, summary: dict) -> str:
     else:
         act = "ReLU gate: down(relu(gate(x)) * up(x)) (activation ablation)" if config.hidden_act == "relu" \
             else "SwiGLU: down(silu(gate(x)) * up(x))"
-        arch = (f"Llama (`LlamaForCausalLM`): RMSNorm, {act} with {config.intermediate_size} neurons, RoPE, "
+        rope_theta = config.rope_parameters["rope_theta"]
+        arch = (f"Llama (`LlamaForCausalLM`): RMSNorm, {act} with {config.intermediate_size} neurons, "
+                f"RoPE (theta {rope_theta:g}, no scaling), "
                 f"grouped-query attention {config.num_attention_heads} query / {config.num_key_value_heads} KV "
                 f"heads, no biases, lm_head tied to embed_tokens")
     ppl = record["val_perplexity"]
+    note = f"\n- NOTE: {record['overfitting_note']}" if record["overfitting_note"] else ""
     return f"""# {name}
 
 A tiny decoder trained from scratch by `scripts/train_tiny_models.py` so that the DejaVu workflow
@@ -359,10 +387,13 @@ of the parameters.
   training blocks), AdamW (betas 0.9/0.95, weight decay {train['weight_decay']}), peak lr {train['lr']}, linear warmup
   {train['warmup_steps']} steps then cosine to {train['min_lr_ratio']} x peak, gradient clipping {train['grad_clip']},
   seed {train['seed']}, {summary['precision']}
-- device: {summary['device_name']}; wall time {record['wall_time_s']:.1f} s (training loop only)
+- device: {summary['device_name']}; wall time {record['wall_time_s']:.1f} s (training loop, of which
+  {record['eval_time_s']:.1f} s periodic validation)
 
 ## Results
 - final train loss (mean of the last {train['log_every']} steps): {record['final_train_loss']:.4f}
+- validation loss during training (in the training precision), step: loss:
+  {', '.join(f"{v['step']}: {v['val_loss']:.3f}" for v in record['val_curve']) or 'not measured (--eval-every 0)'}{note}
 - C4 validation perplexity: **{ppl:.2f}** (exp of the mean NLL over {record['val_scored_tokens']:,} tokens of
   {data['val_docs']} documents, each document's first token excluded, windows of {shape['seq_len']} tokens,
   measured on the saved {summary['save_dtype']} weights in fp32)
@@ -471,7 +502,7 @@ def check_outputs_free(out: Path, overwrite: bool) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -522,8 +553,10 @@ def main(argv: list[str] | None = None) -> dict:
         record.update(parameters=param_counts[name], model_class=model_class.__name__, dir=str(model_dir),
                       config=config.to_diff_dict())
         results[name] = record
+        record["overfitting_note"] = overfitting_note(record["val_curve"])
         print(f"{name}: final train loss {record['final_train_loss']:.4f}, validation perplexity "
-              f"{record['val_perplexity']:.2f}, {record['wall_time_s']:.1f} s")
+              f"{record['val_perplexity']:.2f}, {record['wall_time_s']:.1f} s"
+              + (f"\nWARNING {name}: {record['overfitting_note']}" if record["overfitting_note"] else ""))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -533,10 +566,10 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": "bf16 autocast (fp32 weights and optimizer state)" if device.type == "cuda" else "fp32",
         "save_dtype": args.save_dtype, "max_total_mb": args.max_total_mb, "param_tolerance": args.param_tolerance,
         "shape": asdict(shape), "special_token_ids": token_ids,
-        "data": {"train_file": str(args.train_file), "train_sha256": file_sha256(args.train_file),
+        "data": {"train_file": display_path(args.train_file), "train_sha256": file_sha256(args.train_file),
                  "train_docs": len(train_texts), "train_tokens": train_tokens, "train_blocks": len(blocks),
-                 "tokens_dropped": train_tokens - 1 - len(blocks) * args.seq_len,
-                 "val_file": str(args.val_file), "val_sha256": file_sha256(args.val_file), "val_docs": len(val_texts),
+                 "tail_tokens_not_trained": train_tokens - 1 - len(blocks) * args.seq_len,
+                 "val_file": display_path(args.val_file), "val_sha256": file_sha256(args.val_file), "val_docs": len(val_texts),
                  "val_windows": len(val_inputs), "val_scored_tokens": int((val_targets != IGNORE_INDEX).sum())},
         "training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                      "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio,

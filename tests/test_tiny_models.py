@@ -114,7 +114,7 @@ def test_validation_perplexity_matches_hf_loss_on_the_saved_checkpoint(trained):
     seq_len, record = summary["shape"]["seq_len"], summary["models"]["tiny-llama"]
     tokenizer = AutoTokenizer.from_pretrained(out / "tiny-llama")
     model = LlamaForCausalLM.from_pretrained(out / "tiny-llama").float().eval()
-    texts = ttm.read_texts(Path(summary["data"]["val_file"]), summary["data"]["val_docs"])
+    texts = ttm.read_texts(ttm.REPO / summary["data"]["val_file"], summary["data"]["val_docs"])
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in tokenizer(texts)["input_ids"]:
