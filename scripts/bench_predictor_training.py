@@ -153,6 +153,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def rss_breakdown() -> dict[str, str]:
+    """Where resident memory sits now (anonymous, file-backed, shared), from /proc/self/status on Linux."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    keep = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmPin")
+    return {line.split(":")[0]: line.split(":")[1].strip() for line in status.read_text().splitlines()
+            if line.split(":")[0] in keep}
+
+
 # ------------------------------------------------------------------------------------- the two variants
 def run_fast(args: argparse.Namespace, store: ActivationStore, label: LabelSpec, device: torch.device) -> dict:
     peak, peak_dtype = matmul_peak(device)
@@ -160,7 +170,7 @@ def run_fast(args: argparse.Namespace, store: ActivationStore, label: LabelSpec,
     data = load_layer(store, args.block, args.layer, args.input, label, device, args.batch_size)
     load_s = time.perf_counter() - start
     cfg = TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      selection="last")
+                      selection="last", cuda_graphs=not args.no_cuda_graphs)
     result = train_predictor(data, args.block, cfg)
     end_to_end = time.perf_counter() - start
     return {"load_s": load_s, "epoch_s": [h["train_s"] for h in result.history],
@@ -168,7 +178,7 @@ def run_fast(args: argparse.Namespace, store: ActivationStore, label: LabelSpec,
             "recall_by_epoch": [h["Recall"] for h in result.history], "final": result.history[-1],
             "rows_train": data.rows_train, "rows_test": data.test.n, "resident_on_device": data.train is not None,
             "d": data.x_file.width, "out": data.label_file.width, "matmul_peak_flops": peak,
-            "matmul_peak_dtype": peak_dtype, "peak_rss_bytes": peak_rss_bytes()}
+            "matmul_peak_dtype": peak_dtype, "peak_rss_bytes": peak_rss_bytes(), "rss_breakdown": rss_breakdown()}
 
 
 class BasicDataset(Dataset):
@@ -247,7 +257,7 @@ def compare(args: argparse.Namespace, fast: dict, reference: dict | None) -> dic
               "fast_fraction_of_matmul_peak": flops / fast_epoch / fast["matmul_peak_flops"],
               "matmul_peak_tflops": fast["matmul_peak_flops"] / 1e12, "matmul_peak_dtype": fast["matmul_peak_dtype"],
               "fast_load_s": fast["load_s"], "fast_end_to_end_s": fast["end_to_end_s"],
-              "fast_peak_rss_gib": fast["peak_rss_bytes"] / 2**30, "fast_final_recall": fast["final"]["Recall"],
+              "fast_peak_rss_gib": fast["peak_rss_bytes"] / 2**30, "fast_rss_breakdown": fast["rss_breakdown"], "fast_final_recall": fast["final"]["Recall"],
               "fast_final_recall_at_k": fast["final"]["Recall@K"], "K": fast["final"]["K"]}
     if reference is not None:
         epochs = len(reference["recall_by_epoch"])
@@ -310,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tmp-dir", default=None, help="parent of the temporary data directory (default: system temp)")
     p.add_argument("--generate-only", action="store_true", help="write the data (needs --data-dir) and stop")
     p.add_argument("--skip-reference", action="store_true", help="time the fast trainer only")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="fast trainer without CUDA-graph replay of its steps")
     p.add_argument("--variant", choices=("fast", "reference"), help=argparse.SUPPRESS)  # internal: one child process
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -436,7 +436,7 @@ def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.d
     """(B, out) float32 logits; under autocast the matmuls run in amp_dtype with float32 master weights."""
     if amp_dtype is None:
         return model(x.float())
-    with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype, cache_enabled=False):  # graph-capture safe
         return model(x).float()
 
 
@@ -460,6 +460,7 @@ class TrainConfig:
     lr: float = 1e-4
     seed: int = 0
     selection: str = "original"  # or "last": see SELECTIONS
+    cuda_graphs: bool = True  # replay each training step from a captured CUDA graph (CUDA only)
 
 
 @dataclass
@@ -475,12 +476,84 @@ def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
 
 
+class TrainStep:
+    """One optimizer step (forward, class-weighted BCE, backward, AdamW) on a batch; returns the loss tensor.
+
+    On CUDA with `graphs`, the full-batch step is captured once in a CUDA graph and replayed (a partial last batch
+    runs eagerly): a step is ~40 small kernels, and at 1,024 rows launching them from Python costs more than
+    running them. Eager and replayed steps share weights and optimizer state in place. Capture needs
+    warm-up steps; they run on copies of the weights and optimizer state, which are put back before training, so
+    the graph path takes exactly the eager path's steps."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                 floor: float, graphs: bool, batch_size: int):
+        self.model, self.optimizer, self.amp_dtype, self.floor = model, optimizer, amp_dtype, floor
+        self.graphs, self.batch_size = graphs, batch_size
+        self.captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def eager(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = predictor_logits(self.model, x, self.amp_dtype)
+        loss, _ = class_weighted_bce(logits, labels.float(), self.floor)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.graphs or x.shape[0] != self.batch_size:
+            return self.eager(x, labels)
+        if self.captured is None:
+            self.captured = self.capture(x, labels)
+        graph, static_x, static_labels, static_loss = self.captured
+        static_x.copy_(x)
+        static_labels.copy_(labels)
+        graph.replay()
+        return static_loss.clone()
+
+    def capture(self, x: torch.Tensor, labels: torch.Tensor):
+        static_x, static_labels = x.clone(), labels.clone()
+        saved = self.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: allocations, lazy optimizer state, kernel selection
+                self.eager(static_x, static_labels)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients every replay
+        with torch.cuda.graph(graph):
+            static_loss = self.eager(static_x, static_labels)
+        self.restore(saved)
+        return graph, static_x, static_labels, static_loss
+
+    def snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        params = [p.detach().clone() for p in self.model.parameters()]
+        state = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                 for p, st in self.optimizer.state.items()}
+        return params, state
+
+    def restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
+        """Put weights and optimizer state back in place (the graph holds their addresses)."""
+        params, state = saved
+        with torch.no_grad():
+            for p, old in zip(self.model.parameters(), params):
+                p.copy_(old)
+            for p, st in self.optimizer.state.items():
+                before = state.get(id(p), {})
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        v.copy_(before[k]) if k in before else v.zero_()  # no state yet = zeros, step 0
+
+
 def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     device = data.test.x.device
     amp_dtype = matmul_dtype(device)
     floor = NEGATIVE_WEIGHT_FLOOR[block]
     model = make_predictor(data.x_file.width, cfg.D, data.label_file.width, cfg.seed).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda",
+                                  capturable=graphs)
+    step = TrainStep(model, optimizer, amp_dtype, floor, graphs, cfg.batch_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def held_out() -> dict:
@@ -494,12 +567,7 @@ def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable
         loss_sum, steps = torch.zeros((), device=device), 0
         for rows in data.train_windows(epoch, cfg.seed):
             for index in torch.randperm(rows.n, device=device, generator=generator).split(cfg.batch_size):
-                logits = predictor_logits(model, rows.x[index], amp_dtype)
-                loss, _ = class_weighted_bce(logits, rows.labels[index].float(), floor)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
+                loss_sum += step(rows.x[index], rows.labels[index])
                 steps += 1
             del rows  # a streamed window is freed before the next one is loaded
         train_loss = loss_sum.item() / steps  # the epoch's only host sync
@@ -659,6 +727,8 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
                    help="which epoch's predictor is kept. " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
                         + " Default %(default)s")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="launch every training step's kernels from Python instead of replaying a captured CUDA graph")
     p.add_argument("--max-device-gb", type=float, default=None,
                    help=f"device memory for the layer's rows; more rows are streamed in windows each epoch. Default "
                         f"{GPU_RESIDENT_SHARE:.0%}% of free GPU memory, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
@@ -666,7 +736,7 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       selection=args.selection)
+                       selection=args.selection, cuda_graphs=not args.no_cuda_graphs)
 
 
 def resolve_device(name: str | None) -> torch.device:
