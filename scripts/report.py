@@ -247,7 +247,7 @@ def lookahead_section(results: list[tuple[Path, dict]], sources: Sources) -> lis
         model, distances = r["source"]["model"], r["distances"]
         for j in distances:
             cells = [x["Recall@K"] for x in r["records"] if x["distance"] == j]
-            at_distance[(r["block"], j)][model] = f"{fmt(float(np.mean(cells)))} ({len(cells)} layers)"
+            at_distance[(r["block"], j)][model] = f"{fmt(float(np.mean(cells)))} ({len(cells)} layer{'s' * (len(cells) != 1)})"
         lines += [f"**{model}**, {r['block']} labels ({r['label_definition']}), Recall@K by predicted layer l and "
                   f"input distance j (input att_x_(l-j)) [{src}]:", ""]
         lines += table(["layer l", *[f"j={j}" for j in distances], "src"],
