@@ -69,6 +69,8 @@ def run_setting(args, dataset: str, requests: Path, mode: str, mlp: str | None, 
                 "--token-micro-batch-size", str(args.batch)]
         if args.max_seq_len:
             argv += ["--max-seq-len", str(args.max_seq_len)]
+        if args.num_iters:
+            argv += ["--num-iters", str(args.num_iters)]
         if mode == "dense":
             argv += ["--model-type", args.family]
         else:
@@ -111,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--use-cuda", choices=("true", "false"), default="false", help="run on the GPU (default false)")
     p.add_argument("--max-seq-len", type=int, default=None, help="passed to the runner")
+    p.add_argument("--num-iters", type=int, default=None, help="score only the first N requests of each file")
     p.add_argument("--batch", type=int, default=8, help="--token-micro-batch-size of the runner (default 8)")
     p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default 42)")
     p.add_argument("--out-dir", type=Path, required=True, help="outputs, their manifests and the tables")

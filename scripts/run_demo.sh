@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The whole DejaVu workflow, offline on the CPU, on the bundled tiny OPT / Llama / Llama-ReLU trio:
+#   convert -> collect (C4 train sample) -> train MLP and attention predictors for every layer
+#   -> sparse-inference sweep (dense / oracle / predictor / random; C4 validation and WikiText-2)
+#   -> drift, lookahead and sparsity analysis -> one markdown report.
+# These are small models trained for minutes: the report is evidence about mechanisms, not a claim
+# about Llama 3.2 3B.
+#
+# Environment (defaults): OUT (out/demo), MODELS ("tiny-opt tiny-llama tiny-llama-relu"), TRAIN_DOCS (120),
+#   COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), VAL_DOCS (24), WIKI_WINDOWS (12),
+#   MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"), LOOKAHEAD_DISTANCE (2), DEVICE (cpu).
+# Rerunning resumes: finished steps (conversions, collections, predictors, sweep settings) are kept.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}"
+OUT="${OUT:-$REPO/out/demo}"
+MODELS="${MODELS:-tiny-opt tiny-llama tiny-llama-relu}"
+TRAIN_DOCS="${TRAIN_DOCS:-120}"; COLLECT_ROWS="${COLLECT_ROWS:-20000}"; EPOCHS="${EPOCHS:-4}"; RANK="${RANK:-128}"
+VAL_DOCS="${VAL_DOCS:-24}"; WIKI_WINDOWS="${WIKI_WINDOWS:-12}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
+MLP_BUDGETS="${MLP_BUDGETS:-0.1 0.25 0.5}"; ATT_BUDGETS="${ATT_BUDGETS:-2 4 6}"
+LOOKAHEAD_DISTANCE="${LOOKAHEAD_DISTANCE:-2}"; DEVICE="${DEVICE:-cpu}"
+USE_CUDA=$([[ "$DEVICE" == cuda* ]] && echo true || echo false)
+START=$(date +%s)
+mkdir -p "$OUT/requests"
+
+step() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+family_of() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_type'])" "$1/config.json"; }
+
+step "requests: C4 train ($TRAIN_DOCS docs), C4 validation ($VAL_DOCS docs), WikiText-2 windows"
+python Decentralized_FM_alpha/c4_train/getdata.py --from-file data/samples/c4_train_1k.jsonl --num-docs "$TRAIN_DOCS" \
+  --output "$OUT/requests/c4_train.jsonl"
+python Decentralized_FM_alpha/c4_val/getdata.py --from-file data/samples/c4_validation_2k.parquet --num-docs "$VAL_DOCS" \
+  --output "$OUT/requests/c4_val.jsonl"
+first_model="${MODELS%% *}"
+python Decentralized_FM_alpha/wikitext2/getdata.py --input-file data/samples/wikitext2_test_joined.txt \
+  --tokenizer "pretrained_models/$first_model" --max-seq-len "$MAX_SEQ_LEN" --output "$OUT/requests/wikitext2_all.jsonl"
+head -n "$WIKI_WINDOWS" "$OUT/requests/wikitext2_all.jsonl" > "$OUT/requests/wikitext2.jsonl"  # the first windows only
+
+REPORT_INPUTS=()
+for model in $MODELS; do
+  family=$(family_of "pretrained_models/$model")
+  converted="$OUT/converted/$model"; data="$OUT/data/${model}_c4"; predictors="$OUT/predictors/$model"
+  suffix=$([[ "$family" == llama ]] && echo _llama || true)
+  gate=$([[ "$family" == llama ]] && echo --collect-mlp-gate || true)
+
+  step "$model: convert"
+  [[ -f "$converted/pytorch_lm_head.pt" ]] || python "Decentralized_FM_alpha/convert_${family}_checkpoint.py" \
+    --model-name "pretrained_models/$model" --save-path "$converted"
+
+  step "$model: collect $COLLECT_ROWS rows of activations"
+  python Decentralized_FM_alpha/dist_inference_runner.py --model-name "$converted" --model-type "${family}-save" \
+    --infer-data "$OUT/requests/c4_train.jsonl" --output-path "$data/collect_output.jsonl" --data-path "$data" \
+    --collect-tokens "$COLLECT_ROWS" --max-seq-len "$MAX_SEQ_LEN" --use-cuda "$USE_CUDA" $gate
+
+  step "$model: train MLP and attention predictors for every layer"
+  for block in mlp att; do
+    if [[ ! -f "$predictors/${block}_summary.csv" ]]; then
+      DATA_DIR="$data" OUT_DIR="$predictors" MODEL="$model" EXTRA_ARGS="--epochs $EPOCHS --D $RANK --device $DEVICE" \
+        bash "sparse_predictor/run_c4_${block}${suffix}.sh"
+    fi
+  done
+
+  step "$model: sparse-inference sweep (dense / oracle / predictor / random)"
+  python scripts/sparse_sweep.py --model-name "$converted" --family "$family" --predictor-dir "$predictors" \
+    --data "c4=$OUT/requests/c4_val.jsonl" --data "wikitext2=$OUT/requests/wikitext2.jsonl" \
+    --mlp-topk $MLP_BUDGETS --att-topk $ATT_BUDGETS --max-seq-len "$MAX_SEQ_LEN" \
+    --use-cuda "$USE_CUDA" --out-dir "$OUT/sweep/$model"
+
+  step "$model: drift, lookahead, sparsity statistics"
+  python scripts/drift.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --model-dir "$converted" \
+    --max-distance "$LOOKAHEAD_DISTANCE" --exclude-first-token
+  for block in mlp att; do
+    python scripts/lookahead.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --block "$block" \
+      --max-distance "$LOOKAHEAD_DISTANCE" --epochs "$EPOCHS" --D "$RANK" --device "$DEVICE"
+  done
+  python scripts/sparsity_stats.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --epochs "$EPOCHS" \
+    --D "$RANK" --device "$DEVICE" --sweep-layers 0
+  REPORT_INPUTS+=("$data" "$predictors" "$OUT/sweep/$model/sweep.csv" "$OUT/analysis/$model")
+done
+
+step "report"
+python scripts/report.py "${REPORT_INPUTS[@]}" pretrained_models/tiny-training --out-dir "$OUT/report"
+step "done in $(( $(date +%s) - START )) s: report at $OUT/report/report.md"
