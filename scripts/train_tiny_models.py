@@ -30,6 +30,7 @@ import hashlib
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -309,6 +310,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     half = copy.deepcopy(model).to("cpu", save_dtype)
     if not all(torch.isfinite(p).all() for p in half.parameters()):
         raise ValueError(f"{out_dir}: a weight is not finite in {save_dtype} (overflow): use --save-dtype bf16")
+    if out_dir.exists():  # only with --overwrite (checked at start): no stale files from an earlier run
+        shutil.rmtree(out_dir)
     half.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -487,8 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.opt_ffn_dim = 4 * args.d_model
     if args.d_model % args.n_heads or args.n_heads % args.n_kv_heads:
         p.error("--d-model must be divisible by --n-heads, and --n-heads by --n-kv-heads")
-    if min(args.steps, args.batch_size, args.log_every, args.warmup_steps) < 1:
-        p.error("--steps, --batch-size, --log-every and --warmup-steps must be positive")
+    if min(args.steps, args.batch_size, args.log_every) < 1 or args.warmup_steps < 0:
+        p.error("--steps, --batch-size and --log-every must be positive, --warmup-steps not negative")
     return args
 
 
@@ -550,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_checkpoint(model, tokenizer, model_dir, save_dtype)
         record["val_perplexity"], record["val_scored_tokens"] = saved_model_perplexity(
             model_dir, val_inputs, val_targets, args.eval_batch_size, device)
-        record.update(parameters=param_counts[name], model_class=model_class.__name__, dir=str(model_dir),
+        record.update(parameters=param_counts[name], model_class=model_class.__name__, dir=display_path(model_dir),
                       config=config.to_diff_dict())
         results[name] = record
         record["overfitting_note"] = overfitting_note(record["val_curve"])
@@ -585,7 +588,9 @@ def main(argv: list[str] | None = None) -> dict:
     total_bytes = sum(m["checkpoint_bytes"] for m in summary["models"].values())
     summary["checkpoints_total_bytes"] = total_bytes
     summary_dir = args.out / SUMMARY_DIR
-    summary_dir.mkdir(parents=True, exist_ok=True)
+    if summary_dir.exists():  # only with --overwrite (checked at start)
+        shutil.rmtree(summary_dir)
+    summary_dir.mkdir(parents=True)
     write_json_atomic(summary_dir / "loss_curves.json",
                       {n: {"train_loss": r["train_loss"], "lr": r["lr"], "val_curve": r["val_curve"]}
                        for n, r in results.items()})
