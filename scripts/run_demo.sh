@@ -6,16 +6,18 @@
 # These are small models trained for minutes: the report is evidence about mechanisms, not a claim
 # about Llama 3.2 3B.
 #
-# Environment (defaults): OUT (out/demo), MODELS ("tiny-opt tiny-llama tiny-llama-relu"), TRAIN_DOCS (120),
+# Environment (defaults): OUT (out/demo), MODEL_ROOT (pretrained_models), MODELS ("tiny-opt tiny-llama tiny-llama-relu"), TRAIN_DOCS (120),
 #   COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), VAL_DOCS (24), WIKI_WINDOWS (12),
 #   MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"), LOOKAHEAD_DISTANCE (2), DEVICE (cpu).
 # Rerunning resumes: finished steps (conversions, collections, predictors, sweep settings) are kept.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}"
+# One thread per process: on 2 cores, OpenMP with 2 threads per process ran small CPU ops up to 30x slower when
+# the other core was busy (measured here); two predictor jobs run side by side instead.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" JOBS_PER_GPU="${JOBS_PER_GPU:-2}"
 OUT="${OUT:-$REPO/out/demo}"
-MODELS="${MODELS:-tiny-opt tiny-llama tiny-llama-relu}"
+MODELS="${MODELS:-tiny-opt tiny-llama tiny-llama-relu}"; MODEL_ROOT="${MODEL_ROOT:-$REPO/pretrained_models}"
 TRAIN_DOCS="${TRAIN_DOCS:-120}"; COLLECT_ROWS="${COLLECT_ROWS:-20000}"; EPOCHS="${EPOCHS:-4}"; RANK="${RANK:-128}"
 VAL_DOCS="${VAL_DOCS:-24}"; WIKI_WINDOWS="${WIKI_WINDOWS:-12}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
 MLP_BUDGETS="${MLP_BUDGETS:-0.1 0.25 0.5}"; ATT_BUDGETS="${ATT_BUDGETS:-2 4 6}"
@@ -34,19 +36,19 @@ python Decentralized_FM_alpha/c4_val/getdata.py --from-file data/samples/c4_vali
   --output "$OUT/requests/c4_val.jsonl"
 first_model="${MODELS%% *}"
 python Decentralized_FM_alpha/wikitext2/getdata.py --input-file data/samples/wikitext2_test_joined.txt \
-  --tokenizer "pretrained_models/$first_model" --max-seq-len "$MAX_SEQ_LEN" --output "$OUT/requests/wikitext2_all.jsonl"
+  --tokenizer "$MODEL_ROOT/$first_model" --max-seq-len "$MAX_SEQ_LEN" --output "$OUT/requests/wikitext2_all.jsonl"
 head -n "$WIKI_WINDOWS" "$OUT/requests/wikitext2_all.jsonl" > "$OUT/requests/wikitext2.jsonl"  # the first windows only
 
 REPORT_INPUTS=()
 for model in $MODELS; do
-  family=$(family_of "pretrained_models/$model")
+  family=$(family_of "$MODEL_ROOT/$model")
   converted="$OUT/converted/$model"; data="$OUT/data/${model}_c4"; predictors="$OUT/predictors/$model"
   suffix=$([[ "$family" == llama ]] && echo _llama || true)
   gate=$([[ "$family" == llama ]] && echo --collect-mlp-gate || true)
 
   step "$model: convert"
   [[ -f "$converted/pytorch_lm_head.pt" ]] || python "Decentralized_FM_alpha/convert_${family}_checkpoint.py" \
-    --model-name "pretrained_models/$model" --save-path "$converted"
+    --model-name "$MODEL_ROOT/$model" --save-path "$converted"
 
   step "$model: collect $COLLECT_ROWS rows of activations"
   python Decentralized_FM_alpha/dist_inference_runner.py --model-name "$converted" --model-type "${family}-save" \
@@ -80,5 +82,5 @@ for model in $MODELS; do
 done
 
 step "report"
-python scripts/report.py "${REPORT_INPUTS[@]}" pretrained_models/tiny-training --out-dir "$OUT/report"
+python scripts/report.py "${REPORT_INPUTS[@]}" --out-dir "$OUT/report"
 step "done in $(( $(date +%s) - START )) s: report at $OUT/report/report.md"

@@ -818,7 +818,7 @@ def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: s
     """Train every layer of the manifest, one process and one log per layer, over all visible GPUs; summarize."""
     num_layers = ActivationStore(data_dir).num_layers
     gpus = visible_gpus()
-    slots = [g for g in gpus for _ in range(jobs_per_gpu)] or [None]
+    slots = [g for g in gpus for _ in range(jobs_per_gpu)] or [None] * jobs_per_gpu  # CPU: jobs_per_gpu processes
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     print(f"{num_layers} layers of {data_dir} on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU'}; logs in {log_dir}")
     todo: queue.Queue[int] = queue.Queue()
@@ -870,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--data-dir", required=True, help="collected activations; its manifest gives the layers")
     run.add_argument("--out-dir", required=True, help="predictor checkpoints, JSONs and the summary")
     run.add_argument("--log-dir", required=True, help="one log per layer: {block}_layer{L}.log")
-    run.add_argument("--jobs-per-gpu", type=int, default=1, help="layers trained at once on each GPU (default 1)")
+    run.add_argument("--jobs-per-gpu", type=int, default=1, help="layers trained at once on each GPU, or on the CPU when there is none (default 1)")
     summary = sub.add_parser("summarize", help="write {block}_summary.csv/.md from the per-layer JSONs")
     summary.add_argument("--block", choices=BLOCKS, required=True, help="mlp or att")
     summary.add_argument("--out-dir", required=True, help="directory of {block}_layer{L}.json")
