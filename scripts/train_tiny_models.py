@@ -429,7 +429,8 @@ def plot_loss_curves(results: dict[str, dict], path: Path, smoothing: int) -> No
     ax_val.set(xlabel="step", ylabel="validation loss (nats/token)", title="C4 validation loss")
     for ax in (ax_train, ax_val):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # the validation panel is empty with --eval-every 0
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -463,9 +464,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--param-tolerance", type=float, default=0.10,
                        help="largest allowed relative difference of a model's parameter count from tiny-opt's")
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=1200, help="optimizer steps per model")
-    train.add_argument("--batch-size", type=int, default=32, help="blocks per step")
-    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    # Defaults: ~5.8 epochs over the 632K-token sample. A CPU proxy (tiny-opt, batch 8, lr 1e-3, 4.9 epochs) still
+    # improved on validation at its end while the train/validation gap grew to 0.29 nats: more epochs would overfit.
+    train.add_argument("--steps", type=int, default=900, help="optimizer steps per model")
+    train.add_argument("--batch-size", type=int, default=16, help="blocks of --seq-len tokens per step")
+    train.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices and embeddings")
