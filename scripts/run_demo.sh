@@ -7,8 +7,10 @@
 # about Llama 3.2 3B.
 #
 # Environment (defaults): OUT (out/demo), MODEL_ROOT (pretrained_models), MODELS ("tiny-opt tiny-llama tiny-llama-relu"), TRAIN_DOCS (120),
-#   COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), VAL_DOCS (24), WIKI_WINDOWS (12),
-#   MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"), LOOKAHEAD_DISTANCE (2), DEVICE (cpu).
+#   COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), VAL_DOCS (16), WIKI_WINDOWS (12),
+#   MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"), LOOKAHEAD_DISTANCE (2),
+#   LOOKAHEAD_LAYERS ("2,5": predicted layers of the lookahead matrix), SWEEP_LABELS (labels compared on layer 0:
+#   "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu).
 # Rerunning resumes: finished steps (conversions, collections, predictors, sweep settings) are kept.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,14 +21,21 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_
 OUT="${OUT:-$REPO/out/demo}"
 MODELS="${MODELS:-tiny-opt tiny-llama tiny-llama-relu}"; MODEL_ROOT="${MODEL_ROOT:-$REPO/pretrained_models}"
 TRAIN_DOCS="${TRAIN_DOCS:-120}"; COLLECT_ROWS="${COLLECT_ROWS:-20000}"; EPOCHS="${EPOCHS:-4}"; RANK="${RANK:-128}"
-VAL_DOCS="${VAL_DOCS:-24}"; WIKI_WINDOWS="${WIKI_WINDOWS:-12}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
+VAL_DOCS="${VAL_DOCS:-16}"; WIKI_WINDOWS="${WIKI_WINDOWS:-12}"; MAX_SEQ_LEN="${MAX_SEQ_LEN:-256}"
 MLP_BUDGETS="${MLP_BUDGETS:-0.1 0.25 0.5}"; ATT_BUDGETS="${ATT_BUDGETS:-2 4 6}"
-LOOKAHEAD_DISTANCE="${LOOKAHEAD_DISTANCE:-2}"; DEVICE="${DEVICE:-cpu}"
+LOOKAHEAD_DISTANCE="${LOOKAHEAD_DISTANCE:-2}"; LOOKAHEAD_LAYERS="${LOOKAHEAD_LAYERS:-2,5}"
+SWEEP_LABELS="${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}"; DEVICE="${DEVICE:-cpu}"
 USE_CUDA=$([[ "$DEVICE" == cuda* ]] && echo true || echo false)
 START=$(date +%s)
 mkdir -p "$OUT/requests"
 
 step() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+in_parallel() {  # run the given commands at once (one per core here); fail if any fails
+  local pids=() status=0
+  for cmd in "$@"; do bash -c "$cmd" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  return "$status"
+}
 family_of() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_type'])" "$1/config.json"; }
 
 step "requests: C4 train ($TRAIN_DOCS docs), C4 validation ($VAL_DOCS docs), WikiText-2 windows"
@@ -69,18 +78,20 @@ for model in $MODELS; do
     --mlp-topk $MLP_BUDGETS --att-topk $ATT_BUDGETS --max-seq-len "$MAX_SEQ_LEN" \
     --use-cuda "$USE_CUDA" --out-dir "$OUT/sweep/$model"
 
-  step "$model: drift, lookahead, sparsity statistics"
-  python scripts/drift.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --model-dir "$converted" \
-    --max-distance "$LOOKAHEAD_DISTANCE" --exclude-first-token
-  for block in mlp att; do
-    python scripts/lookahead.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --block "$block" \
-      --max-distance "$LOOKAHEAD_DISTANCE" --epochs "$EPOCHS" --D "$RANK" --device "$DEVICE"
-  done
-  python scripts/sparsity_stats.py --data-dir "$data" --out-dir "$OUT/analysis/$model" --epochs "$EPOCHS" \
-    --D "$RANK" --device "$DEVICE" --sweep-layers 0
+  step "$model: drift, lookahead, sparsity statistics (two at a time)"
+  analysis="$OUT/analysis/$model"
+  in_parallel \
+    "python scripts/lookahead.py --data-dir '$data' --out-dir '$analysis' --block mlp --max-distance $LOOKAHEAD_DISTANCE --layers $LOOKAHEAD_LAYERS --epochs $EPOCHS --D $RANK --device $DEVICE" \
+    "python scripts/lookahead.py --data-dir '$data' --out-dir '$analysis' --block att --max-distance $LOOKAHEAD_DISTANCE --layers $LOOKAHEAD_LAYERS --epochs $EPOCHS --D $RANK --device $DEVICE"
+  in_parallel \
+    "python scripts/drift.py --data-dir '$data' --out-dir '$analysis' --model-dir '$converted' --max-distance $LOOKAHEAD_DISTANCE --exclude-first-token" \
+    "python scripts/sparsity_stats.py --data-dir '$data' --out-dir '$analysis' --epochs $EPOCHS --D $RANK --device $DEVICE --sweep-layers 0 --labels $SWEEP_LABELS"
   REPORT_INPUTS+=("$data" "$predictors" "$OUT/sweep/$model/sweep.csv" "$OUT/analysis/$model")
 done
 
 step "report"
-python scripts/report.py "${REPORT_INPUTS[@]}" --out-dir "$OUT/report"
+python scripts/report.py "${REPORT_INPUTS[@]}" --out-dir "$OUT/report" --note "These are three small models (about \
+3.5M parameters, 6 layers, trained for minutes on 632K tokens of C4 by scripts/train_tiny_models.py), run on \
+$COLLECT_ROWS collected tokens with $EPOCHS-epoch predictors: evidence about mechanisms (OPT vs Llama architecture \
+at equal size, data and steps), not a claim about Llama 3.2 3B or any released model."
 step "done in $(( $(date +%s) - START )) s: report at $OUT/report/report.md"

@@ -1,0 +1,35 @@
+"""The main job (scripts/run_demo.sh) end to end on the bundled tiny trio, reduced in size for CI."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+
+from tests.runner_helpers import REPO
+
+REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
+           "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "LOOKAHEAD_DISTANCE": "1",
+           "LOOKAHEAD_LAYERS": "5", "SWEEP_LABELS": "topk:0.25", "CUDA_VISIBLE_DEVICES": ""}
+MODELS = ("tiny-opt", "tiny-llama", "tiny-llama-relu")
+
+
+def test_reduced_demo_writes_the_report_for_all_three_models(tmp_path):
+    env = {**os.environ, **REDUCED, "OUT": str(tmp_path / "demo")}
+    done = subprocess.run(["bash", str(REPO / "scripts/run_demo.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    report_path = tmp_path / "demo" / "report" / "report.md"
+    assert f"report at {report_path}" in done.stdout
+    report = report_path.read_text()
+    assert "not a claim about Llama 3.2 3B" in report
+    for section in ("## Collections", "## Residual-stream drift", "## Perplexity"):
+        assert section in report, section
+    for model in MODELS:
+        assert f"| {model} |" in report
+        with open(tmp_path / "demo" / "sweep" / model / "sweep.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["dataset"], r["mode"]) for r in rows] == [(d, m) for d in ("c4", "wikitext2")
+                                                             for m in ("dense", "oracle", "predictor", "random")]
+        assert all(float(r["perplexity"]) > 1 and int(r["tokens"]) > 0 for r in rows)
+        for block in ("mlp", "att"):
+            assert (tmp_path / "demo" / "predictors" / model / f"{block}_layer5.json").is_file()
