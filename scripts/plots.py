@@ -172,24 +172,26 @@ def plot_predictors(summaries: dict[tuple[str, str], list[dict]], colors: dict[s
 
 
 def plot_perplexity(rows: list[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Perplexity vs MLP budget (mlp_topk) per model and mode; dense rows as horizontal lines."""
-    fig, (ax,) = new_figure()
+    """Perplexity (log scale) vs MLP budget per model and mode, one panel per dataset; dense as horizontal lines."""
+    datasets = sorted({row["dataset"] for row in rows})
+    fig, axes = new_figure(ncols=len(datasets), width=5.5, height=4.5)
     groups: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
     for row in rows:
+        ax = axes[datasets.index(row["dataset"])]
         if row["mode"] == "dense":
-            ax.axhline(float(row["perplexity"]), color=colors[row["model"]], linewidth=0.8,
-                       label=f"{row['model']} dense ({row['dataset']})")
+            ax.axhline(float(row["perplexity"]), color=colors[row["model"]], linewidth=0.8, label=f"{row['model']} dense")
         elif row.get("mlp_topk") not in (None, ""):
-            point = (float(row["mlp_topk"]), float(row["perplexity"]))
-            groups[(row["model"], row["dataset"], row["mode"])].append(point)
+            groups[(row["model"], row["dataset"], row["mode"])].append((float(row["mlp_topk"]), float(row["perplexity"])))
     modes = sorted({mode for _, _, mode in groups})
     for (model, dataset, mode), points in sorted(groups.items()):
         points.sort()
-        ax.plot(*zip(*points), LINE_STYLES[modes.index(mode) % len(LINE_STYLES)], marker="o", markersize=3,
-                color=colors[model], label=f"{model} {mode} ({dataset})")
-    ax.set(xlabel="mlp_topk (count, or fraction when < 1)", ylabel="perplexity",
-           title="Perplexity of sparse inference vs MLP budget")
-    finish_axes(ax, integer_x=False)
+        axes[datasets.index(dataset)].plot(*zip(*points), LINE_STYLES[modes.index(mode) % len(LINE_STYLES)], marker="o",
+                                           markersize=3, color=colors[model], label=f"{model} {mode}")
+    for ax, dataset in zip(axes, datasets):
+        ax.set_yscale("log")
+        ax.set(xlabel="mlp_topk (count, or fraction when < 1)", ylabel="perplexity (log scale)",
+               title=f"{dataset}: sparse inference vs MLP budget")
+        finish_axes(ax, integer_x=False)
     return [save_figure(fig, out_dir / "perplexity_sweep.png")]
 
 
