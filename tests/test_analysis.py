@@ -19,13 +19,7 @@ DOC_LENGTHS = [7, 5, 9, 6, 8, 4, 10, 6]
 ROWS = sum(DOC_LENGTHS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The tensors are tiny: intra-op threads cost more than they give on a small runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def hadamard(n: int) -> np.ndarray:

@@ -22,13 +22,7 @@ REQUIRED_KEYS = {"Recall", "True Sparsity", "Classifier Sparsity", "Precision", 
                  "layer", "rows_train", "rows_test"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These tensors are tiny: on a 2-core runner, intra-op threads cost 10x more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def write_store(path: Path, dims: ModelDims, doc_lengths: list[int], values: dict[tuple[str, int], np.ndarray],

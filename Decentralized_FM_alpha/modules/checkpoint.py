@@ -38,3 +38,11 @@ def load_strict(module: nn.Module, model_path: str | Path, filename: str) -> Non
     state = read_state_dict(model_path, filename)
     check_state_dict(module, state, str(Path(model_path) / filename))
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def build_and_load(cls, model_path: str | Path, filename: str, *args, **kwargs) -> nn.Module:
+    """`cls(*args, **kwargs)` built on the meta device (no random init to throw away), then filled strictly."""
+    with torch.device("meta"):
+        module = cls(*args, **kwargs)
+    load_strict(module, model_path, filename)
+    return module

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 
-from Decentralized_FM_alpha.modules.checkpoint import load_strict
+from Decentralized_FM_alpha.modules.checkpoint import build_and_load
 
 LayerPast = Optional[tuple[torch.Tensor, torch.Tensor]]
 
@@ -77,10 +77,7 @@ class GPTEmbeddings(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: LlamaConfig) -> "GPTEmbeddings":
-        with torch.device("meta"):
-            module = cls(config)
-        load_strict(module, model_path, "pytorch_embs.pt")
-        return module
+        return build_and_load(cls, model_path, "pytorch_embs.pt", config)
 
     def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -163,10 +160,7 @@ class GPTBlock(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: LlamaConfig, layer_index: int, **kwargs) -> "GPTBlock":
-        with torch.device("meta"):
-            module = cls(config, layer_index, **kwargs)
-        load_strict(module, model_path, f"pytorch_{layer_index}.pt")
-        return module
+        return build_and_load(cls, model_path, f"pytorch_{layer_index}.pt", config, layer_index, **kwargs)
 
     def mlp_intermediate(self, h: torch.Tensor) -> torch.Tensor:
         """The neuron activations DejaVu sparsifies: act(gate(h)) * up(h), (B, T, ffn)."""
@@ -207,10 +201,7 @@ class GPTLMHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: LlamaConfig) -> "GPTLMHead":
-        with torch.device("meta"):
-            module = cls(config)
-        load_strict(module, model_path, "pytorch_lm_head.pt")
-        return module
+        return build_and_load(cls, model_path, "pytorch_lm_head.pt", config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import OPTConfig
 
-from Decentralized_FM_alpha.modules.checkpoint import load_strict
+from Decentralized_FM_alpha.modules.checkpoint import build_and_load
 
 LayerPast = Optional[tuple[torch.Tensor, torch.Tensor]]
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq legacy)
@@ -39,10 +39,7 @@ class GPTEmbeddings(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: OPTConfig) -> "GPTEmbeddings":
-        with torch.device("meta"):
-            module = cls(config)
-        load_strict(module, model_path, "pytorch_embs.pt")
-        return module
+        return build_and_load(cls, model_path, "pytorch_embs.pt", config)
 
     def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         # Right padding: real tokens sit at positions 0..len-1, so positions are a plain range.
@@ -96,10 +93,7 @@ class GPTBlock(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: OPTConfig, layer_index: int, **kwargs) -> "GPTBlock":
-        with torch.device("meta"):
-            module = cls(config, layer_index, **kwargs)
-        load_strict(module, model_path, f"pytorch_{layer_index}.pt")
-        return module
+        return build_and_load(cls, model_path, f"pytorch_{layer_index}.pt", config, layer_index, **kwargs)
 
     def mlp_intermediate(self, h: torch.Tensor) -> torch.Tensor:
         """The neuron activations DejaVu sparsifies: ReLU(fc1(h)), (B, T, ffn)."""
@@ -138,10 +132,7 @@ class GPTLMHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: OPTConfig) -> "GPTLMHead":
-        with torch.device("meta"):
-            module = cls(config)
-        load_strict(module, model_path, "pytorch_lm_head.pt")
-        return module
+        return build_and_load(cls, model_path, "pytorch_lm_head.pt", config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_layer_norm(x))
