@@ -90,8 +90,23 @@ for model in $MODELS; do
 done
 
 step "report"
-python scripts/report.py "${REPORT_INPUTS[@]}" --out-dir "$OUT/report" --note "These are three small models (about \
-3.5M parameters, 6 layers, trained for minutes on 632K tokens of C4 by scripts/train_tiny_models.py), run on \
-$COLLECT_ROWS collected tokens with $EPOCHS-epoch predictors: evidence about mechanisms (OPT vs Llama architecture \
-at equal size, data and steps), not a claim about Llama 3.2 3B or any released model."
+MODELS_FACTS=$(python - "$MODEL_ROOT" $MODELS <<'PY'
+import json, math, sys
+from pathlib import Path
+root, models = Path(sys.argv[1]), sys.argv[2:]
+configs = [json.loads((root / m / "config.json").read_text()) for m in models]
+summary = root / "tiny-training" / "training_summary.json"
+facts = f"{len(models)} models of {sorted({c['num_hidden_layers'] for c in configs})} layers and hidden size {sorted({c['hidden_size'] for c in configs})}"
+s = json.loads(summary.read_text()) if summary.is_file() else {"models": {}}
+params = [s["models"][m]["parameters"] for m in models if m in s["models"]]
+if len(params) == len(models):  # the bundled trio, described by its training summary
+    facts += (f", {min(params):,}-{max(params):,} parameters, trained by scripts/train_tiny_models.py for {s['training']['steps']} "
+              f"steps on {s['data']['train_tokens']:,} tokens of C4, at most "
+              f"{math.ceil(max(s['models'][m]['wall_time_s'] for m in models) / 60)} minute(s) each")
+print(facts)
+PY
+)
+python scripts/report.py "${REPORT_INPUTS[@]}" --out-dir "$OUT/report" --note "Small models: $MODELS_FACTS, run on \
+$COLLECT_ROWS collected tokens with $EPOCHS-epoch predictors. This is evidence about mechanisms (OPT vs Llama \
+architecture at equal size, data and steps), not a claim about Llama 3.2 3B or any released model."
 step "done in $(( $(date +%s) - START )) s: report at $OUT/report/report.md"
