@@ -178,3 +178,12 @@ def test_collection_refuses_to_store_float16_overflow(opt, tmp_path):
     with pytest.raises(OverflowError, match="mlp_label of layer 0: row 0 is not finite in float16"):
         run_one_rank(["--model-name", str(work), "--model-type", "opt-save", "--infer-data", str(req),
                       "--output-path", str(tmp_path / "o.jsonl"), "--data-path", str(tmp_path / "d")])
+
+
+def test_nccl_backends_on_the_cpu_are_an_error():
+    from Decentralized_FM_alpha.comm.comm_utils import init_comm
+    for backend in ("nccl", "cupy_nccl"):
+        with pytest.raises(ValueError, match=f"--dist-backend {backend} needs --use-cuda true"):
+            init_comm(backend, "tcp://127.0.0.1:1", 0, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be one of"):
+        init_comm("mpi", "tcp://127.0.0.1:1", 0, 2, torch.device("cpu"))

@@ -96,8 +96,8 @@ def init_comm(backend: str, dist_url: str, rank: int, world_size: int, device: t
         raise ValueError(f"--dist-backend must be one of {BACKENDS}, got {backend!r}")
     if world_size == 1:
         return SingleProcessComm()
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError("--dist-backend nccl needs --use-cuda true; use gloo on the CPU")
+    if backend in ("nccl", "cupy_nccl") and device.type != "cuda":
+        raise ValueError(f"--dist-backend {backend} needs --use-cuda true; use gloo on the CPU")
     if backend == "cupy_nccl":
         return CupyNcclComm(dist_url, rank, world_size, device)
     return TorchDistComm(backend, dist_url, rank, world_size)
