@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
 from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint, dist_inference_runner  # noqa: E402
+from Decentralized_FM_alpha.task_datasets.request_files import make_echo_request, write_requests  # noqa: E402
 from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
 
 OPT_SHAPES = {"1.3b": dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32),
@@ -51,17 +52,11 @@ def build_hf_model(family: str, shape: str, dtype: torch.dtype, seed: int):
     return model
 
 
-def write_requests(path: Path, n_docs: int, max_chars: int) -> list[str]:
-    texts = []
+def write_c4_requests(path: Path, n_docs: int, max_chars: int) -> None:
+    """Echo requests (the getdata format) for the first documents of the bundled C4 train sample, cut to max_chars."""
     with open(REPO / "data/samples/c4_train_1k.jsonl", encoding="utf-8") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"][:max_chars])
-            if len(texts) == n_docs:
-                break
-    with open(path, "w") as f:
-        for t in texts:
-            f.write(json.dumps({"prompt": t, "max_tokens": 0, "echo": True, "logprobs": 1}) + "\n")
-    return texts
+        texts = [json.loads(line)["text"][:max_chars] for line, _ in zip(f, range(n_docs))]
+    write_requests(path, [make_echo_request(t) for t in texts])
 
 
 def run_runner(args: list[str]) -> dict:
@@ -171,7 +166,7 @@ def main() -> None:
     converter.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
     report["convert_seconds"] = time.time() - t0
     req = work / "req.jsonl"
-    write_requests(req, a.docs, a.max_chars)
+    write_c4_requests(req, a.docs, a.max_chars)
     common = ["--model-name", str(converted), "--dtype", a.dtype, "--infer-data", str(req), "--use-cuda", "true",
               "--token-micro-batch-size", str(a.batch), "--max-seq-len", "2048"]
     dense_out = work / "dense.jsonl"
@@ -196,7 +191,7 @@ def main() -> None:
 
 def collection_timing(a, common: list[str], req: Path, work: Path) -> dict:
     collect_req = work / "req_collect.jsonl"
-    write_requests(collect_req, 1000, 100_000)
+    write_c4_requests(collect_req, 1000, 100_000)
     data = work / "collected"
     collect_args = common[:]
     collect_args[collect_args.index(str(req))] = str(collect_req)

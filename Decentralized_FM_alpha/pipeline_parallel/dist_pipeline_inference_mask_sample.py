@@ -162,10 +162,11 @@ class DistInferenceMaskTokenPipeSync:
         return [None] + lps, ([None] + tops if k > 0 else None)
 
     def top_dict(self, values: list[float], indices: list[int]) -> dict[str, float]:
-        return {self.tokenizer.decode([i]): v for v, i in zip(values, indices)}
+        return dict(zip(self.token_strings(indices), values))
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
+        """Each token's own text (one batched call into the fast tokenizer, not one per token)."""
+        return self.tokenizer.batch_decode([[i] for i in ids])
 
     # ------------------------------------------------------------------------------ echo batches
     def pad(self, batch: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +242,7 @@ class DistInferenceMaskTokenPipeSync:
             if new_ids[-1] == self.tokenizer.eos_token_id:
                 finish = "stop"
                 break
-            text = self.tokenizer.decode(new_ids)
-            if any(s and s in text for s in request.stop):
+            if request.stop and any(s and s in self.tokenizer.decode(new_ids) for s in request.stop):
                 finish = "stop"
                 break
             if len(new_ids) == request.max_tokens:
@@ -296,19 +296,17 @@ class DistInferenceMaskTokenPipeSync:
         results = []
         out = open(output_path, "a" if append else "w") if (output_path is not None and self.is_last) else None
         try:
-            echo = [r for r in requests if r.max_tokens == 0]
-            if echo and len(echo) != len(requests) and before_forward is not None:
+            all_echo = all(r.max_tokens == 0 for r in requests)
+            if before_forward is not None and not all_echo:
                 raise ValueError("collection needs echo requests (max_tokens 0) only")
             progress = tqdm(total=len(requests), desc=f"rank {self.rank} requests", disable=not self.is_last)
-            pending = iter(self.batches(echo)) if len(echo) == len(requests) else None
-            if pending is not None:
-                for batch in pending:
-                    new = self.echo_batch(batch, before_forward)
-                    self._emit(new, out, results)
+            if all_echo:
+                for batch in self.batches(requests):
+                    self._emit(self.echo_batch(batch, before_forward), out, results)
                     progress.update(len(batch))
                     if after_batch is not None and after_batch(len(batch)):
                         break
-            else:  # mixed or generation: one request at a time, in file order
+            else:  # generation in the file: one request at a time, in file order
                 for request in requests:
                     new = self.echo_batch([self.encode(request)]) if request.max_tokens == 0 else self.generate(request)
                     self._emit(new, out, results)
