@@ -25,7 +25,8 @@ from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sampl
     MODEL_TYPES, DistInferenceMaskTokenPipeSync)
 from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import DEFAULT_CAPACITY, ActivationWriter  # noqa: E402
-from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256, now, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, now, weights_provenance,  # noqa: E402
+                                                   write_json_atomic)
 
 PP_MODES = ("pipe_sync_sample_mask_token_pipe",)
 
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=65536, help="most padded tokens in one forward batch")
     p.add_argument("--num-iters", type=int, default=None, help="process only the first N requests (default: all)")
     p.add_argument("--token-micro-batch-size", type=int, default=4, help="most requests in one forward batch")
+    p.add_argument("--sort-requests", choices=("length", "file"), default="length",
+                   help="order in which scoring requests are batched: longest first, so that padding stays small "
+                        "(results are still written in file order), or file order. Collection always runs in file "
+                        "order (default %(default)s)")
     p.add_argument("--world-size", type=int, default=1, help="number of pipeline ranks")
     p.add_argument("--pipeline-group-size", type=int, default=None, help="pipeline ranks (must equal world size)")
     p.add_argument("--data-group-size", type=int, default=1, help="data-parallel groups (only 1 is supported)")
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("--att-topk", default=None,
                         help="attention heads kept per token: count or fraction (alias: $ATTN_TOPK_1 with "
                              "$SPARSE_ATT=1); omitted = dense attention")
-    sparse.add_argument("--sparse-layers", default=None, help="inclusive layer range A-B made sparse (default: all)")
+    sparse.add_argument("--sparse-layers", default=None, help="layers made sparse: a comma list of layers and inclusive ranges, e.g. 0,7,15-22 (default: all)")
     sparse.add_argument("--gqa-groups", action="store_true",
                         help="Llama: keep whole key/value groups (scores summed over each group's query heads)")
     return p
@@ -119,6 +124,7 @@ def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
                             manifest_fields={"model_name": args.model_name, "model_type": args.model_type,
                                              "dtype": args.dtype, "max_seq_len": pipe.max_seq_len,
                                              "label_definitions": module.label_definitions(pipe.config),
+                                             "tokenizer": pipe.bos, "weights": weights_provenance(args.model_name),
                                              "source_data": {"path": str(Path(args.infer_data).resolve()),
                                                              "sha256": file_sha256(args.infer_data)}})
 
@@ -127,7 +133,7 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
     """Run the requests through a *-save model, resuming where an earlier run stopped."""
     writer = pipe.blocks[0].writer
     remaining = requests[writer.docs_done:]
-    if writer.docs_done:
+    if writer.docs_done and not writer.full:
         print(f"rank {pipe.rank}: resuming after {writer.docs_done} documents, {writer.rows_written} rows")
         if pipe.is_last:
             keep_first_lines(output_path, writer.docs_done)
@@ -138,11 +144,11 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
     crash_after = int(os.environ.get("DEJAVU_TEST_CRASH_AFTER_BATCHES", "0"))  # fault injection for the resume test
     batches = [0]
 
-    def after_batch(docs: int) -> bool:
+    def after_batch() -> bool:
         batches[0] += 1
         if crash_after and batches[0] > crash_after:  # rows of this batch are written but not committed
             raise SystemExit(f"simulated crash after {crash_after} committed batches")
-        writer.end_batch(docs)
+        writer.end_batch()
         return writer.full
 
     if not writer.full and remaining:
@@ -152,8 +158,11 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
     pipe.comm.barrier()
     writer.finish(stop)
     if pipe.rank == 0:
+        partial = writer.partial_document
         print(f"collected {writer.rows_written} rows ({stop}) x {len(writer.kinds)} kinds x "
-              f"{pipe.config.num_hidden_layers} layers -> {args.data_path}")
+              f"{pipe.config.num_hidden_layers} layers -> {args.data_path}: {writer.docs_done} whole documents"
+              + (f", document {partial['document']} cut after {partial['rows']} of its {partial['tokens']} tokens"
+                 if partial else ""))
 
 
 def keep_first_lines(path: Path, n: int) -> None:
@@ -171,8 +180,10 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     requests = read_requests(args.infer_data)[: args.num_iters]
     comm = init_comm(args.dist_backend, args.dist_url, args.rank, args.world_size, device)
-    manifest = base_manifest(settings=vars(args), request_file_sha256=file_sha256(args.infer_data))
+    manifest = base_manifest(settings=vars(args), request_file_sha256=file_sha256(args.infer_data),
+                             weights=weights_provenance(args.model_name))
     pipe = DistInferenceMaskTokenPipeSync(args, comm, device, block_kwargs=block_kwargs_for(args))
+    manifest["tokenizer"] = pipe.bos
     output_path = Path(args.output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -205,7 +216,7 @@ def finish_manifest(manifest: dict, output_path: Path, pipe: DistInferenceMaskTo
     from Decentralized_FM_alpha.task_datasets.results import perplexity_of_results
 
     manifest.update(end_time=now(), seconds=seconds, truncated_prompts=pipe.truncated_prompts,
-                    output_path=str(output_path))
+                    batch_positions=pipe.batch_positions, output_path=str(output_path))
     if output_path.is_file() and output_path.stat().st_size > 0:
         manifest["perplexity"] = perplexity_of_results(output_path)
     write_json_atomic(str(output_path) + ".manifest.json", manifest)

@@ -19,7 +19,7 @@ import torch
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import now, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
-from sparse_predictor.trainer import (LabelSpec, TrainConfig, load_layer, require_complete,
+from sparse_predictor.trainer import (LabelSpec, SplitConfig, TrainConfig, load_layer, require_complete,
                                       resolve_device, train_predictor)
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -73,11 +73,12 @@ class RowSample:
     first_token_rows_dropped: int
     seed: int
     max_rows: int | None
+    position_0: str  # what the dropped rows are: the BOS token, or the first text token when there is no BOS
 
     def describe(self) -> dict[str, Any]:
         return {"rows_used": int(len(self.rows)), "rows_eligible": self.available,
-                "first_token_rows_dropped": self.first_token_rows_dropped, "seed": self.seed,
-                "max_rows": self.max_rows}
+                "first_token_rows_dropped": self.first_token_rows_dropped, "position_0": self.position_0,
+                "seed": self.seed, "max_rows": self.max_rows}
 
 
 def sample_rows(store: ActivationStore, max_rows: int | None, seed: int, exclude_first_token: bool) -> RowSample:
@@ -92,7 +93,16 @@ def sample_rows(store: ActivationStore, max_rows: int | None, seed: int, exclude
         raise ValueError(f"{store.data_dir}: no rows left to analyse after dropping {dropped} first-token rows")
     if max_rows is not None and max_rows < len(eligible):
         eligible = np.sort(np.random.default_rng(seed).choice(eligible, size=max_rows, replace=False))
-    return RowSample(eligible.astype(np.int64), int(store.rows - dropped), dropped, seed, max_rows)
+    return RowSample(eligible.astype(np.int64), int(store.rows - dropped), dropped, seed, max_rows,
+                     position_0(store.manifest))
+
+
+def position_0(manifest: dict) -> str:
+    """What position 0 of every document holds, as the collection's tokenizer record says (BOS or not)."""
+    tokenizer = manifest.get("tokenizer")
+    if not tokenizer:
+        return "unknown: the collection predates the tokenizer record (re-collect to know whether it is a BOS)"
+    return tokenizer["position_0"]
 
 
 def rows_per_chunk(floats_per_row: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -129,20 +139,6 @@ def summarize_values(values: np.ndarray) -> dict[str, float | int]:
             "n": int(len(values))}
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """'all', or a comma list of layers and inclusive ranges ('0,4,8-11'), each checked against num_layers."""
-    if spec == "all":
-        return list(range(num_layers))
-    layers: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        layers += range(int(lo), int(hi or lo) + 1)
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} outside 0..{num_layers - 1}")
-    return sorted(set(layers))
-
-
 def parse_fractions(spec: str) -> list[float]:
     values = [float(v) for v in spec.split(",")]
     if any(not 0 < v <= 1 for v in values):
@@ -153,9 +149,9 @@ def parse_fractions(spec: str) -> list[float]:
 # ------------------------------------------------------------------------------------- predictor training
 def train_and_evaluate(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
                        cfg: TrainConfig, device: torch.device, max_device_bytes: int | None,
-                       log: Callable[[str], None]) -> dict[str, Any]:
+                       log: Callable[[str], None], split: SplitConfig = SplitConfig()) -> dict[str, Any]:
     """Train one predictor with the project's trainer; its held-out metrics and what it was trained on."""
-    data = load_layer(store, block, layer, input_flag, label, device, cfg.batch_size, max_device_bytes)
+    data = load_layer(store, block, layer, input_flag, label, device, cfg.batch_size, max_device_bytes, split)
     result = train_predictor(data, block, cfg, log=log)
     return {**result.metrics, "block": block, "layer": layer, "input": input_flag, "input_kind": data.input.kind,
             "input_layer": data.input.layer, "label": label.name, "k": label.k, "threshold": label.threshold,

@@ -114,7 +114,7 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
                 for kind in kinds:
                     writer.save(kind, layer, values[kind])
             before = writer.rows_written
-            writer.end_batch(docs_per_batch)
+            writer.end_batch()
             bar.update(writer.rows_written - before)
             doc += docs_per_batch
     writer.finish("capacity reached")

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s; a number >= the collection's rows uses them all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default %(default)s)")
     p.add_argument("--exclude-first-token", action="store_true",
-                   help="drop position 0 of every document (token_index.npy) before sampling")
+                   help="drop position 0 of every document (token_index.npy) before sampling: the BOS token, or the "
+                        "first text token when the tokenizer adds no BOS (the output records which)")
     p.add_argument("--exclude-massive-dims", type=int, default=0, metavar="N",
                    help="also report cosines without the N hidden dims of largest mean |activation| over the "
                         "sampled rows (default 0: not computed)")

@@ -23,10 +23,11 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from sparse_predictor.trainer import (BLOCKS, MLP_LABELS, LabelSpec, add_training_arguments,  # noqa: E402
-                                      make_label_spec, train_config)
+                                      make_label_spec, split_config, train_config)
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
 from scripts.analysis_common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, RUN_SCRIPT_LR,  # noqa: E402
-                                     collection_source, device_from_args, open_collection, parse_layers,
+                                     collection_source, device_from_args, open_collection,
                                      train_and_evaluate, write_results)
 
 METRICS = ("Recall@K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "K")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
     store = open_collection(args.data_dir)
     source = collection_source(store)
     label = resolve_label(args, source["family"], store)
-    layers = parse_layers(args.layers, store.num_layers)
+    layers = parse_layer_list(args.layers, store.num_layers)
     device, max_bytes = device_from_args(args)
     cfg = train_config(args)
     todo = cells(layers, args.max_distance)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
     for layer, distance in progress:
         progress.set_postfix(layer=layer, distance=distance)
         metrics = train_and_evaluate(store, args.block, layer, f"from:{layer - distance}", label, cfg, device,
-                                     max_bytes, log=tqdm.write)
+                                     max_bytes, log=tqdm.write, split=split_config(args))
         records.append({"model": source["model"], "distance": distance, **metrics})
     matrix = {metric: lookahead_matrix(records, layers, args.max_distance, metric) for metric in METRICS}
     payload = {"analysis": "lookahead", "source": source, "block": args.block, "layers": layers,

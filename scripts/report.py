@@ -197,9 +197,11 @@ def collections_section(inputs: Inputs, sources: Sources) -> list[str]:
         rows.append([model_label(m), m.get("model_type"), m.get("rows_written"), m.get("capacity"),
                      cfg.get("num_layers"), cfg.get("hidden_size"), cfg.get("ffn_dim"), cfg.get("num_heads"),
                      cfg.get("num_kv_heads"), ", ".join(m.get("kinds", [])), m.get("complete"), m.get("dtype"),
+                     (m.get("weights") or {}).get("note", "not recorded"),
+                     (m.get("tokenizer") or {}).get("position_0", "not recorded"),
                      data.get("path"), (data.get("sha256") or "n/a")[:12], src])
     return table(["model", "model_type", "rows", "capacity", "layers", "d", "ffn", "heads", "kv heads", "kinds",
-                  "complete", "dtype", "source data", "sha256", "src"], rows)
+                  "complete", "dtype", "weights", "position 0", "source data", "sha256", "src"], rows)
 
 
 def drift_section(results: list[tuple[Path, dict]], sources: Sources) -> list[str]:
@@ -218,7 +220,8 @@ def drift_section(results: list[tuple[Path, dict]], sources: Sources) -> list[st
                   f"{r['sample']['rows_used']} of {r['sample']['rows_eligible']} eligible "
                   f"(seed {r['sample']['seed']}); "
                   f"first token excluded: {r['exclude_first_token']} ({r['sample']['first_token_rows_dropped']} rows "
-                  f"dropped); massive dims: {massive_text}"]
+                  f"dropped; position 0 is {r['sample'].get('position_0', 'not recorded')}); massive dims: "
+                  f"{massive_text}"]
         groups = defaultdict(dict)
         for s in r["summary"]:
             groups[(s["kind"], s["space"], s["dims"])][s["k"]] = s["mean_of_layer_means"]

@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha import dist_inference_runner  # noqa: E402
 from Decentralized_FM_alpha.modules.sparsity import MODES, parse_budget  # noqa: E402
-from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest, weights_provenance, write_json_atomic  # noqa: E402
 
 COLUMNS = ("model", "dataset", "mode", "mlp_topk", "att_topk", "perplexity", "tokens", "output_manifest")
 
@@ -134,7 +134,8 @@ def main(argv=None) -> list[dict]:
     rows = [run_setting(args, *item) for item in tqdm(plan, desc="sweep settings", unit="run")]
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "sweep.manifest.json",
-                      base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, rows=rows, table=str(csv_path)))
+                      base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, rows=rows, table=str(csv_path),
+                                    weights=weights_provenance(args.model_name)))
     print(f"wrote {len(rows)} settings -> {csv_path} and {md_path}")
     return rows
 

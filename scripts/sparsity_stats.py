@@ -23,10 +23,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from sparse_predictor.trainer import LabelSpec, add_training_arguments, make_label_spec, train_config  # noqa: E402
+from sparse_predictor.trainer import (LabelSpec, add_training_arguments, make_label_spec,  # noqa: E402
+                                      split_config, train_config)
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis_common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
-                                     iter_row_chunks, open_collection, parse_fractions, parse_layers, read_rows,
+                                     iter_row_chunks, open_collection, parse_fractions, read_rows,
                                      rows_per_chunk, sample_rows, train_and_evaluate,
                                      write_results)
 
@@ -35,12 +37,14 @@ STATISTIC_DEFINITIONS = {
                      "neurons DejaVu skips",
     "positive_fraction": "fraction of mlp_label entries > 0 (the active fraction of the 'relu' label)",
     "below_{t}": "fraction of |mlp_label| entries < t",
-    "mlp_top{f}_mass": "mean over tokens of the share of the token's sum of |mlp_label| held by its top int(f * ffn) "
-                       "neurons (tokens whose sum is 0 are left out and counted in tokens_with_zero_mlp_mass)",
+    "mlp_top{f}_mass": "mean over tokens of the share of the token's sum of |mlp_label| held by its top "
+                       "fraction_count(f, ffn) neurons (tokens whose sum is 0 are left out and counted in "
+                       "tokens_with_zero_mlp_mass)",
     "gate_negative_fraction": "fraction of mlp_gate entries < 0 (gate pre-activation, SiLU(g) < 0); null when "
                               "mlp_gate was not collected",
     "att_top{f}_mass": "mean over tokens of the share of the sum of head output norms (att_label) held by the top "
-                       "int(f * heads) heads (absent where int(f * heads) < 1)",
+                       "fraction_count(f, heads) heads",
+    "fraction_count": COUNT_RULE,
 }
 DEFAULT_LABELS = "relu,topk:0.1,topk:0.3,topk:0.5,threshold:0.01,gate"
 SWEEP_METRICS = ("Recall", "Recall@K", "K", "Precision", "True Sparsity", "Classifier Sparsity")
@@ -50,7 +54,8 @@ SWEEP_COLUMNS = ("model", "layer", "label_spec", "label", "k", "threshold", *SWE
 
 # ------------------------------------------------------------------------------------- per-layer statistics
 def top_mass_shares(magnitudes: torch.Tensor, fractions: list[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
-    """Per token, the share of its total magnitude held by its top int(f * width) units; and which tokens count.
+    """Per token, the share of its total magnitude held by its top fraction_count(f, width) units; and which
+    tokens count.
 
     magnitudes (n, width) >= 0; tokens whose total is 0 have no share and are masked out.
     """
@@ -59,9 +64,8 @@ def top_mass_shares(magnitudes: torch.Tensor, fractions: list[float]) -> tuple[d
     counted = total > 0
     shares = {}
     for f in fractions:
-        top = int(f * magnitudes.shape[1])
-        if top >= 1:
-            shares[f] = ordered[counted, top - 1] / total[counted]
+        top = fraction_count(f, magnitudes.shape[1])
+        shares[f] = ordered[counted, top - 1] / total[counted]
     return shares, counted
 
 
@@ -102,7 +106,7 @@ def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thre
             add("gate_negative_fraction", (g < 0).sum(), g.numel())
     stats = {key: sums[key] / counts[key] if counts[key] else None for key in sums}  # None: no token had mass
     stats["tokens_with_zero_mlp_mass"] = zero_mass_tokens
-    # None where a statistic does not apply: no mlp_gate collected, or int(f * heads) < 1
+    # None where a statistic does not apply: no mlp_gate collected
     return {"layer": layer, **{c: stats.get(c) for c in statistic_columns(thresholds, fractions)}}
 
 
@@ -139,7 +143,8 @@ def label_sweep(store: ActivationStore, model: str, layers: list[int], label_spe
             records.append({"model": model, "layer": layer, "label_spec": spec, "label": label.name,
                             "status": f"absent: {label.source_kind} was not collected (--collect-mlp-gate)"})
             continue
-        metrics = train_and_evaluate(store, "mlp", layer, args.input, label, cfg, device, max_bytes, log=tqdm.write)
+        metrics = train_and_evaluate(store, "mlp", layer, args.input, label, cfg, device, max_bytes, log=tqdm.write,
+                                     split=split_config(args))
         records.append({"model": model, "label_spec": spec, "status": "trained", **metrics})
     return records
 
@@ -161,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-seed", type=int, default=0,
                    help="seed of the statistics' row sample (default %(default)s)")
     p.add_argument("--exclude-first-token", action="store_true",
-                   help="statistics without position 0 of each document (the sweep is unaffected)")
+                   help="statistics without position 0 of each document: the BOS token, or the first text token "
+                        "when the tokenizer adds no BOS (recorded); the sweep is unaffected")
     p.add_argument("--layers", default="all", help="layers of the statistics: 'all' or e.g. '0,4,8-11'")
     p.add_argument("--no-label-sweep", action="store_true", help="only the statistics: train no predictor")
     p.add_argument("--labels", default=DEFAULT_LABELS,
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     provenance = base_manifest(kind="sparsity_stats")
     store = open_collection(args.data_dir)
     source = collection_source(store)
-    layers = parse_layers(args.layers, store.num_layers)
+    layers = parse_layer_list(args.layers, store.num_layers)
     sample = sample_rows(store, args.max_rows, args.sample_seed, args.exclude_first_token)
     gate_note = ("mlp_gate collected" if "mlp_gate" in store.kinds else
                  "mlp_gate ABSENT from this collection (collect with --collect-mlp-gate): gate statistics and the "
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                  ["model", "layer", *columns], provenance))
     if not args.no_label_sweep:
         sweep_provenance = base_manifest(kind="label_sweep")
-        sweep_layers = parse_layers(args.sweep_layers, store.num_layers)
+        sweep_layers = parse_layer_list(args.sweep_layers, store.num_layers)
         sweep = label_sweep(store, source["model"], sweep_layers, args.labels.split(","), args)
         written += write_results(args.out_dir, "label_sweep",
                                  {"analysis": "label_sweep", "source": source, "input": args.input,

@@ -1,7 +1,8 @@
 """Train DejaVu's attention-head sparse predictor for one layer of OPT (SPEC §7), as the original main_att.py.
 
 Label: head h is active for a token when the L2 norm of its attention output (att_label_{l}, before out_proj) is
-among the top int(k * heads) of that token. Default input: lookahead, att_x_{l-1} (att_x_0 for layer 0).
+among the top k * heads of that token (rounded to the nearest count: utils/selection.py). Default input:
+lookahead, att_x_{l-1} (att_x_0 for layer 0).
 
 Example: python sparse_predictor/main_att.py --model opt-125m --L 3 --lr 0.0001 --k 0.3
 """

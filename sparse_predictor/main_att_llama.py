@@ -1,9 +1,9 @@
 """Train DejaVu's attention-head sparse predictor for one layer of Llama (SPEC §7), the twin of main_att.py.
 
 Label: query head h is active for a token when the L2 norm of its attention output (att_label_{l}, before o_proj)
-is among the top int(k * heads) of that token. Heads are query heads: with grouped-query attention several
-share one key/value head, and keeping whole groups is decided at inference. Default input: lookahead,
-att_x_{l-1} (att_x_0 for layer 0).
+is among the top k * heads of that token (nearest count: utils/selection.py). Heads are query heads: with
+grouped-query attention several share one key/value head, and keeping whole groups is decided at inference.
+Default input: lookahead, att_x_{l-1} (att_x_0 for layer 0).
 
 Example: python sparse_predictor/main_att_llama.py --model llama-3.2-3b --L 3 --lr 0.0001 --k 0.3
 """

@@ -49,12 +49,14 @@ from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, acti
                                                             iter_row_chunks)
 from Decentralized_FM_alpha.utils.manifest import (REPO_ROOT, base_manifest, now, read_json,  # noqa: E402
                                                    write_json_atomic)
+from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count  # noqa: E402
 
 BLOCKS = ("mlp", "att")
 MLP_LABELS = ("relu", "topk", "threshold", "gate")
 DEFAULT_INPUT = {"mlp": "same", "att": "lookahead"}  # what the original trained on: mlp_x_l and att_x_{l-1}
 NEGATIVE_WEIGHT_FLOOR = {"mlp": 0.005, "att": 0.0}  # trainer_mlp.py adds 0.005 to w, trainer_att.py does not
 TEST_FRACTION = 0.05
+MIN_TEST_DOCS = 30  # a few held-out documents gave Recall noise of several points (SmolLM2)
 WEIGHT_DECAY = 0.01
 EARLY_STOP_PATIENCE = 5
 EARLY_STOP_RECALL = 0.99
@@ -82,8 +84,9 @@ METRIC_DEFINITIONS = {
     "Per-token Recall": "mean over held-out tokens with at least one active unit of TP/active for that token",
     "Recall@K": "predictor's top-K units vs the true top-K by the label's score, at equal budget K: hits / (K * "
                 "tokens); a predicted unit tied with the true K-th score counts as long as the tie leaves room",
-    "K": "topk labels: the label's own count int(k * out); other labels: the held-out mean number of active units "
-         "per token, rounded (at least 1)",
+    "K": "topk labels: the label's own count fraction_count(k, out); other labels: the held-out mean number of "
+         "active units per token, rounded (at least 1)",
+    "fraction_count": COUNT_RULE,
 }
 
 
@@ -98,12 +101,13 @@ class LabelSpec:
 
     def definition(self) -> str:
         return {"relu": "mlp_label > 0 (exact for a ReLU MLP: an inactive neuron contributes nothing)",
-                "topk": f"top int(k * width) of |{self.source_kind}| per token, k = {self.k}",
+                "topk": f"top fraction_count(k, width) of |{self.source_kind}| per token, k = {self.k} "
+                         f"({COUNT_RULE})",
                 "threshold": f"|mlp_label| > {self.threshold}",
                 "gate": "mlp_gate > 0 (gate projection before SiLU)"}[self.name]
 
     def top_count(self, width: int) -> int:
-        return int(width * self.k)
+        return fraction_count(self.k, width)
 
     def scores(self, values: torch.Tensor) -> torch.Tensor:
         """(rows, width) ranking of the units; the labels and the true top-K of Recall@K both come from it."""
@@ -125,9 +129,8 @@ def make_label_spec(block: str, name: str, k: float | None, threshold: float | N
     if name == "topk":
         if k is None:
             raise ValueError("--label topk needs --k (the fraction of units kept per token)")
-        if not 0 < k <= 1 or int(width * k) < 1:
-            raise ValueError(f"--k {k} keeps int({width} * {k}) = {int(width * k)} units; "
-                             f"need 0 < k <= 1 and at least 1 unit")
+        if not 0 < k <= 1:
+            raise ValueError(f"--k {k}: need a fraction 0 < k <= 1 of the {width} units")
     elif k is not None:
         raise ValueError(f"--k is only used by --label topk, not by --label {name}")
     if name == "threshold":
@@ -170,8 +173,23 @@ def resolve_input(block: str, flag: str, layer: int) -> InputSpec:
 
 
 # ------------------------------------------------------------------------------------- split
-def document_split(doc_ids: np.ndarray, test_fraction: float = TEST_FRACTION) -> np.ndarray:
-    """Boolean mask of the held-out rows: whole documents, the last ones collected, closest to 5% of the rows.
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which documents are held out: the last `test_docs` collected, or the last ones closest to `test_fraction`
+    of the rows, raised to at least min(MIN_TEST_DOCS, half the documents) so Recall is not read off a handful."""
+    test_fraction: float = TEST_FRACTION
+    test_docs: int | None = None
+
+    def describe(self) -> str:
+        if self.test_docs is not None:
+            return f"by document: the last {self.test_docs} collected documents are held out"
+        return (f"by document: the last-collected documents closest to {self.test_fraction:.0%} of the rows, at least "
+                f"min({MIN_TEST_DOCS}, half the documents), are held out")
+
+
+def document_split(doc_ids: np.ndarray, test_fraction: float = TEST_FRACTION, test_docs: int | None = None,
+                   min_test_docs: int = MIN_TEST_DOCS) -> np.ndarray:
+    """Boolean mask of the held-out rows: whole documents, the last ones collected (see SplitConfig).
 
     The original held out the last 5% of rows (`X[-idx]`, which also leaked row 0 and cut documents in two);
     taking whole documents from the end keeps its choice without letting a test document's tokens into training.
@@ -180,12 +198,21 @@ def document_split(doc_ids: np.ndarray, test_fraction: float = TEST_FRACTION) ->
     if len(docs) < 2:
         raise ValueError(f"need at least 2 documents for a document-level split, found {len(docs)}")
     last_first = np.argsort(first_row)[::-1]
-    held_rows = np.cumsum(counts[last_first])
-    target = test_fraction * len(doc_ids)
-    n_docs = int(np.searchsorted(held_rows, target)) + 1
-    if n_docs > 1 and target - held_rows[n_docs - 2] < held_rows[n_docs - 1] - target:
-        n_docs -= 1
-    n_docs = min(n_docs, len(docs) - 1)
+    if test_docs is not None:
+        if not 1 <= test_docs < len(docs):
+            raise ValueError(f"--test-docs {test_docs}: the collection has {len(docs)} documents; hold out 1 to "
+                             f"{len(docs) - 1}")
+        n_docs = test_docs
+    else:
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"--test-fraction {test_fraction}: need 0 < fraction < 1")
+        held_rows = np.cumsum(counts[last_first])
+        target = test_fraction * len(doc_ids)
+        n_docs = int(np.searchsorted(held_rows, target)) + 1
+        if n_docs > 1 and target - held_rows[n_docs - 2] < held_rows[n_docs - 1] - target:
+            n_docs -= 1
+        n_docs = max(n_docs, min(min_test_docs, len(docs) // 2))
+        n_docs = min(n_docs, len(docs) - 1)
     return np.isin(doc_ids, docs[last_first[:n_docs]])
 
 
@@ -307,6 +334,7 @@ class LayerData:
     K: int
     train: DeviceRows | None  # all training rows when they fit on the device, else None (streamed per epoch)
     window_rows: int  # training rows per streamed window
+    split: SplitConfig = SplitConfig()
 
     @property
     def rows_train(self) -> int:
@@ -340,12 +368,13 @@ def window_masks(is_test: np.ndarray, slices: list[slice], window_rows: int,
 
 
 def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
-               device: torch.device, batch_size: int, max_device_bytes: int | None = None) -> LayerData:
+               device: torch.device, batch_size: int, max_device_bytes: int | None = None,
+               split: SplitConfig = SplitConfig()) -> LayerData:
     """Split by document, put the held-out rows on the device and, if they fit, the training rows too."""
     spec = resolve_input(block, input_flag, layer)
     x_file = open_rows(store, spec.kind, spec.layer)
     label_file = open_rows(store, label.source_kind, layer)
-    is_test = document_split(store.document_ids())
+    is_test = document_split(store.document_ids(), split.test_fraction, split.test_docs)
     budget = device_budget(device, max_device_bytes)
     test = load_rows(x_file, label_file, label, is_test, device, True, f"layer {layer} held-out rows")
     K = recall_at_k_budget(label, test.labels)
@@ -362,7 +391,7 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str, 
     else:
         print(f"layer {layer}: {n_train} training rows exceed the device budget; streaming windows of "
               f"{window_rows} rows each epoch")
-    return LayerData(spec, x_file, label_file, label, is_test, test, K, train, int(window_rows))
+    return LayerData(spec, x_file, label_file, label, is_test, test, K, train, int(window_rows), split)
 
 
 def recall_at_k_budget(label: LabelSpec, test_labels: torch.Tensor) -> int:
@@ -627,7 +656,7 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, store: Activa
         "k": data.label.k, "threshold": data.label.threshold,
         "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
         "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
-        "split": f"by document: the last-collected documents closest to {TEST_FRACTION:.0%} of the rows are held out",
+        "split": data.split.describe(), "test_documents": [int(d) for d in np.unique(docs[data.is_test])],
         "predictor": {"layers": ["Linear(d, D, bias=False)", "Linear(D, out, bias=False)"],
                       "d": data.x_file.width, "D": cfg.D, "out": data.label_file.width},
         "hyperparameters": {**asdict(cfg), "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
@@ -640,7 +669,8 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, store: Activa
         "metric_definitions": METRIC_DEFINITIONS,
         "timings": timings,
         "data": {"data_dir": str(store.data_dir), "rows": store.rows, "dims": asdict(store.dims),
-                 **{key: store.manifest.get(key) for key in ("model_name", "model_type", "source_data", "git_commit")}},
+                 **{key: store.manifest.get(key) for key in ("model_name", "model_type", "source_data", "git_commit",
+                                                             "weights", "tokenizer", "partial_document")}},
         "checkpoint": f"{block}_layer{layer}.pt",
         "provenance": {**provenance, "end_time": now()},
     }
@@ -711,7 +741,8 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
         p.add_argument("--threshold", type=float, default=None, help="|mlp_label| cut for --label threshold")
     else:
         p.add_argument("--k", type=float, default=defaults["k"],
-                       help="fraction of heads active per token: top int(k * heads) head norms (default %(default)s)")
+                       help="fraction of heads active per token: the top fraction_count(k, heads) head norms, "
+                            "rounded to the nearest count (default %(default)s)")
     add_training_arguments(p, lr=defaults["lr"])
     return p
 
@@ -727,6 +758,11 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
                    help="which epoch's predictor is kept. " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
                         + " Default %(default)s")
+    p.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                   help="held-out share of the rows, taken as whole documents from the end of the collection and "
+                        f"raised to at least min({MIN_TEST_DOCS}, half the documents) (default %(default)s)")
+    p.add_argument("--test-docs", type=int, default=None,
+                   help="hold out exactly this many documents (the last collected) instead of --test-fraction")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="launch every training step's kernels from Python instead of replaying a captured CUDA graph")
     p.add_argument("--max-device-gb", type=float, default=None,
@@ -737,6 +773,10 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(D=args.D, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        selection=args.selection, cuda_graphs=not args.no_cuda_graphs)
+
+
+def split_config(args: argparse.Namespace) -> SplitConfig:
+    return SplitConfig(args.test_fraction, args.test_docs)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -784,7 +824,8 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         provenance = base_manifest(args=vars(args))
         print("=" * 40, "Layer", layer, "=" * 40)
         start = time.perf_counter()
-        data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes)
+        data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes,
+                          split_config(args))
         loaded = time.perf_counter()
         result = train_predictor(data, block, cfg)
         timings = {"load_s": loaded - start, "train_and_eval_s": time.perf_counter() - loaded,

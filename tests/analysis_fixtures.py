@@ -24,7 +24,7 @@ def write_collection(path: Path, dims: ModelDims, doc_lengths: list[int], values
         padded = torch.zeros(*valid.shape, flat.shape[1])
         padded[valid] = torch.from_numpy(flat).float()  # (doc, position) order, as the writer reads the mask
         writer.save(kind, layer, padded)
-    writer.end_batch(len(doc_lengths))
+    writer.end_batch()
     writer.finish("done")
     return path
 

@@ -185,7 +185,7 @@ def test_sparsity_statistics_have_the_hand_computed_values(tmp_path):
     assert stats["mlp_top0.25_mass"] == pytest.approx((3 / 4 + 2 / 4 + 1 + 1) / 4, rel=1e-6)
     assert stats["mlp_top0.5_mass"] == pytest.approx(1.0)
     assert stats["att_top0.5_mass"] == pytest.approx((3 / 4 + 2 / 4 + 1 + 1 / 2) / 4)
-    assert stats["att_top0.25_mass"] is None  # int(0.25 * 2 heads) = 0 heads
+    assert stats["att_top0.25_mass"] == pytest.approx((3 / 4 + 2 / 4 + 1 + 1 / 2) / 4)  # 0.25 of 2 heads: 1 head
     assert stats["gate_negative_fraction"] is None and "ABSENT" in result["mlp_gate"]
     assert result["provenance"]["git_commit"] and result["provenance"]["command"]
     with open(written[1]) as f:

@@ -40,7 +40,7 @@ def write_store(path: Path, dims: ModelDims, doc_lengths: list[int], values: dic
         padded = torch.zeros(*valid.shape, flat.shape[1])
         padded[valid] = torch.from_numpy(flat).float()  # rows go in (doc, position) order, as the writer reads them
         writer.save(kind, layer, padded)
-    writer.end_batch(len(doc_lengths))
+    writer.end_batch()
     writer.finish("done")
     return path
 
@@ -114,7 +114,7 @@ def test_labels_follow_their_definitions():
 @pytest.mark.parametrize("name,k,threshold,message", [
     ("topk", None, None, "needs --k"), ("relu", 0.5, None, "only used by --label topk"),
     ("threshold", None, None, "needs --threshold"), ("topk", 0.5, 1.0, "only used by --label threshold"),
-    ("topk", 0.1, None, "keeps int"),
+    ("topk", 1.5, None, "need a fraction"),
 ])
 def test_label_flags_that_do_not_fit_are_errors(name, k, threshold, message):
     with pytest.raises(ValueError, match=message):
@@ -127,7 +127,7 @@ def test_document_split_holds_out_whole_last_documents_near_five_percent():
     lengths = rng.integers(5, 60, size=200)
     ids = rng.permutation(10_000)[:200]  # ids in no particular order
     doc_ids = np.repeat(ids, lengths)
-    is_test = document_split(doc_ids)
+    is_test = document_split(doc_ids, min_test_docs=0)
     assert not set(doc_ids[is_test]) & set(doc_ids[~is_test])
     assert 0.04 < is_test.mean() < 0.06
     assert is_test[-1] and not is_test[0]  # the tail, as the original's X[-idx]
@@ -275,7 +275,7 @@ def test_original_selection_stops_once_held_out_recall_exceeds_0_99(learnable_st
 def test_streamed_windows_learn_like_the_resident_layer(learnable_store, tmp_path):
     [json_path] = main_att.main(["--data-dir", str(learnable_store), "--out-dir", str(tmp_path), "--L", "0",
                                  "--epochs", "4", "--D", "64", "--lr", "0.003", "--k", "0.25", "--device", "cpu",
-                                 "--max-device-gb", str(2500 * (2 * 64 + 16) / 2**30)])
+                                 "--test-docs", "6", "--max-device-gb", str(2500 * (2 * 64 + 16) / 2**30)])
     record = json.loads(json_path.read_text())
     assert record["hyperparameters"]["resident_on_device"] is False
     assert record["Recall@K"] > 0.6  # chance is K/heads = 0.25

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -23,6 +22,7 @@ from torch import nn
 
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.manifest import file_sha256
+from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_list
 
 MODES = ("dense", "predictor", "oracle", "random")
 Budget = Union[int, float]
@@ -42,17 +42,11 @@ def parse_budget(text: str) -> Budget:
 
 
 def budget_count(budget: Budget, total: int, what: str) -> int:
-    count = budget if isinstance(budget, int) else max(1, round(budget * total))
+    """A count as given, or a fraction turned into a count by the rule the trainer's labels use."""
+    count = budget if isinstance(budget, int) else fraction_count(budget, total)
     if count > total:
         raise ValueError(f"{what} budget {budget} exceeds the {total} available")
     return count
-
-
-def parse_layer_range(text: str, num_layers: int) -> range:
-    match = re.fullmatch(r"(\d+)-(\d+)", text.strip())
-    if not match or int(match[1]) > int(match[2]) or int(match[2]) >= num_layers:
-        raise ValueError(f"--sparse-layers must be A-B with 0 <= A <= B < {num_layers}, got {text!r}")
-    return range(int(match[1]), int(match[2]) + 1)
 
 
 @dataclass
@@ -193,10 +187,13 @@ def plan_from_args(args, num_layers: int) -> SparsityPlan:
     predictor_dir = args.predictor_dir or env.get("SPRARSE_PATH")
     mlp_budget = args.mlp_topk or env.get("TOPK")
     att_budget = args.att_topk or (env.get("ATTN_TOPK_1") if env.get("SPARSE_ATT") == "1" else None)
-    layers = parse_layer_range(args.sparse_layers, num_layers) if args.sparse_layers else range(num_layers)
+    try:
+        layers = parse_layer_list(args.sparse_layers or "all", num_layers)
+    except ValueError as e:
+        raise ValueError(f"--sparse-layers: {e}") from e
     mlp_layers = layers
     if not args.mlp_topk and "LAYER" in env:  # original: MLP sparsity in layers below $LAYER
-        mlp_layers = range(min(int(env["LAYER"]), num_layers))
+        mlp_layers = list(range(min(int(env["LAYER"]), num_layers)))
     mlp = {l: parse_budget(str(mlp_budget)) for l in mlp_layers} if mlp_budget else {}
     att = {l: parse_budget(str(att_budget)) for l in layers} if att_budget else {}
     if att and not args.att_topk and env.get("ATTN_TOPK_2"):

@@ -50,6 +50,23 @@ def layer_range(rank: int, num_layers: int, max_layers: int, world_size: int) ->
     return layers
 
 
+def bos_facts(tokenizer) -> dict[str, Any]:
+    """Whether the tokenizer starts every sequence with a BOS token, and what position 0 therefore holds.
+
+    Llama 3 and OPT tokenizers add one; SmolLM2's does not. Position 0 has no log-prob either way, so without a BOS
+    the first text token of every request goes unscored, and `--exclude-first-token` drops a text token.
+    """
+    probe = "The"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    adds_bos = (tokenizer.bos_token_id is not None and len(with_special) > len(plain)
+                and with_special[0] == tokenizer.bos_token_id)
+    return {"adds_bos": bool(adds_bos), "bos_token": tokenizer.bos_token, "bos_token_id": tokenizer.bos_token_id,
+            "position_0": "the BOS token" if adds_bos else "the first text token (this tokenizer adds no BOS)",
+            "scored_tokens": ("every text token (log-probs from position 1; position 0 is the BOS)" if adds_bos else
+                              "every text token but the first of each request (no BOS: position 0 has no context)")}
+
+
 @dataclass
 class Encoded:
     request: Request
@@ -70,6 +87,7 @@ class DistInferenceMaskTokenPipeSync:
         if self.config.model_type != self.family:
             raise ValueError(f"{args.model_name} holds a {self.config.model_type!r} model, --model-type is {args.model_type}")
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+        self.bos = bos_facts(self.tokenizer)
         total = self.config.num_hidden_layers
         self.max_layers = args.max_layers or total
         if not 0 < self.max_layers <= total:
@@ -82,6 +100,7 @@ class DistInferenceMaskTokenPipeSync:
         self._load_model(block_kwargs(self) if block_kwargs else {})
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
         self.truncated_prompts = 0
+        self.batch_positions = {"real_tokens": 0, "padding": 0}  # echo batches: what sorting by length saves
 
     # ------------------------------------------------------------------------------ loading
     def _load_model(self, block_kwargs: dict) -> None:
@@ -107,7 +126,7 @@ class DistInferenceMaskTokenPipeSync:
         dropped = max(0, len(ids) - limit)
         if dropped:
             # Left truncation keeps the beginning-of-sequence token the model always saw first.
-            keep_bos = ids[0] == self.tokenizer.bos_token_id and limit > 1
+            keep_bos = self.bos["adds_bos"] and ids[0] == self.tokenizer.bos_token_id and limit > 1
             head = 1 if keep_bos else 0
             ids = ids[:head] + ids[head + dropped:]
             offsets = offsets[:head] + offsets[head + dropped:]
@@ -177,6 +196,9 @@ class DistInferenceMaskTokenPipeSync:
         for row, e in enumerate(batch):
             ids[row, : len(e.ids)] = torch.tensor(e.ids)
             valid[row, : len(e.ids)] = True
+        real = int(valid.sum())
+        self.batch_positions["real_tokens"] += real
+        self.batch_positions["padding"] += valid.numel() - real
         return ids.to(self.device), valid.to(self.device)
 
     def echo_batch(self, batch: list[Encoded], before_forward=None) -> list[dict[str, Any]]:
@@ -273,25 +295,32 @@ class DistInferenceMaskTokenPipeSync:
         return choice_record(text, index, tokens, lps, tops, offsets, finish)
 
     # ------------------------------------------------------------------------------ the run
-    def batches(self, requests: list[Request]):
-        """Echo requests in file order, grouped by --token-micro-batch-size and the --budget of padded tokens."""
-        batch: list[Encoded] = []
-        for request in requests:
-            e = self.encode(request)
-            longest = max([len(e.ids)] + [len(b.ids) for b in batch])
+    def processing_order(self, encoded: list[Encoded], collecting: bool) -> list[int]:
+        """Positions of the echo requests in the order they are run: longest first (similar lengths share a batch,
+        so padding stays small) unless --sort-requests file or a collection, which stores documents in file order."""
+        if collecting or self.args.sort_requests == "file":
+            return list(range(len(encoded)))
+        return sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
+
+    def batches(self, encoded: list[Encoded], order: list[int]):
+        """Positions in `order`, grouped by --token-micro-batch-size and the --budget of padded tokens."""
+        batch: list[int] = []
+        longest = 0
+        for position in order:
+            longest = max(longest, len(encoded[position].ids))
             if batch and (len(batch) == self.args.token_micro_batch_size or longest * (len(batch) + 1) > self.args.budget):
                 yield batch
-                batch = []
-            batch.append(e)
+                batch, longest = [], len(encoded[position].ids)
+            batch.append(position)
         if batch:
             yield batch
 
     def run(self, requests: list[Request], output_path: Optional[Path], before_forward=None, after_batch=None,
             append: bool = False) -> list:
-        """All requests; on the last rank the results are written to `output_path` as they come.
+        """All requests; on the last rank the results are written to `output_path` in request order.
 
-        `before_forward(batch, ids, valid)` and `after_batch(num_docs) -> stop` let collection
-        see every echo batch; they require echo requests only.
+        `before_forward(batch, ids, valid)` and `after_batch() -> stop` let collection see every echo batch;
+        they require echo requests only.
         """
         results = []
         out = open(output_path, "a" if append else "w") if (output_path is not None and self.is_last) else None
@@ -301,10 +330,15 @@ class DistInferenceMaskTokenPipeSync:
                 raise ValueError("collection needs echo requests (max_tokens 0) only")
             progress = tqdm(total=len(requests), desc=f"rank {self.rank} requests", disable=not self.is_last)
             if all_echo:
-                for batch in self.batches(requests):
-                    self._emit(self.echo_batch(batch, before_forward), out, results)
-                    progress.update(len(batch))
-                    if after_batch is not None and after_batch(len(batch)):
+                encoded = [self.encode(r) for r in requests]
+                finished: dict[int, dict] = {}  # results run ahead of an earlier request, by position
+                for positions in self.batches(encoded, self.processing_order(encoded, before_forward is not None)):
+                    new = self.echo_batch([encoded[p] for p in positions], before_forward)
+                    finished.update(zip(positions, new))  # nothing on ranks other than the last
+                    while len(results) in finished:  # write every result whose predecessors are written
+                        self._emit([finished.pop(len(results))], out, results)
+                    progress.update(len(positions))
+                    if after_batch is not None and after_batch():
                         break
             else:  # generation in the file: one request at a time, in file order
                 for request in requests:

@@ -138,7 +138,8 @@ class ActivationWriter:
                                       files={f"{k}_{l}.mmap": [capacity, dims.width(k)]
                                              for l in range(dims.num_layers) for k in kinds},
                                       token_index=[TOKEN_INDEX, "(rows_written, 3) int32: document id, position, token id"])
-        self.docs_done, self.rows_written = self._resume_point()
+        # docs_done: documents stored whole; partial_document: the one the capacity cut short, with the rows it holds
+        self.docs_done, self.rows_written, self.partial_document = self._resume_point()
         self._check_compatible_with_existing()
         self.mmaps = {(k, l): self._open_for_write(activation_file(self.data_dir, k, l), dims.width(k))
                       for l in layers for k in kinds}
@@ -146,20 +147,21 @@ class ActivationWriter:
         self.full = self.rows_written >= capacity
         self._batch_mask: torch.Tensor | None = None
         self._batch_rows = 0
+        self._batch_docs: list[tuple[int, int]] = []  # (document id, real tokens) of the batch, in row order
         if rank == 0:
             self._write_manifest(complete=False)
 
     # -- resume
-    def _resume_point(self) -> tuple[int, int]:
+    def _resume_point(self) -> tuple[int, int, dict | None]:
         points = []
         for r in range(self.world_size):
             path = progress_file(self.data_dir, r)
             if path.is_file():
                 p = read_json(path)
-                points.append((p["docs_done"], p["rows_written"]))
+                points.append((p["docs_done"], p["rows_written"], p.get("partial_document")))
             else:
-                points.append((0, 0))
-        return min(points)
+                points.append((0, 0, None))
+        return min(points, key=lambda p: p[:2])
 
     def _check_compatible_with_existing(self) -> None:
         old = self.data_dir / MANIFEST
@@ -192,6 +194,7 @@ class ActivationWriter:
         self._batch_mask = valid
         n = int(valid.sum())
         self._batch_rows = min(n, self.capacity - self.rows_written)
+        self._batch_docs = list(zip(doc_ids, valid.sum(dim=1).tolist()))
         if self.token_index is not None and self._batch_rows > 0:
             b_idx, t_idx = torch.nonzero(valid.cpu(), as_tuple=True)
             rows = torch.stack([torch.tensor(doc_ids)[b_idx], t_idx, token_ids.cpu()[b_idx, t_idx]], dim=1)
@@ -208,18 +211,30 @@ class ActivationWriter:
                                 f"(value outside +-65504); refusing to store inf")
         self.mmaps[(kind, layer)][self.rows_written:self.rows_written + self._batch_rows] = rows.cpu().numpy()
 
-    def end_batch(self, docs_in_batch: int) -> None:
-        """Commit the batch: flush, then record the new resume point."""
+    def end_batch(self) -> None:
+        """Commit the batch: flush, then record the new resume point (documents stored whole, rows)."""
         for m in self.mmaps.values():
             m.flush()
         if self.token_index is not None:
             self.token_index.flush()
         self.rows_written += self._batch_rows
-        self.docs_done += docs_in_batch
+        self._count_documents(self._batch_rows)
         self.full = self.rows_written >= self.capacity
         write_json_atomic(progress_file(self.data_dir, self.rank),
-                          {"docs_done": self.docs_done, "rows_written": self.rows_written})
-        self._batch_mask, self._batch_rows = None, 0
+                          {"docs_done": self.docs_done, "rows_written": self.rows_written,
+                           "partial_document": self.partial_document})
+        self._batch_mask, self._batch_rows, self._batch_docs = None, 0, []
+
+    def _count_documents(self, rows: int) -> None:
+        """Documents whose every token was stored count as done; one cut by the capacity is recorded as partial."""
+        for doc, tokens in self._batch_docs:
+            if rows >= tokens:
+                self.docs_done += 1
+                rows -= tokens
+            else:
+                if rows > 0:
+                    self.partial_document = {"document": int(doc), "rows": int(rows), "tokens": int(tokens)}
+                return
 
     # -- the end
     def finish(self, stopped_reason: str) -> None:
@@ -232,7 +247,8 @@ class ActivationWriter:
         self._write_manifest(complete=True, stopped_reason=stopped_reason)
 
     def _write_manifest(self, complete: bool, stopped_reason: str | None = None) -> None:
-        self.manifest.update(rows_written=self.rows_written, docs_done=self.docs_done, complete=complete,
+        self.manifest.update(rows_written=self.rows_written, docs_done=self.docs_done,
+                             partial_document=self.partial_document, complete=complete,
                              stopped_reason=stopped_reason, end_time=now() if complete else None)
         write_json_atomic(self.data_dir / MANIFEST, self.manifest)
 

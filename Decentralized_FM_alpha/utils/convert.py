@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic
+from Decentralized_FM_alpha.utils.manifest import (CONVERSION_MANIFEST, base_manifest, file_sha256, now,
+                                                   write_json_atomic)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # One converted file: {key in the file: name of the HF tensor}
@@ -85,6 +88,71 @@ class WeightReader:
         return out
 
 
+class GGUFWeightReader:
+    """The tensors of a GGUF file (llama.cpp's format), dequantized to float32 and given their Hugging Face names by
+    transformers' GGUF loader, which also undoes llama.cpp's row permutation of q_proj / k_proj.
+
+    GGUF files are single files of small or quantized models: the whole file is read at once. A GGUF tensor that the
+    loader does not map to a parameter of the model is an error naming it (the loader itself skips such tensors).
+    """
+
+    IGNORABLE = ("rope_freqs.weight",)  # llama.cpp's precomputed llama3 rope factors, rebuilt from the config
+
+    def __init__(self, gguf_path: Path, config):
+        from gguf import GGUFReader
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (TensorProcessor, get_gguf_hf_weights_map,
+                                                               load_gguf_checkpoint)
+
+        self.model_dir = gguf_path
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        mapped = get_gguf_hf_weights_map(model, TensorProcessor(config=config.to_dict()))
+        unknown = sorted(t.name for t in GGUFReader(str(gguf_path)).tensors
+                         if t.name not in mapped and t.name not in self.IGNORABLE)
+        if unknown:
+            raise ValueError(f"{gguf_path}: GGUF tensors with no place in the {config.model_type} model: {unknown[:10]}")
+        self.tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise KeyError(f"{self.model_dir}: tensors not found in the GGUF file: {missing}")
+        return {n: self.tensors[n] for n in names}
+
+
+def resolve_gguf_file(model_name: str, gguf_file: Optional[str], auth_token: Optional[str] = None) -> Optional[Path]:
+    """The GGUF file to convert: --model-name itself when it is a .gguf path, else --gguf-file (a path, a file in the
+    --model-name directory, or a file of the hub repository --model-name); None when neither names one."""
+    if gguf_file is None:
+        return Path(model_name) if model_name.endswith(".gguf") and Path(model_name).is_file() else None
+    for candidate in (Path(gguf_file), Path(model_name) / gguf_file):
+        if candidate.is_file():
+            return candidate
+    if Path(model_name).is_dir() or model_name.startswith((".", "/")):
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file} (nor {Path(model_name) / gguf_file})")
+    from huggingface_hub import hf_hub_download  # imported here: only the hub path needs it
+
+    return Path(hf_hub_download(model_name, gguf_file, token=auth_token or os.environ.get("HF_TOKEN")))
+
+
+def gguf_facts(gguf_path: Path) -> dict:
+    """File, sha256 and tensor types of a GGUF file, and a one-line note that later manifests carry."""
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(str(gguf_path)).tensors)
+    quantized = {name: n for name, n in types.items() if name not in ("F32", "F16", "BF16", "F64")}
+    bits = sorted({int(m[1]) for name in quantized if (m := re.match(r"I?Q(\d+)", name))})
+    listing = ", ".join(f"{name} x{n}" for name, n in types.most_common())
+    note = (f"dequantized to float32 from {bits[0]}-bit GGUF {gguf_path.name} ({listing}): quantized weights, not the "
+            f"original checkpoint" if quantized else f"read from GGUF {gguf_path.name} ({listing}), not quantized")
+    return {"file": gguf_path.name, "path": str(gguf_path.resolve()), "sha256": file_sha256(gguf_path),
+            "tensor_types": dict(types.most_common()), "quantized_bits": bits, "note": note}
+
+
 def write_converted(reader: WeightReader, plan: FilePlan, save_path: Path, dtype: Optional[torch.dtype]) -> None:
     """Write each planned file; every tensor of the checkpoint must be used exactly once or be listed as ignored."""
     save_path.mkdir(parents=True, exist_ok=True)
@@ -105,13 +173,18 @@ def check_plan_covers(reader: WeightReader, plan: FilePlan, ignorable: Callable[
                          f"{' ...' if len(unused) > 10 else ''}")
 
 
-def save_config_and_tokenizer(model_dir: Path, save_path: Path, config) -> None:
+def save_config_and_tokenizer(model_dir: Path, save_path: Path, config, gguf_file: Optional[Path] = None) -> None:
     from transformers import AutoTokenizer
 
     config.save_pretrained(save_path)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(save_path)
+    if gguf_file is None:
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(save_path)
+    else:  # the tokenizer is rebuilt from the GGUF metadata
+        AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(save_path)
 
 
-def write_conversion_manifest(save_path: Path, model_name: str, dtype_name: str, plan: FilePlan) -> None:
-    write_json_atomic(save_path / "conversion_manifest.json",
-                      base_manifest(source=model_name, dtype=dtype_name, files=sorted(plan), end_time=now()))
+def write_conversion_manifest(save_path: Path, model_name: str, dtype_name: str, plan: FilePlan,
+                              gguf: Optional[dict] = None) -> None:
+    extra = {"gguf": gguf, "weights_note": gguf["note"]} if gguf else {}
+    write_json_atomic(save_path / CONVERSION_MANIFEST,
+                      base_manifest(source=model_name, dtype=dtype_name, files=sorted(plan), end_time=now(), **extra))

@@ -72,3 +72,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"missing file: {path}")
     with open(path) as f:
         return json.load(f)
+
+
+CONVERSION_MANIFEST = "conversion_manifest.json"
+
+
+def weights_provenance(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Where a converted checkpoint's weights came from (its conversion manifest), carried by every later manifest:
+    above all whether they were dequantized from a quantized GGUF file."""
+    path = Path(model_dir) / CONVERSION_MANIFEST
+    if not path.is_file():
+        return {"conversion_manifest": None, "note": f"no {CONVERSION_MANIFEST} in {model_dir}: origin unknown"}
+    m = read_json(path)
+    return {"conversion_manifest": str(path.resolve()), "source": m.get("source"), "dtype": m.get("dtype"),
+            "gguf": m.get("gguf"), "note": m.get("weights_note", "converted from a Hugging Face checkpoint")}
