@@ -22,7 +22,7 @@ from transformers import AutoConfig, LlamaConfig  # noqa: E402
 
 from Decentralized_FM_alpha.modules.hf_llama_module import check_supported  # noqa: E402
 from Decentralized_FM_alpha.utils.convert import (DTYPES, FilePlan, GGUFWeightReader, WeightReader,  # noqa: E402
-                                                  check_plan_covers, gguf_facts, resolve_gguf_file, resolve_model_dir,
+                                                  check_plan_covers, resolve_gguf_file, resolve_model_dir,
                                                   save_config_and_tokenizer, write_converted,
                                                   write_conversion_manifest)
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     save_path = Path(args.save_path)
     write_converted(reader, plan, save_path, DTYPES.get(args.dtype))
     save_config_and_tokenizer(model_dir, save_path, config, gguf_file)
-    gguf = gguf_facts(gguf_file) if gguf_file is not None else None
+    gguf = reader.facts() if gguf_file is not None else None
     dtype = args.dtype or ("float32 (dequantized GGUF)" if gguf else "as checkpoint")
     write_conversion_manifest(save_path, args.model_name, dtype, plan, gguf)
     print(f"converted {args.model_name}{f' ({gguf_file.name})' if gguf else ''}: {config.num_hidden_layers} layers "

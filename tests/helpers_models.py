@@ -80,3 +80,52 @@ def make_llama(tmp: Path, tokenizer_dir: Path, seed: int = 0, config: LlamaConfi
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def hf_reference_activations(model, family: str, ids: list[int]) -> dict[str, list[torch.Tensor]]:
+    """att_x, att_label, mlp_x, mlp_label (and mlp_gate) of every layer, (T, width), from HF hooks."""
+    layers = model.model.decoder.layers if family == "opt" else model.model.layers
+    found: dict[str, list] = {k: [None] * len(layers) for k in ("att_x", "att_label", "mlp_x", "mlp_label", "mlp_gate")}
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        out_proj = attn.out_proj if family == "opt" else attn.o_proj
+        heads = attn.num_heads if hasattr(attn, "num_heads") else model.config.num_attention_heads
+
+        def block_in(mod, args, kwargs, i=i):
+            found["att_x"][i] = (args[0] if args else kwargs["hidden_states"])[0].clone()
+
+        def head_norms(mod, args, i=i, heads=heads):
+            x = args[0][0]
+            found["att_label"][i] = x.view(x.shape[0], heads, -1).norm(dim=-1)
+
+        hooks.append(layer.register_forward_pre_hook(block_in, with_kwargs=True))
+        hooks.append(out_proj.register_forward_pre_hook(head_norms))
+        if family == "opt":
+            def mlp_in(mod, args, i=i):
+                x = args[0]  # HF OPT flattens (B, T, d) to (B*T, d) before final_layer_norm
+                found["mlp_x"][i] = x.reshape(-1, x.shape[-1]).clone()
+
+            def mlp_act(mod, args, i=i):
+                found["mlp_label"][i] = args[0].reshape(-1, args[0].shape[-1]).clone()  # input of fc2
+
+            hooks.append(layer.final_layer_norm.register_forward_pre_hook(mlp_in))
+            hooks.append(layer.fc2.register_forward_pre_hook(mlp_act))
+        else:
+            def mlp_in(mod, args, i=i):
+                found["mlp_x"][i] = args[0][0].clone()
+
+            def mlp_act(mod, args, i=i):
+                found["mlp_label"][i] = args[0][0].clone()
+
+            def gate(mod, args, out, i=i):
+                found["mlp_gate"][i] = out[0].clone()
+
+            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(mlp_in))
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_act))
+            hooks.append(layer.mlp.gate_proj.register_forward_hook(gate))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return found

@@ -12,59 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
-from tests.helpers_models import make_llama, make_opt
+from tests.helpers_models import hf_reference_activations, make_llama, make_opt
 from tests.runner_helpers import REPO, RUNNER, c4_texts, run_one_rank, run_ranks, write_requests
 
 FP16_TOL = dict(rtol=2e-3, atol=2e-3)  # float16 rounding of the stored values
-
-
-def hf_reference_activations(model, family: str, ids: list[int]) -> dict[str, list[torch.Tensor]]:
-    """att_x, att_label, mlp_x, mlp_label (and mlp_gate) of every layer, (T, width), from HF hooks."""
-    layers = model.model.decoder.layers if family == "opt" else model.model.layers
-    found: dict[str, list] = {k: [None] * len(layers) for k in ("att_x", "att_label", "mlp_x", "mlp_label", "mlp_gate")}
-    hooks = []
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        out_proj = attn.out_proj if family == "opt" else attn.o_proj
-        heads = attn.num_heads if hasattr(attn, "num_heads") else model.config.num_attention_heads
-
-        def block_in(mod, args, kwargs, i=i):
-            found["att_x"][i] = (args[0] if args else kwargs["hidden_states"])[0].clone()
-
-        def head_norms(mod, args, i=i, heads=heads):
-            x = args[0][0]
-            found["att_label"][i] = x.view(x.shape[0], heads, -1).norm(dim=-1)
-
-        hooks.append(layer.register_forward_pre_hook(block_in, with_kwargs=True))
-        hooks.append(out_proj.register_forward_pre_hook(head_norms))
-        if family == "opt":
-            def mlp_in(mod, args, i=i):
-                x = args[0]  # HF OPT flattens (B, T, d) to (B*T, d) before final_layer_norm
-                found["mlp_x"][i] = x.reshape(-1, x.shape[-1]).clone()
-
-            def mlp_act(mod, args, i=i):
-                found["mlp_label"][i] = args[0].reshape(-1, args[0].shape[-1]).clone()  # input of fc2
-
-            hooks.append(layer.final_layer_norm.register_forward_pre_hook(mlp_in))
-            hooks.append(layer.fc2.register_forward_pre_hook(mlp_act))
-        else:
-            def mlp_in(mod, args, i=i):
-                found["mlp_x"][i] = args[0][0].clone()
-
-            def mlp_act(mod, args, i=i):
-                found["mlp_label"][i] = args[0][0].clone()
-
-            def gate(mod, args, out, i=i):
-                found["mlp_gate"][i] = out[0].clone()
-
-            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(mlp_in))
-            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_act))
-            hooks.append(layer.mlp.gate_proj.register_forward_hook(gate))
-    with torch.no_grad():
-        model(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return found
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
@@ -115,15 +66,25 @@ def test_token_index_and_manifest(collected, tiny_tokenizer_dir):
     assert manifest["config"]["num_layers"] == 3 and manifest["capacity"] == 400_000
     assert set(manifest["files"]) == {f"{k}_{l}.mmap" for k in manifest["kinds"] for l in range(3)}
     assert "mlp_label" in manifest["label_definitions"] and manifest["git_commit"]
+    assert manifest["partial_document"] is None and manifest["docs_done"] == len(prompts)
+    assert manifest["tokenizer"]["adds_bos"] is True and manifest["tokenizer"]["position_0"] == "the BOS token"
+    assert manifest["weights"]["source"] and manifest["weights"]["gguf"] is None
 
 
-def test_capacity_reached_stops_cleanly(collected, tmp_path):
-    family, _, converted, req, _, data, _ = collected
+def test_capacity_reached_stops_cleanly_and_records_the_cut_document_as_partial(collected, tmp_path,
+                                                                                  tiny_tokenizer_dir):
+    family, _, converted, req, prompts, data, _ = collected
     run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
                   "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(tmp_path / "d"),
-                  "--collect-tokens", "50", "--token-micro-batch-size", "1"])
+                  "--collect-tokens", "50", "--token-micro-batch-size", "2"])
     small, full = ActivationStore(tmp_path / "d"), ActivationStore(data)
     assert small.rows == 50 and small.manifest["stopped_reason"] == "capacity reached"
+    lengths = [len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)(p)["input_ids"]) for p in prompts]
+    whole = int(np.searchsorted(np.cumsum(lengths), 50, side="right"))  # documents that fit entirely in 50 rows
+    stored = sum(lengths[:whole])
+    assert stored < 50  # the capacity cuts a document of the fixture
+    assert small.manifest["docs_done"] == whole
+    assert small.manifest["partial_document"] == {"document": whole, "rows": 50 - stored, "tokens": lengths[whole]}
     np.testing.assert_array_equal(np.asarray(small.open("mlp_x", 1)), np.asarray(full.open("mlp_x", 1)[:50]))
     np.testing.assert_array_equal(small.token_index(), full.token_index()[:50])
 

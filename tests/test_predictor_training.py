@@ -320,3 +320,44 @@ def test_fast_trainer_matches_the_straightforward_reference_within_one_point(lea
     assert fast["rows_train"] == 8000 - fast["rows_test"]
     assert 0.5 < reference["recall_by_epoch"][1] < 0.99  # still learning: the comparison is not at a ceiling
     assert abs(fast["recall_by_epoch"][1] - reference["recall_by_epoch"][1]) < 0.01
+
+
+# ------------------------------------------------------------------------------------- one count rule, split size
+def test_sparse_runner_keeps_exactly_the_count_the_trainer_labelled_at_k_0_3(tmp_path):
+    from Decentralized_FM_alpha.modules.sparsity import SparsityController, SparsityPlan, parse_budget
+    from Decentralized_FM_alpha.utils.selection import fraction_count
+
+    dims = ModelDims(32, 96, 4, 4, 1)
+    assert int(0.3 * 96) != fraction_count(0.3, 96)  # 28.8: floor and nearest differ, so the test can tell them apart
+    store = tmp_path / "store"
+    write_synthetic_store(store, dims, 3000, ("mlp_x", "mlp_label"), doc_len=32, seed=3)
+    [json_path] = main_mlp_llama.main(["--data-dir", str(store), "--out-dir", str(tmp_path / "pred"), "--L", "0",
+                                       "--k", "0.3", "--epochs", "1", "--D", "16", "--device", "cpu"])
+    record = json.loads(json_path.read_text())
+    labels = make_label_spec("mlp", "topk", 0.3, None, 96).labels(torch.randn(5, 96).abs())
+    assert (labels.sum(dim=1) == record["K"]).all()  # the training labels hold K units per token
+    plan = SparsityPlan("predictor", mlp_budgets={0: parse_budget("0.3")}, predictor_dir=tmp_path / "pred")
+    controller = SparsityController(plan, dims, range(1), torch.device("cpu"))
+    x = torch.randn(2, 7, 32)
+    controller.observe(0, "mlp_x", lambda: x)  # the input the JSON says the predictor was trained on
+    kept = controller.keep_neurons(0, torch.randn(2, 7, 96) + 10)  # no zero activation
+    assert ((kept != 0).sum(dim=-1) == record["K"]).all()
+
+
+def test_default_split_holds_out_at_least_30_documents_and_records_them(tmp_path):
+    doc_ids = np.repeat(np.arange(200), 20)  # 200 equal documents: 5% of the rows would be 10 documents
+    assert len(np.unique(doc_ids[document_split(doc_ids)])) == 30
+    few = doc_ids[:40 * 20]  # 40 documents: at most half are held out
+    assert len(np.unique(few[document_split(few)])) == 20
+    exact = document_split(doc_ids, test_docs=7)
+    assert set(np.unique(doc_ids[exact])) == set(range(193, 200))
+    with pytest.raises(ValueError, match="--test-docs 200"):
+        document_split(doc_ids, test_docs=200)
+    store = tmp_path / "store"
+    write_synthetic_store(store, ModelDims(32, 64, 4, 4, 1), 2400, ("mlp_x", "mlp_label"), doc_len=32, seed=4)
+    [json_path] = main_mlp.main(["--data-dir", str(store), "--out-dir", str(tmp_path / "out"), "--L", "0",
+                                 "--epochs", "1", "--D", "16", "--device", "cpu", "--test-docs", "12"])
+    record = json.loads(json_path.read_text())
+    docs = ActivationStore(store).document_ids()
+    assert record["documents_test"] == 12 and record["test_documents"] == sorted(np.unique(docs)[-12:].tolist())
+    assert record["rows_test"] == int(np.isin(docs, record["test_documents"]).sum())

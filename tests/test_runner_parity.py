@@ -137,3 +137,40 @@ def test_llama3_rope_scaling_at_long_positions(tmp_path, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     assert len(tokenizer(prompts[0])["input_ids"]) > 2500
     assert max_logprob_error(model, tokenizer, prompts, read_results(out)) <= TOL
+
+
+def test_sorting_by_length_keeps_file_order_and_the_results(family):
+    name, model, converted, tmp = family
+    prompts = [text[: 40 + (97 * i) % 400] for i, text in enumerate(c4_texts(10, 1000))]  # lengths out of order
+    req = write_requests(tmp / "req_sort.jsonl", prompts)
+    outs = {}
+    for order in ("file", "length"):
+        for batch in ("1", "4"):
+            outs[(order, batch)] = tmp / f"sort_{order}_{batch}.jsonl"
+            run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
+                          "--output-path", str(outs[(order, batch)]), "--sort-requests", order,
+                          "--token-micro-batch-size", batch])
+    # one request per batch: sorting changes only the order of the work, and the files are byte-identical
+    assert outs[("length", "1")].read_bytes() == outs[("file", "1")].read_bytes()
+    # four per batch: results still in file order and equal within float32 rounding (the matmul kernels depend on
+    # the batch's padded shape, so bits can differ), with less padding
+    by_file, by_length = read_results(outs[("file", "4")]), read_results(outs[("length", "4")])
+    assert [r["request"]["prompt"] for r in by_length] == prompts
+    for a, b in zip(by_file, by_length):
+        assert len(token_logprobs(a)) == len(token_logprobs(b))
+        assert max(abs(x - y) for x, y in zip(token_logprobs(a)[1:], token_logprobs(b)[1:])) <= 1e-5
+    padding = {order: json.loads(outs[(order, "4")].with_suffix(".jsonl.manifest.json").read_text())
+               ["batch_positions"]["padding"] for order in ("file", "length")}
+    assert padding["length"] < padding["file"]
+
+
+def test_bos_facts_follow_the_tokenizer(tiny_tokenizer_dir):
+    from tokenizers import processors
+
+    from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import bos_facts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert bos_facts(tokenizer)["adds_bos"] is True and bos_facts(tokenizer)["position_0"] == "the BOS token"
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # as SmolLM2: no BOS
+    facts = bos_facts(tokenizer)
+    assert facts["adds_bos"] is False and "first text token" in facts["position_0"]

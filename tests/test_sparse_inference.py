@@ -237,3 +237,15 @@ def test_bad_budgets_are_errors(family):
     for budget, message in (("0", "budget must be"), ("1.5", "budget must be"), (str(ffn + 1), "exceeds")):
         with pytest.raises(ValueError, match=message):
             run_sparse(family, "bad", "--sparse-mode", "oracle", "--mlp-topk", budget)
+
+
+def test_sparse_layers_take_a_list_of_layers_and_ranges(family):
+    from Decentralized_FM_alpha.utils.selection import parse_layer_list
+
+    assert parse_layer_list("0,7,15-17", 20) == [0, 7, 15, 16, 17]
+    for bad, message in (("3-1", "backwards"), ("0,x", "not a layer"), ("0,20", "outside")):
+        with pytest.raises(ValueError, match=message):
+            parse_layer_list(bad, 20)
+    _, manifest = run_sparse(family, "layer_list", "--sparse-mode", "oracle", "--mlp-topk", "0.5",
+                             "--sparse-layers", "0,2")
+    assert sorted(map(int, manifest["sparsity"]["mlp_budgets"])) == [0, 2]

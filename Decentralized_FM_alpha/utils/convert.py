@@ -101,18 +101,24 @@ class GGUFWeightReader:
     def __init__(self, gguf_path: Path, config):
         from gguf import GGUFReader
         from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import (TensorProcessor, get_gguf_hf_weights_map,
-                                                               load_gguf_checkpoint)
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         self.model_dir = gguf_path
+        gguf_tensors = GGUFReader(str(gguf_path)).tensors
+        self.tensor_types = Counter(t.tensor_type.name for t in gguf_tensors)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        mapped = get_gguf_hf_weights_map(model, TensorProcessor(config=config.to_dict()))
-        unknown = sorted(t.name for t in GGUFReader(str(gguf_path)).tensors
-                         if t.name not in mapped and t.name not in self.IGNORABLE)
-        if unknown:
-            raise ValueError(f"{gguf_path}: GGUF tensors with no place in the {config.model_type} model: {unknown[:10]}")
         self.tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+        expected = sum(t.name not in self.IGNORABLE for t in gguf_tensors)
+        if len(self.tensors) != expected:
+            raise ValueError(f"{gguf_path}: {expected - len(self.tensors)} GGUF tensors have no place in the "
+                             f"{config.model_type} model: {self._unmapped(model, config, gguf_tensors)[:10]}")
+
+    def _unmapped(self, model, config, gguf_tensors) -> list[str]:
+        from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+        mapped = get_gguf_hf_weights_map(model, TensorProcessor(config=config.to_dict()))
+        return sorted(t.name for t in gguf_tensors if t.name not in mapped and t.name not in self.IGNORABLE)
 
     def names(self) -> set[str]:
         return set(self.tensors)
@@ -122,6 +128,17 @@ class GGUFWeightReader:
         if missing:
             raise KeyError(f"{self.model_dir}: tensors not found in the GGUF file: {missing}")
         return {n: self.tensors[n] for n in names}
+
+    def facts(self) -> dict:
+        """File, sha256 and tensor types of the GGUF file, and a one-line note that later manifests carry."""
+        path, types = self.model_dir, self.tensor_types
+        quantized = {name: n for name, n in types.items() if name not in ("F32", "F16", "BF16", "F64")}
+        bits = sorted({int(m[1]) for name in quantized if (m := re.match(r"I?Q(\d+)", name))})
+        listing = ", ".join(f"{name} x{n}" for name, n in types.most_common())
+        note = (f"dequantized to float32 from {bits[0]}-bit GGUF {path.name} ({listing}): quantized weights, not the "
+                f"original checkpoint" if quantized else f"read from GGUF {path.name} ({listing}), not quantized")
+        return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path),
+                "tensor_types": dict(types.most_common()), "quantized_bits": bits, "note": note}
 
 
 def resolve_gguf_file(model_name: str, gguf_file: Optional[str], auth_token: Optional[str] = None) -> Optional[Path]:
@@ -137,20 +154,6 @@ def resolve_gguf_file(model_name: str, gguf_file: Optional[str], auth_token: Opt
     from huggingface_hub import hf_hub_download  # imported here: only the hub path needs it
 
     return Path(hf_hub_download(model_name, gguf_file, token=auth_token or os.environ.get("HF_TOKEN")))
-
-
-def gguf_facts(gguf_path: Path) -> dict:
-    """File, sha256 and tensor types of a GGUF file, and a one-line note that later manifests carry."""
-    from gguf import GGUFReader
-
-    types = Counter(t.tensor_type.name for t in GGUFReader(str(gguf_path)).tensors)
-    quantized = {name: n for name, n in types.items() if name not in ("F32", "F16", "BF16", "F64")}
-    bits = sorted({int(m[1]) for name in quantized if (m := re.match(r"I?Q(\d+)", name))})
-    listing = ", ".join(f"{name} x{n}" for name, n in types.most_common())
-    note = (f"dequantized to float32 from {bits[0]}-bit GGUF {gguf_path.name} ({listing}): quantized weights, not the "
-            f"original checkpoint" if quantized else f"read from GGUF {gguf_path.name} ({listing}), not quantized")
-    return {"file": gguf_path.name, "path": str(gguf_path.resolve()), "sha256": file_sha256(gguf_path),
-            "tensor_types": dict(types.most_common()), "quantized_bits": bits, "note": note}
 
 
 def write_converted(reader: WeightReader, plan: FilePlan, save_path: Path, dtype: Optional[torch.dtype]) -> None:
