@@ -182,7 +182,7 @@ def run_fast(args: argparse.Namespace, store: ActivationStore, label: LabelSpec,
             "eval_s": [h["eval_s"] for h in result.history], "end_to_end_s": end_to_end,
             "recall_by_epoch": [h["Recall"] for h in result.history], "final": result.history[-1],
             "rows_train": data.rows_train, "rows_test": data.test.n, "resident_on_device": data.train is not None,
-            "d": data.x_file.width, "out": data.label_file.width, "matmul_peak_flops": peak,
+            "d": data.x_file.width, "out": data.out_width, "matmul_peak_flops": peak,
             "matmul_peak_dtype": peak_dtype, "peak_rss_bytes": peak_rss_bytes(), "rss_breakdown": rss_breakdown()}
 
 

@@ -8,7 +8,7 @@ Recall, Precision, True / Classifier Sparsity kept beside it. j = 0 for the MLP 
 inference-time input of the MLP predictor; for attention DejaVu uses j = 1.
 
     python scripts/lookahead.py --data-dir data/llama-3.2-3b_c4 --out-dir out/lookahead/llama-3.2-3b --block mlp
-Labels default to the model's main (OPT: relu; Llama: topk --k 0.5; attention: topk --k 0.7 as main_att.py).
+Labels default to the mains' defaults (sparse_predictor/main_*.py DEFAULTS: OPT relu, Llama topk; attention topk).
 Writes <out-dir>/lookahead_{block}.json (records, matrix, provenance) and lookahead_{block}.csv.
 """
 from __future__ import annotations
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", choices=MLP_LABELS, default=None,
                    help="MLP label (trainer definitions); default the model's main: OPT relu, Llama topk")
     p.add_argument("--k", type=float, default=None,
-                   help="fraction kept per token for topk labels; default Llama MLP 0.5, attention "
-                        f"{DEFAULT_ATT_K} (main_att.py)")
+                   help=f"fraction kept per token for topk labels; default Llama MLP {DEFAULT_MLP_LABEL['llama'][1]}, "
+                        f"attention {DEFAULT_ATT_K} (the mains' defaults)")
     p.add_argument("--threshold", type=float, default=None, help="|mlp_label| cut for --label threshold")
     add_training_arguments(p, lr=RUN_SCRIPT_LR)
     return p

@@ -106,6 +106,9 @@ class LabelSpec:
                 "threshold": f"|mlp_label| > {self.threshold}",
                 "gate": "mlp_gate > 0 (gate projection before SiLU)"}[self.name]
 
+    def width_of(self, files: dict[str, "RowFile"]) -> int:
+        return files[self.source_kind].width
+
     def top_count(self, width: int) -> int:
         return fraction_count(self.k, width)
 
@@ -289,65 +292,74 @@ def chunk_slices(rows: int, widths: Sequence[int]) -> list[slice]:
 @dataclass
 class DeviceRows:
     x: torch.Tensor  # (n, d) float16: the predictor input
-    labels: torch.Tensor  # (n, out) bool
-    scores: torch.Tensor | None  # (n, out) float16 ranking, kept for held-out rows (Recall@K)
+    labels: torch.Tensor  # (labels, n, out) bool: one row set per label spec of the layer
+    scores: torch.Tensor | None  # (labels, n, out) float16 ranking of each label, kept for held-out rows (Recall@K)
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
 
 
-def load_rows(x_file: RowFile, label_file: RowFile, label: LabelSpec, selected: np.ndarray, device: torch.device,
-              keep_scores: bool, desc: str) -> DeviceRows:
-    """The selected rows (a bool mask over all rows) on the device, labels computed there chunk by chunk."""
-    n = int(selected.sum())
+def load_rows(x_file: RowFile, label_files: dict[str, RowFile], labels: Sequence[LabelSpec], selected: np.ndarray,
+              device: torch.device, keep_scores: bool, desc: str) -> DeviceRows:
+    """The selected rows (a bool mask over all rows) on the device, each label computed there chunk by chunk."""
+    n, width = int(selected.sum()), labels[0].width_of(label_files)
     out = DeviceRows(torch.empty((n, x_file.width), dtype=torch.float16, device=device),
-                     torch.empty((n, label_file.width), dtype=torch.bool, device=device),
-                     torch.empty((n, label_file.width), dtype=torch.float16, device=device) if keep_scores else None)
-    slices = [s for s in chunk_slices(len(selected), (x_file.width, label_file.width)) if selected[s].any()]
+                     torch.empty((len(labels), n, width), dtype=torch.bool, device=device),
+                     torch.empty((len(labels), n, width), dtype=torch.float16, device=device) if keep_scores else None)
+    kinds = list(label_files)
+    files = [x_file, *label_files.values()]
+    slices = [s for s in chunk_slices(len(selected), [f.width for f in files]) if selected[s].any()]
     filled = 0
-    for rows, (x, values) in tqdm(stream_chunks((x_file, label_file), slices, device), total=len(slices),
-                                  desc=desc, unit="chunk", leave=False):
+    for rows, (x, *values) in tqdm(stream_chunks(files, slices, device), total=len(slices), desc=desc,
+                                   unit="chunk", leave=False):
         local = np.flatnonzero(selected[rows])
         if len(local) < rows.stop - rows.start:
             index = torch.from_numpy(local).to(device)
-            x, values = x[index], values[index]
-        scores = label.scores(values.float())
+            x, values = x[index], [v[index] for v in values]
         part = slice(filled, filled + len(local))
         out.x[part] = x
-        out.labels[part] = label.labels(scores)
-        if keep_scores:
-            out.scores[part] = scores.to(torch.float16)  # exact: the scores are values of fp16 inputs or their abs
+        for i, label in enumerate(labels):
+            scores = label.scores(values[kinds.index(label.source_kind)].float())
+            out.labels[i, part] = label.labels(scores)
+            if keep_scores:
+                out.scores[i, part] = scores.to(torch.float16)  # exact: values of fp16 inputs or their abs
         filled += len(local)
     return out
 
 
 @dataclass
 class LayerData:
-    """One layer's predictor input and labels, split by document, ready on the device."""
+    """One layer's predictor input and its labels (one or more label specs), split by document, on the device."""
     input: InputSpec
     x_file: RowFile
-    label_file: RowFile
-    label: LabelSpec
+    label_files: dict[str, RowFile]  # source kind -> file
+    labels: tuple[LabelSpec, ...]
     is_test: np.ndarray  # (rows,) bool
     test: DeviceRows
-    K: int
+    Ks: tuple[int, ...]  # Recall@K budget of each label
     train: DeviceRows | None  # all training rows when they fit on the device, else None (streamed per epoch)
     window_rows: int  # training rows per streamed window
+    test_documents: np.ndarray  # (held-out rows,) document id of each held-out row
     split: SplitConfig = SplitConfig()
 
     @property
     def rows_train(self) -> int:
         return int((~self.is_test).sum())
 
+    @property
+    def out_width(self) -> int:
+        return self.test.labels.shape[2]
+
     def train_windows(self, epoch: int, seed: int) -> Iterator[DeviceRows]:
         """The training rows of one epoch: one resident block, or windows of randomly ordered chunks."""
         if self.train is not None:
             yield self.train
             return
-        for window in window_masks(self.is_test, chunk_slices(len(self.is_test), (self.x_file.width,
-                                   self.label_file.width)), self.window_rows, np.random.default_rng(seed + epoch)):
-            yield load_rows(self.x_file, self.label_file, self.label, window, self.test.x.device, False,
+        widths = [self.x_file.width, *(f.width for f in self.label_files.values())]
+        for window in window_masks(self.is_test, chunk_slices(len(self.is_test), widths), self.window_rows,
+                                   np.random.default_rng(seed + epoch)):
+            yield load_rows(self.x_file, self.label_files, self.labels, window, self.test.x.device, False,
                             f"epoch {epoch} window")
 
 
@@ -367,19 +379,27 @@ def window_masks(is_test: np.ndarray, slices: list[slice], window_rows: int,
         yield window
 
 
-def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str, label: LabelSpec,
-               device: torch.device, batch_size: int, max_device_bytes: int | None = None,
-               split: SplitConfig = SplitConfig()) -> LayerData:
-    """Split by document, put the held-out rows on the device and, if they fit, the training rows too."""
+def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
+               label: LabelSpec | Sequence[LabelSpec], device: torch.device, batch_size: int,
+               max_device_bytes: int | None = None, split: SplitConfig = SplitConfig()) -> LayerData:
+    """Split by document, put the held-out rows on the device and, if they fit, the training rows too.
+
+    Several label specs of one layer (e.g. top-K at three fractions) share the input rows and are trained together.
+    """
+    labels = (label,) if isinstance(label, LabelSpec) else tuple(label)
     spec = resolve_input(block, input_flag, layer)
     x_file = open_rows(store, spec.kind, spec.layer)
-    label_file = open_rows(store, label.source_kind, layer)
-    is_test = document_split(store.document_ids(), split.test_fraction, split.test_docs)
+    label_files = {kind: open_rows(store, kind, layer) for kind in dict.fromkeys(l.source_kind for l in labels)}
+    if len({f.width for f in label_files.values()}) != 1:
+        raise ValueError(f"labels {[l.name for l in labels]} of layer {layer} have different widths")
+    doc_ids = store.document_ids()
+    is_test = document_split(doc_ids, split.test_fraction, split.test_docs)
     budget = device_budget(device, max_device_bytes)
-    test = load_rows(x_file, label_file, label, is_test, device, True, f"layer {layer} held-out rows")
-    K = recall_at_k_budget(label, test.labels)
-    test_bytes = test.n * (2 * x_file.width + 3 * label_file.width)
-    train_row_bytes = 2 * x_file.width + label_file.width
+    test = load_rows(x_file, label_files, labels, is_test, device, True, f"layer {layer} held-out rows")
+    Ks = tuple(recall_at_k_budget(l, test.labels[i]) for i, l in enumerate(labels))
+    width = test.labels.shape[2]
+    test_bytes = test.n * (2 * x_file.width + 3 * width * len(labels))
+    train_row_bytes = 2 * x_file.width + width * len(labels)
     window_rows = (budget - test_bytes) // train_row_bytes
     n_train = int((~is_test).sum())
     if window_rows < min(batch_size, n_train):
@@ -387,11 +407,12 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str, 
                           f"({test_bytes / 2**30:.2f} GiB) but not one batch of training rows; raise --max-device-gb")
     train = None
     if window_rows >= n_train:
-        train = load_rows(x_file, label_file, label, ~is_test, device, False, f"layer {layer} training rows")
+        train = load_rows(x_file, label_files, labels, ~is_test, device, False, f"layer {layer} training rows")
     else:
         print(f"layer {layer}: {n_train} training rows exceed the device budget; streaming windows of "
               f"{window_rows} rows each epoch")
-    return LayerData(spec, x_file, label_file, label, is_test, test, K, train, int(window_rows), split)
+    return LayerData(spec, x_file, label_files, labels, is_test, test, Ks, train, int(window_rows),
+                     np.asarray(doc_ids[is_test]), split)
 
 
 def recall_at_k_budget(label: LabelSpec, test_labels: torch.Tensor) -> int:
@@ -462,22 +483,46 @@ def matmul_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, out) float32 logits; under autocast the matmuls run in amp_dtype with float32 master weights."""
+    """(P, B, out) float32 logits of the stacked predictors; under autocast the matmuls run in amp_dtype with
+    float32 master weights. x is (B, d), shared by all predictors, or (P, B, d)."""
     if amp_dtype is None:
         return model(x.float())
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype, cache_enabled=False):  # graph-capture safe
         return model(x).float()
 
 
+PER_DOCUMENT_COUNTS = ("tp", "active", "predicted", "topk_hits")
+
+
+def per_document_counts(batches: list[dict[str, torch.Tensor]], documents: np.ndarray) -> dict[str, list[int]]:
+    """Per held-out document (in `documents` order of first appearance sorted by id): its tokens and the sums of the
+    per-token counts, so that Recall@K, Recall and Precision can be bootstrapped over documents later."""
+    ids, inverse = np.unique(documents, return_inverse=True)
+    counts = {"documents": ids.tolist(), "tokens": np.bincount(inverse, minlength=len(ids)).tolist()}
+    for key in PER_DOCUMENT_COUNTS:
+        values = torch.cat([b[key] for b in batches]).cpu().numpy()
+        counts[key] = np.bincount(inverse, weights=values, minlength=len(ids)).astype(np.int64).tolist()
+    return counts
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test: DeviceRows, K: int, weight_floor: float, batch_size: int,
-             amp_dtype: torch.dtype | None) -> dict[str, float | None]:
-    """Held-out metrics, in eval batches of batch_size rows in row order as the original's test loader."""
+def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int], Ks: Sequence[int],
+             weight_floor: float, batch_size: int, amp_dtype: torch.dtype | None,
+             documents: np.ndarray | None = None) -> list[dict]:
+    """Held-out metrics of each stacked predictor (predictor p is scored on label labels_of[p]), in eval batches of
+    batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts."""
     model.eval()
-    batches = [batch_statistics(predictor_logits(model, test.x[s], amp_dtype), test.labels[s], test.scores[s], K,
-                                weight_floor) for s in iter_row_chunks(test.n, batch_size)]
+    batches: list[list[dict]] = [[] for _ in labels_of]
+    for s in iter_row_chunks(test.n, batch_size):
+        logits = predictor_logits(model, test.x[s], amp_dtype)  # (P, b, out)
+        for p, l in enumerate(labels_of):
+            batches[p].append(batch_statistics(logits[p], test.labels[l, s], test.scores[l, s], Ks[l], weight_floor))
     model.train()
-    return aggregate_statistics(batches, K)
+    metrics = [aggregate_statistics(b, Ks[l]) for b, l in zip(batches, labels_of)]
+    if documents is not None:
+        for m, b in zip(metrics, batches):
+            m["per_document"] = per_document_counts(b, documents)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------- training
@@ -498,6 +543,9 @@ class TrainResult:
     metrics: dict  # of the kept (best) model
     best_epoch: int  # 0 = the untrained model
     history: list[dict]  # per epoch: held-out metrics, train loss, seconds
+    per_document: dict[str, list[int]]  # held-out counts per document of the kept model (for bootstrap intervals)
+    seed: int
+    label_index: int
 
 
 def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
@@ -505,8 +553,47 @@ def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
 
 
+class StackedPredictors(torch.nn.Module):
+    """P independent DejaVu predictors, Linear(d, D) -> Linear(D, out) without bias, trained in lockstep.
+
+    Each one is initialised exactly as make_predictor(d, D, out, seed) and AdamW updates every weight on its own, so
+    stacking changes nothing but the kernels: one batched matmul instead of P small ones (at DejaVu's sizes a
+    training step is bound by kernel launches, not arithmetic, so seeds and label variants come almost for free).
+    """
+
+    def __init__(self, d: int, D: int, out: int, seeds: Sequence[int]):
+        super().__init__()
+        singles = [make_predictor(d, D, out, seed) for seed in seeds]
+        self.w1 = torch.nn.Parameter(torch.stack([m[0].weight.detach() for m in singles]))  # (P, D, d)
+        self.w2 = torch.nn.Parameter(torch.stack([m[1].weight.detach() for m in singles]))  # (P, out, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.matmul(x, self.w1.transpose(1, 2))  # (P, B, D)
+        return torch.matmul(h, self.w2.transpose(1, 2))  # (P, B, out)
+
+    def state_of(self, p: int) -> dict[str, torch.Tensor]:
+        """Predictor p as the state dict of the Sequential the sparse runner loads (keys 0.weight, 1.weight)."""
+        return {"0.weight": self.w1[p].detach().to("cpu", copy=True),
+                "1.weight": self.w2[p].detach().to("cpu", copy=True)}
+
+    @torch.no_grad()
+    def load_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for p, state in enumerate(states):
+            self.w1[p].copy_(state["0.weight"])
+            self.w2[p].copy_(state["1.weight"])
+
+
+def stacked_bce(logits: torch.Tensor, y: torch.Tensor, weight_floor: float) -> torch.Tensor:
+    """(P,) class-weighted BCE of each predictor on its own batch, w = its batch's mean(y) + floor (the original)."""
+    w = y.mean(dim=(1, 2), keepdim=True) + weight_floor
+    loss = F.binary_cross_entropy_with_logits(logits, y, weight=y * (1 - w) + w, reduction="none")
+    return loss.mean(dim=(1, 2))
+
+
 class TrainStep:
-    """One optimizer step (forward, class-weighted BCE, backward, AdamW) on a batch; returns the loss tensor.
+    """One optimizer step (forward, class-weighted BCE, backward, AdamW) of the stacked predictors on a batch
+    (x (P, B, d), labels (P, B, out)); returns the (P,) losses. The sum of the P losses is minimised, so each
+    predictor gets exactly its own gradient.
 
     On CUDA with `graphs`, the full-batch step is captured once in a CUDA graph and replayed (a partial last batch
     runs eagerly): a step is ~40 small kernels, and at 1,024 rows launching them from Python costs more than
@@ -521,15 +608,14 @@ class TrainStep:
         self.captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def eager(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = predictor_logits(self.model, x, self.amp_dtype)
-        loss, _ = class_weighted_bce(logits, labels.float(), self.floor)
+        losses = stacked_bce(predictor_logits(self.model, x, self.amp_dtype), labels.float(), self.floor)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()
         self.optimizer.step()
-        return loss.detach()
+        return losses.detach()
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.graphs or x.shape[0] != self.batch_size:
+        if not self.graphs or x.shape[1] != self.batch_size:
             return self.eager(x, labels)
         if self.captured is None:
             self.captured = self.capture(x, labels)
@@ -574,54 +660,75 @@ class TrainStep:
                         v.copy_(before[k]) if k in before else v.zero_()  # no state yet = zeros, step 0
 
 
-def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence[tuple[int, int]],
+                  log: Callable[[str], None] = print) -> list[TrainResult]:
+    """Train one predictor per (label index, seed) of `specs` on the layer's input, all in lockstep.
+
+    Each predictor has its own initialisation, batch order (its seed's generator), optimizer state, held-out metrics
+    and selection (--selection), exactly as if trained alone with that seed; streamed windows (rows that do not fit
+    on the device) come in the order of cfg.seed for all of them."""
     device = data.test.x.device
     amp_dtype = matmul_dtype(device)
     floor = NEGATIVE_WEIGHT_FLOOR[block]
-    model = make_predictor(data.x_file.width, cfg.D, data.label_file.width, cfg.seed).to(device)
+    labels_of, seeds = [l for l, _ in specs], [seed for _, seed in specs]
+    P = len(specs)
+    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds).to(device)
     graphs = cfg.cuda_graphs and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda",
                                   capturable=graphs)
     step = TrainStep(model, optimizer, amp_dtype, floor, graphs, cfg.batch_size)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    label_index = torch.tensor(labels_of, device=device)[:, None]  # (P, 1): which label rows each predictor reads
 
-    def held_out() -> dict:
-        return evaluate(model, data.test, data.K, floor, cfg.batch_size, amp_dtype)
+    def held_out(documents: np.ndarray | None = None) -> list[dict]:
+        return evaluate(model, data.test, labels_of, data.Ks, floor, cfg.batch_size, amp_dtype, documents)
 
     best = held_out()
-    log(f"[Start] {format_metrics(best)}")
-    best_state, best_epoch, history, no_improve = cpu_state(model), 0, [], 0
+    log(f"[Start] {format_metrics(best[0])}" + (f" (and {P - 1} more predictors)" if P > 1 else ""))
+    best_states = [model.state_of(p) for p in range(P)]
+    best_epochs, histories, no_improve, active = [0] * P, [[] for _ in range(P)], [0] * P, [True] * P
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch"):
         start = time.perf_counter()
-        loss_sum, steps = torch.zeros((), device=device), 0
+        loss_sum, steps = torch.zeros(P, device=device), 0
         for rows in data.train_windows(epoch, cfg.seed):
-            for index in torch.randperm(rows.n, device=device, generator=generator).split(cfg.batch_size):
-                loss_sum += step(rows.x[index], rows.labels[index])
+            order = torch.stack([torch.randperm(rows.n, device=device, generator=g) for g in generators])  # (P, n)
+            for index in order.split(cfg.batch_size, dim=1):  # (P, B)
+                loss_sum += step(rows.x[index], rows.labels[label_index, index])
                 steps += 1
             del rows  # a streamed window is freed before the next one is loaded
-        train_loss = loss_sum.item() / steps  # the epoch's only host sync
+        train_loss = (loss_sum / steps).tolist()  # the epoch's only host sync
         train_s = time.perf_counter() - start
         metrics = held_out()
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_s": train_s,
-                        "eval_s": time.perf_counter() - start - train_s, **metrics})
-        log(f"[Epoch {epoch}] train loss {train_loss:.4f} ({train_s:.2f} s) [Valid] {format_metrics(metrics)}")
-        if cfg.selection == "last":
-            best, best_epoch = metrics, epoch
-        elif metrics["Recall"] is not None and (best["Recall"] is None or metrics["Recall"] > best["Recall"]):
-            best, best_epoch, no_improve = metrics, epoch, 0
-            best_state = cpu_state(model)
-        else:
-            no_improve += 1
-        stop = no_improve >= EARLY_STOP_PATIENCE or (best["Recall"] or 0) > EARLY_STOP_RECALL
-        if cfg.selection == "original" and stop:
+        eval_s = time.perf_counter() - start - train_s
+        for p in range(P):
+            if not active[p]:
+                continue
+            histories[p].append({"epoch": epoch, "train_loss": train_loss[p], "train_s": train_s, "eval_s": eval_s,
+                                 **metrics[p]})
+            if cfg.selection == "last":
+                best[p], best_epochs[p] = metrics[p], epoch
+            elif metrics[p]["Recall"] is not None and (best[p]["Recall"] is None or
+                                                       metrics[p]["Recall"] > best[p]["Recall"]):
+                best[p], best_epochs[p], no_improve[p] = metrics[p], epoch, 0
+                best_states[p] = model.state_of(p)
+            else:
+                no_improve[p] += 1
+            stop = no_improve[p] >= EARLY_STOP_PATIENCE or (best[p]["Recall"] or 0) > EARLY_STOP_RECALL
+            active[p] = not (cfg.selection == "original" and stop)
+        log(f"[Epoch {epoch}] train loss {train_loss[0]:.4f} ({train_s:.2f} s) [Valid] {format_metrics(metrics[0])}")
+        if not any(active):
             break
     if cfg.selection == "last":
-        best_state = cpu_state(model)
-    return TrainResult(best_state, best, best_epoch, history)
+        best_states = [model.state_of(p) for p in range(P)]
+    model.load_states(best_states)
+    final = held_out(data.test_documents)  # the kept predictors once more, with per-document counts
+    return [TrainResult(best_states[p], best[p], best_epochs[p], histories[p], final[p]["per_document"], seeds[p],
+                        labels_of[p]) for p in range(P)]
 
 
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def train_predictor(data: LayerData, block: str, cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """One predictor of the layer's first label, seeded with cfg.seed."""
+    return train_stacked(data, block, cfg, [(0, cfg.seed)], log)[0]
 
 
 def format_metrics(metrics: dict) -> str:
@@ -647,19 +754,22 @@ def write_outputs(out_dir: Path, block: str, layer: int, state_dict: dict, recor
 def layer_record(args: argparse.Namespace, block: str, layer: int, store: ActivationStore, data: LayerData,
                  cfg: TrainConfig, result: TrainResult, timings: dict, provenance: dict) -> dict:
     docs = store.document_ids()
+    label = data.labels[result.label_index]
     return {
         **result.metrics,
         "block": block, "layer": layer, "model": args.model, "dataset": args.dataset,
         "input": data.input.flag, "input_kind": data.input.kind, "input_layer": data.input.layer,
         "input_file": data.x_file.path.name,
-        "label": data.label.name, "label_definition": data.label.definition(), "label_file": data.label_file.path.name,
-        "k": data.label.k, "threshold": data.label.threshold,
+        "label": label.name, "label_definition": label.definition(),
+        "label_file": data.label_files[label.source_kind].path.name, "k": label.k, "threshold": label.threshold,
+        "seed": result.seed,
         "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
         "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
         "split": data.split.describe(), "test_documents": [int(d) for d in np.unique(docs[data.is_test])],
+        "per_document": result.per_document,
         "predictor": {"layers": ["Linear(d, D, bias=False)", "Linear(D, out, bias=False)"],
-                      "d": data.x_file.width, "D": cfg.D, "out": data.label_file.width},
-        "hyperparameters": {**asdict(cfg), "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
+                      "d": data.x_file.width, "D": cfg.D, "out": data.out_width},
+        "hyperparameters": {**asdict(cfg), "seed": result.seed, "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
                             "negative_weight_floor": NEGATIVE_WEIGHT_FLOOR[block],
                             "matmul_dtype": str(matmul_dtype(data.test.x.device) or torch.float32),
                             "device": str(data.test.x.device), "resident_on_device": data.train is not None},
@@ -676,8 +786,29 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, store: Activa
     }
 
 
+SEED_METRICS = ("Recall@K", "Recall", "Precision", "Classifier Sparsity", "Per-token Recall")
+
+
+def seed_spread(records: Sequence[dict]) -> dict:
+    """Mean, min and max over the seeds' records of each SEED_METRICS metric (null where a seed has none)."""
+    spread = {"seeds": [r["seed"] for r in records]}
+    for metric in SEED_METRICS:
+        values = [r[metric] for r in records]
+        spread[metric] = None if None in values else {"values": values, "mean": float(np.mean(values)),
+                                                      "min": min(values), "max": max(values)}
+    return spread
+
+
 SUMMARY_COLUMNS = ("layer", "Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K",
                    "input", "label")
+SEED_COLUMNS = ("seeds", "Recall@K seed mean", "Recall@K seed min", "Recall@K seed max")
+
+
+def summary_row(record: dict) -> list:
+    spread = (record.get("seed_spread") or {}).get("Recall@K")
+    seeds = (record.get("seed_spread") or {}).get("seeds", [record.get("seed")])
+    return ([record[c] for c in SUMMARY_COLUMNS] +
+            [len(seeds), *((spread["mean"], spread["min"], spread["max"]) if spread else (None, None, None))])
 
 
 def summarize(out_dir: str | os.PathLike, block: str, num_layers: int | None = None) -> tuple[Path, Path, list[int]]:
@@ -690,18 +821,19 @@ def summarize(out_dir: str | os.PathLike, block: str, num_layers: int | None = N
     found = {r["layer"] for r in records}
     missing = sorted(set(range(num_layers)) - found) if num_layers is not None else []
     csv_path, md_path = out_dir / f"{block}_summary.csv", out_dir / f"{block}_summary.md"
+    columns = (*SUMMARY_COLUMNS, *SEED_COLUMNS)
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(SUMMARY_COLUMNS)
-        writer.writerows([r[c] for c in SUMMARY_COLUMNS] for r in records)
+        writer.writerow(columns)
+        writer.writerows(summary_row(r) for r in records)
 
     def cell(value) -> str:
         return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
     models = sorted({f"{r['model']} / {r['dataset']}" for r in records})
     lines = [f"# {block} sparse predictors: {', '.join(models)}", "",
-             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in records]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in summary_row(r)) + " |" for r in records]
     if missing:
         lines += ["", f"Missing layers (no JSON): {missing}"]
     md_path.write_text("\n".join(lines) + "\n")
@@ -755,6 +887,10 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device; default cuda:0 if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and windows (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train this many predictors per layer, seeds --seed .. --seed+N-1, together (stacked: about "
+                        "the cost of one on a GPU); the first is written to --out-dir, seed S to --out-dir/seedS/, and "
+                        "every JSON records the spread over seeds (default %(default)s)")
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="original",
                    help="which epoch's predictor is kept. " + " ".join(f"{k}: {v}." for k, v in SELECTIONS.items())
                         + " Default %(default)s")
@@ -815,6 +951,8 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
             args.k = defaults["k"]  # the model's default fraction, recorded with the other flags
         label = make_label_spec(block, args.label, args.k, args.threshold, store.dims.ffn_dim)
     cfg = train_config(args)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: need at least 1")
     max_bytes = None if args.max_device_gb is None else int(args.max_device_gb * 2**30)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -827,14 +965,23 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes,
                           split_config(args))
         loaded = time.perf_counter()
-        result = train_predictor(data, block, cfg)
+        results = train_stacked(data, block, cfg, [(0, args.seed + i) for i in range(args.seeds)])
         timings = {"load_s": loaded - start, "train_and_eval_s": time.perf_counter() - loaded,
-                   "total_s": time.perf_counter() - start}
-        record = layer_record(args, block, layer, store, data, cfg, result, timings, provenance)
-        checkpoint, json_path = write_outputs(Path(args.out_dir), block, layer, result.state_dict, record)
-        print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} s): "
-              f"{format_metrics(result.metrics)}")
-        written.append(json_path)
+                   "total_s": time.perf_counter() - start, "predictors_trained_together": len(results)}
+        records = [layer_record(args, block, layer, store, data, cfg, r, timings, provenance) for r in results]
+        spread = seed_spread(records)
+        for i, (result, record) in enumerate(zip(results, records)):
+            record["seed_spread"] = spread
+            out_dir = Path(args.out_dir) if i == 0 else Path(args.out_dir) / f"seed{result.seed}"
+            checkpoint, json_path = write_outputs(out_dir, block, layer, result.state_dict, record)
+            if i == 0:
+                written.append(json_path)
+                print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} "
+                      f"s): {format_metrics({k: v for k, v in result.metrics.items() if k != 'per_document'})}")
+        if args.seeds > 1:
+            recall = spread["Recall@K"]
+            print(f"layer {layer}: {args.seeds} seeds in {Path(args.out_dir)}/seed*/; Recall@K mean "
+                  f"{recall['mean']:.4f} (min {recall['min']:.4f}, max {recall['max']:.4f})")
         del data
     return written
 

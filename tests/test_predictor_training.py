@@ -176,7 +176,7 @@ def test_predictor_input_comes_from_the_wired_file(marked_store, block, flag, la
     mark = 100 * source + (1 if kind == "att_x" else 2)
     assert data.x_file.path.name == f"{kind}_{source}.mmap"
     assert (data.train.x[:, 1:] == mark).all() and (data.test.x[:, 1:] == mark).all()
-    assert data.label_file.path.name == f"{label.source_kind}_{layer}.mmap"
+    assert data.label_files[label.source_kind].path.name == f"{label.source_kind}_{layer}.mmap"
 
 
 def test_input_from_a_later_layer_is_an_error(marked_store):
@@ -195,7 +195,7 @@ def test_no_row_of_a_test_document_is_trained_on(marked_store):
     assert sorted(test_rows) == list(np.flatnonzero(data.is_test))
     assert not set(doc_ids[train_rows]) & set(doc_ids[test_rows])
     labels = np.asarray(store.open("mlp_label", 1))
-    assert torch.equal(data.test.labels, torch.from_numpy(labels[test_rows] > 0))
+    assert torch.equal(data.test.labels[0], torch.from_numpy(labels[test_rows] > 0))
 
 
 def test_all_layers_in_one_run_record_the_lookahead_files(marked_store, tmp_path):
