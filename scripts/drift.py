@@ -34,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.modules.checkpoint import read_state_dict  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
+from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from scripts.analysis_common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
                                      iter_row_chunks, model_family, open_collection, read_rows, rows_per_chunk,
@@ -194,6 +195,24 @@ def drift_records(model: str, cosines: dict[tuple[str, int, int, str, str], np.n
              **summarize_values(values)} for (kind, l, k, space, dims), values in cosines.items()]
 
 
+def k1_intervals(cosines: dict[tuple[str, int, int, str, str], np.ndarray], documents: np.ndarray) -> list[dict]:
+    """Per (kind, space, dims): the mean over layers and sampled tokens of cosine(x_l, x_{l+1}), with a bootstrap
+    interval over documents (the tokens of one document are not independent draws)."""
+    ids, inverse = np.unique(documents, return_inverse=True)
+    groups: dict[tuple[str, str, str], list[np.ndarray]] = {}
+    for (kind, _, k, space, dims), values in cosines.items():
+        if k == 1:
+            groups.setdefault((kind, space, dims), []).append(values)
+    out = []
+    for (kind, space, dims), per_layer in sorted(groups.items()):
+        sums = np.bincount(inverse, weights=np.sum(per_layer, axis=0), minlength=len(ids))
+        counts = np.bincount(inverse, minlength=len(ids)) * len(per_layer)
+        interval = bootstrap({"sum": sums, "count": counts}, ratio("sum", "count"))
+        out.append({"kind": kind, "k": 1, "space": space, "dims": dims, "layers": len(per_layer),
+                    **interval.as_dict()})
+    return out
+
+
 def mean_over_layers(records: list[dict]) -> list[dict]:
     """Per (kind, k, space, dims): the mean over layers of the per-layer mean cosine (what the report quotes)."""
     groups: dict[tuple, list[float]] = {}
@@ -255,14 +274,16 @@ def main(argv: list[str] | None = None) -> Path:
                                       args.massive_per_layer)
         print(f"massive dims left out: {massive.chosen if args.massive_per_layer else massive.chosen['model']}")
     source = collection_source(store)
-    records = drift_records(source["model"], drift_cosines(store, kinds, args.max_distance, sample, norms, massive))
+    cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive)
+    records = drift_records(source["model"], cosines)
     payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
                "sample": sample.describe(), "exclude_first_token": args.exclude_first_token,
                "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
                                  "eps": norms.eps, "target_layer_norm": True},
                "massive_dims": massive.describe() if massive else None,
                "definition": "cosine(x_l, x_{l+k}) of the same token, raw and through layer l+k's norm",
-               "summary": mean_over_layers(records)}
+               "summary": mean_over_layers(records),
+               "k1_intervals": k1_intervals(cosines, np.asarray(store.token_index()[:, 0])[sample.rows])}
     json_path, csv_path = write_results(args.out_dir, "drift", payload, records, CSV_COLUMNS, provenance)
     print(f"wrote {json_path} and {csv_path}: {len(records)} drift records ({len(sample.rows)} rows of "
           f"{source['model']}, k = 1..{args.max_distance})")

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from scripts.analysis_common import LINE_STYLES, model_colors, new_figure, save_figure  # noqa: E402
 
-ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep")
+ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summary")
 MARKERS = ("o", "s", "^", "v", "D", "x", "*", "+")
 
 

@@ -34,11 +34,14 @@ import numpy as np  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer import METRIC_DEFINITIONS, SUMMARY_COLUMNS  # noqa: E402
-from scripts.analysis_common import PERCENTILES, model_colors, model_label  # noqa: E402
+from scripts.analysis_common import PERCENTILES, model_colors, model_label, write_csv_atomic  # noqa: E402
 from scripts.plots import ANALYSES, plot_perplexity, plot_predictors, plot_results  # noqa: E402
 from scripts.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
+from scripts.summary import (budget_curves, build_summaries, decomposition_tables, plot_summary,  # noqa: E402
+                             ppl_key, summary_tables, csv_rows as summary_csv_rows)
 
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
+SEED_DIR = re.compile(r"seed\d+")
 SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
 SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity statistics", "Label sensitivity",
             "Predictors", "Perplexity sweep")
@@ -124,7 +127,8 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
             return True
         return False
     if PREDICTOR_JSON.fullmatch(path.name):
-        predictor_files[(path.parent, PREDICTOR_JSON.fullmatch(path.name).group(1))].append(path)
+        if not SEED_DIR.fullmatch(path.parent.name):  # other seeds: their spread is in the canonical JSON
+            predictor_files[(path.parent, PREDICTOR_JSON.fullmatch(path.name).group(1))].append(path)
         return True
     if path.suffix == ".json":
         payload = read_json_file(path)
@@ -359,6 +363,46 @@ def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
     return lines
 
 
+# ------------------------------------------------------------------------------------- summary
+def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: list[str]) -> tuple[list, list]:
+    """The first page (one row per model, identical definitions, intervals), its figure and summary.csv; and the
+    decomposition tables. Sources are registered first, so the summary's rows carry the lowest ids."""
+    recall = [(result_source(sources, path, r), r) for path, r in inputs.results["recall_summary"]]
+    drift = [(result_source(sources, path, r), r) for path, r in inputs.results["drift"]]
+    sweeps, ppl_keys = [], []
+    for csv_path, rows in inputs.sweeps:
+        for i, row in enumerate(rows, start=2):
+            manifest_path = resolve_manifest(row.get("output_manifest", ""), csv_path)
+            manifest = read_json_file(manifest_path) if manifest_path else None
+            if not manifest or "per_request" not in manifest.get("perplexity", {}):
+                missing.append(f"summary: {csv_path} line {i} has no per-request log-probs in its manifest "
+                               f"(rerun the sweep with this version): no interval")
+                continue
+            sweeps.append(([sources.add(manifest_path, manifest, str(manifest_path))], row, manifest))
+            if row["mode"] != "dense":
+                ppl_keys.append(ppl_key(row))
+    if not (recall or drift or sweeps):
+        return (["Missing: no recall_summary.py, drift.py or sweep result was given.", ""],
+                ["Missing: no recall_summary.py result was given.", ""])
+    models = all_models(inputs)
+    summaries = build_summaries(models, recall, drift, sweeps)
+    fractions = recall[0][1]["fractions"] if recall else []
+    distance = recall[0][1]["distance_fraction"] if recall else None
+    lines = summary_tables(summaries, fractions, distance, list(dict.fromkeys(ppl_keys)))
+    ratios = budget_curves(summaries, sweeps[0][1]["dataset"]) if sweeps else {}
+    figure = plot_summary([r for _, r in recall], [r for _, r in drift], ratios, distance or 0.25,
+                          out_dir / "figures")
+    csv_path = out_dir / "summary.csv"
+    rows = summary_csv_rows(summaries)
+    write_csv_atomic(csv_path, rows, list(dict.fromkeys(k for row in rows for k in row)))
+    lines += figure_lines([figure], out_dir) + [f"All numbers with their intervals, seed spreads, chance levels and "
+                                                 f"sources: `{csv_path.name}`.", ""]
+    activations = {model_label(m): (m.get("label_definitions") or {}).get("mlp_label", "not recorded")
+                   for _, m in inputs.collections}
+    return lines, decomposition_tables(summaries, fractions, distance, activations) if recall else [
+        "Missing: no recall_summary.py result was given.", ""]
+
+
 # ------------------------------------------------------------------------------------- the report
 def all_models(inputs: Inputs) -> list[str]:
     models = [model_label(m) for _, m in inputs.collections]
@@ -380,6 +424,7 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
         results.sort(key=lambda item: models.index(item[1]["source"]["model"]))
     inputs.predictors.sort(key=lambda s: models.index(s.model))
     sources, missing = Sources(), list(inputs.missing)
+    summary_lines, decomposition_lines = summary_section(inputs, sources, out_dir, missing)
     analysis_sections = (("Residual-stream drift", "drift", drift_section),
                          ("Lookahead", "lookahead", lookahead_section),
                          ("Sparsity statistics", "sparsity_stats", sparsity_section),
@@ -409,6 +454,8 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
              f"{provenance['start_time']}. Every table row names its source [S<n>]: see Sources for the file, "
              f"command, commit and manifest.", ""]
     lines += [f"> **Note.** {note}\n" for note in notes]
+    lines += ["## Summary", ""] + summary_lines
+    lines += ["## Decomposition", ""] + decomposition_lines
     lines += ["## Inputs", ""]
     lines += [f"- `{p}`" for p in paths]
     lines += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]

@@ -49,6 +49,7 @@ from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, acti
                                                             iter_row_chunks)
 from Decentralized_FM_alpha.utils.manifest import (REPO_ROOT, base_manifest, now, read_json,  # noqa: E402
                                                    write_json_atomic)
+from Decentralized_FM_alpha.utils.intervals import seed_spread as spread_over_seeds  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count  # noqa: E402
 
 BLOCKS = ("mlp", "att")
@@ -294,10 +295,19 @@ class DeviceRows:
     x: torch.Tensor  # (n, d) float16: the predictor input
     labels: torch.Tensor  # (labels, n, out) bool: one row set per label spec of the layer
     scores: torch.Tensor | None  # (labels, n, out) float16 ranking of each label, kept for held-out rows (Recall@K)
+    true_kth: torch.Tensor | None = None  # (labels, n, 1) held-out rows: the true K-th score (see true_top_k)
+    true_room: torch.Tensor | None = None  # (labels, n) held-out rows: tied units that still fit in the top K
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
+
+    def rank_truth(self, Ks: Sequence[int], batch_size: int = 4096) -> None:
+        """Compute each label's true top-K threshold of the held-out rows once (Recall@K at every evaluation)."""
+        tops = [[true_top_k(self.scores[l, s], K) for s in iter_row_chunks(self.n, batch_size)]
+                for l, K in enumerate(Ks)]
+        self.true_kth = torch.stack([torch.cat([kth for kth, _ in t]) for t in tops])
+        self.true_room = torch.stack([torch.cat([room for _, room in t]) for t in tops])
 
 
 def load_rows(x_file: RowFile, label_files: dict[str, RowFile], labels: Sequence[LabelSpec], selected: np.ndarray,
@@ -397,6 +407,7 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
     budget = device_budget(device, max_device_bytes)
     test = load_rows(x_file, label_files, labels, is_test, device, True, f"layer {layer} held-out rows")
     Ks = tuple(recall_at_k_budget(l, test.labels[i]) for i, l in enumerate(labels))
+    test.rank_truth(Ks)
     width = test.labels.shape[2]
     test_bytes = test.n * (2 * x_file.width + 3 * width * len(labels))
     train_row_bytes = 2 * x_file.width + width * len(labels)
@@ -436,19 +447,26 @@ def class_weighted_bce(logits: torch.Tensor, y: torch.Tensor, weight_floor: floa
     return F.binary_cross_entropy_with_logits(logits, y, weight=y * (1 - w) + w), w
 
 
+def true_top_k(scores: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true K-th score of each token (B, 1) and how many units tied with it still fit in a true top-K (B,)."""
+    scores = scores.float()
+    kth = scores.topk(K, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    return kth, K - (scores > kth).sum(dim=1)
+
+
 def batch_statistics(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, K: int,
-                     weight_floor: float) -> dict[str, torch.Tensor]:
+                     weight_floor: float, top: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Per-token counts of one eval batch (and its loss), kept on the device until the end of the evaluation.
 
-    logits (B, out) float32, labels (B, out) bool, scores (B, out): the label's ranking of the units.
+    logits (B, out) float32, labels (B, out) bool, scores (B, out): the label's ranking of the units; `top` is
+    true_top_k(scores, K) when already known (it does not change between epochs).
     """
     preds = logits.sigmoid() >= 0.5  # as the original: not logits >= 0, which differs for tiny negatives
     loss, w = class_weighted_bce(logits, labels.float(), weight_floor)
-    scores = scores.float()
-    kth = scores.topk(K, dim=1).values[:, -1:]  # the true K-th score of each token
-    picked = scores.gather(1, logits.topk(K, dim=1).indices)
+    kth, room = top if top is not None else true_top_k(scores, K)
+    picked = scores.float().gather(1, logits.topk(K, dim=1, sorted=False).indices)
     above, tied = (picked > kth).sum(dim=1), (picked == kth).sum(dim=1)
-    room = K - (scores > kth).sum(dim=1)  # tied units that still fit in a true top-K
     return {"tp": (labels & preds).sum(dim=1), "active": labels.sum(dim=1), "predicted": preds.sum(dim=1),
             "topk_hits": above + torch.minimum(tied, room), "loss": loss, "w": w}
 
@@ -516,7 +534,9 @@ def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int],
     for s in iter_row_chunks(test.n, batch_size):
         logits = predictor_logits(model, test.x[s], amp_dtype)  # (P, b, out)
         for p, l in enumerate(labels_of):
-            batches[p].append(batch_statistics(logits[p], test.labels[l, s], test.scores[l, s], Ks[l], weight_floor))
+            top = (test.true_kth[l, s], test.true_room[l, s])
+            batches[p].append(batch_statistics(logits[p], test.labels[l, s], test.scores[l, s], Ks[l], weight_floor,
+                                               top))
     model.train()
     metrics = [aggregate_statistics(b, Ks[l]) for b, l in zip(batches, labels_of)]
     if documents is not None:
@@ -794,8 +814,7 @@ def seed_spread(records: Sequence[dict]) -> dict:
     spread = {"seeds": [r["seed"] for r in records]}
     for metric in SEED_METRICS:
         values = [r[metric] for r in records]
-        spread[metric] = None if None in values else {"values": values, "mean": float(np.mean(values)),
-                                                      "min": min(values), "max": max(values)}
+        spread[metric] = None if None in values else {"values": values, **spread_over_seeds(values)}
     return spread
 
 

@@ -60,9 +60,11 @@ def synthetic_layer(n_train: int, n_test: int, d: int, out: int) -> LayerData:
     is_test = np.zeros(n_train + n_test, dtype=bool)
     is_test[n_train:] = True
     files = {"mlp_label": RowFile(None, out, n_train + n_test)}
+    Ks = tuple(l.top_count(out) for l in labels)
+    test = rows(slice(n_train, None), True)
+    test.rank_truth(Ks)
     return LayerData(InputSpec("same", "mlp_x", 0), RowFile(None, d, n_train + n_test), files, tuple(labels), is_test,
-                     rows(slice(n_train, None), True), tuple(l.top_count(out) for l in labels),
-                     rows(slice(0, n_train), False), n_train, np.arange(n_test) // 20)
+                     test, Ks, rows(slice(0, n_train), False), n_train, np.arange(n_test) // 20)
 
 
 def test_stacked_training_equals_training_each_predictor_alone():

@@ -35,13 +35,15 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
     Returns {"perplexity", "mean_logprob", "tokens" (log-probs summed), "requests" (lines),
     "requests_with_window_token_count", "window_token_count_mismatches" (requests written by
     wikitext2/getdata.py whose number of log-probs after the first differs from their
-    "window_token_count"), "results_file", "results_sha256"}.
+    "window_token_count"), "results_file", "results_sha256", "per_request" (log-prob sum and
+    scored tokens of every line, in file order: what bootstrap intervals resample)}.
     A log-prob after index 0 that is None or not a finite number is an error naming the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
     line_sums: list[float] = []  # sum of log-probs per line, summed exactly at the end
+    line_tokens: list[int] = []
     tokens = windowed = mismatches = 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -57,6 +59,7 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
                 if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
                     raise ValueError(f"{where}: token_logprobs[{i}] is {lp!r}, not a finite number")
             line_sums.append(math.fsum(scored))
+            line_tokens.append(len(scored))
             tokens += len(scored)
             request = item["request"]
             if isinstance(request, dict) and "window_token_count" in request:
@@ -71,4 +74,5 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
     return {"perplexity": math.exp(-mean_logprob), "mean_logprob": mean_logprob, "tokens": tokens,
             "requests": len(line_sums), "requests_with_window_token_count": windowed,
             "window_token_count_mismatches": mismatches, "results_file": str(path.resolve()),
-            "results_sha256": file_sha256(path)}
+            "results_sha256": file_sha256(path),
+            "per_request": {"logprob_sums": line_sums, "tokens": line_tokens}}  # for bootstrap intervals

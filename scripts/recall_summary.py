@@ -1,0 +1,191 @@
+"""Recall@K on identical definitions for every model: the numbers of the report's summary.
+
+For each layer, predictors are trained with the project's trainer (sparse_predictor/trainer.py: DejaVu's model,
+loss, document split and metrics) on one label definition shared by all models, "top-K by |activation|" (OPT: the
+ReLU output; Llama: |SiLU(g) * u|), at each K of --fractions, next to the architecture's own label (OPT: relu,
+y > 0; Llama: gate, g > 0, when mlp_gate was collected). Each is trained from the same layer's input and from
+DejaVu's lookahead input, and at --distance-fraction also from further back:
+
+  block  same-layer   lookahead (DejaVu's wiring)   l-1          l-2
+  MLP    mlp_x_l      att_x_l                       att_x_{l-1}  att_x_{l-2}
+  att    att_x_l      att_x_{l-1} (= l-1)           -            att_x_{l-2}
+
+Every (layer, input) trains its labels x --seeds together (stacked, trainer.train_stacked). Without any training,
+for Llama with mlp_gate collected, the gate alone is scored against the same top-K: Recall@K of the top-K by |g| and
+by g, and the share of the true top-K that sign(g) > 0 covers. Every record keeps its held-out per-document counts,
+so that report.py can bootstrap intervals over documents; chance levels are recorded beside the metrics.
+
+    python scripts/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
+Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/recall_summary.py` run
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
+from scripts.analysis_common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
+                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_results)
+from sparse_predictor import main_att, main_mlp  # noqa: E402
+from sparse_predictor.trainer import (LabelSpec, add_training_arguments, document_split, load_layer,  # noqa: E402
+                                      make_label_spec, split_config, topk_mask, train_config, train_stacked)
+
+METRICS = ("Recall@K", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
+CSV_COLUMNS = ("model", "block", "layer", "input", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
+               *METRICS, "chance Recall@K", "chance Precision", "rows_test", "documents_test", "best_epoch")
+BLOCK_LR = {"mlp": main_mlp.DEFAULTS["lr"], "att": main_att.DEFAULTS["lr"]}
+
+
+def input_variants(block: str, layer: int) -> list[tuple[str, str]]:
+    """(name, trainer --input flag) of the inputs that exist for this layer; names are shared by both blocks."""
+    variants = [("same", "same")]
+    if block == "mlp":
+        variants.append(("lookahead", "lookahead"))
+        variants += [(f"l-{j}", f"from:{layer - j}") for j in (1, 2) if layer - j >= 0]
+    else:  # attention: DejaVu's lookahead is already l-1 (and equals the same-layer input at layer 0)
+        variants += [("lookahead", "lookahead")] if layer >= 1 else []
+        variants += [("l-2", f"from:{layer - 2}")] if layer >= 2 else []
+    return variants
+
+
+def labels_for(block: str, variant: str, fractions: list[float], distance_fraction: float,
+               arch: LabelSpec | None, width: int) -> list[LabelSpec]:
+    """Top-K at every fraction (and the architecture's label) for same/lookahead; one top-K further back."""
+    if variant.startswith("l-"):
+        return [make_label_spec(block, "topk", distance_fraction, None, width)]
+    labels = [make_label_spec(block, "topk", f, None, width) for f in fractions]
+    return labels + ([arch] if arch is not None and block == "mlp" else [])
+
+
+def architecture_label(family: str, store: ActivationStore) -> tuple[LabelSpec | None, str]:
+    """OPT: relu (exact zeros); Llama: gate (g > 0) when mlp_gate was collected; else none, with the reason."""
+    ffn = store.dims.ffn_dim
+    if family == "opt":
+        return make_label_spec("mlp", "relu", None, None, ffn), "relu: mlp_label > 0 (ReLU)"
+    if "mlp_gate" in store.kinds:
+        return make_label_spec("mlp", "gate", None, None, ffn), "gate: g > 0 (the SwiGLU gate before SiLU)"
+    return None, "absent: mlp_gate was not collected (--collect-mlp-gate)"
+
+
+def chance_levels(metrics: dict, width: int) -> dict:
+    """A ranking that ignores the input: Recall@K = K / width; Precision of a random set = true active share."""
+    return {"chance Recall@K": metrics["K"] / width, "chance Precision": metrics["True Sparsity"] / width}
+
+
+def predictor_records(store: ActivationStore, model: str, family: str, layer: int, args: argparse.Namespace,
+                      device: torch.device, max_bytes: int | None) -> list[dict]:
+    arch, _ = architecture_label(family, store)
+    records = []
+    for block in ("mlp", "att"):
+        width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
+        cfg = train_config(argparse.Namespace(**{**vars(args), "lr": args.lr or BLOCK_LR[block]}))
+        for variant, flag in input_variants(block, layer):
+            labels = labels_for(block, variant, args.fractions, args.distance_fraction, arch, width)
+            specs = [(i, args.seed + s) for i in range(len(labels)) for s in range(args.seeds)]
+            data = load_layer(store, block, layer, flag, labels, device, cfg.batch_size, max_bytes,
+                              split_config(args))
+            for result in train_stacked(data, block, cfg, specs, log=lambda _: None):
+                label = labels[result.label_index]
+                metrics = {m: result.metrics[m] for m in METRICS}
+                records.append({"model": model, "block": block, "layer": layer, "input": variant, "input_flag": flag,
+                                "input_kind": data.input.kind, "input_layer": data.input.layer, "label": label.name,
+                                "k": label.k, "label_definition": label.definition(), "seed": result.seed, **metrics,
+                                **chance_levels(metrics, width), "rows_test": data.test.n,
+                                "documents_test": len(result.per_document["documents"]),
+                                "best_epoch": result.best_epoch, "per_document": result.per_document})
+            del data
+    return records
+
+
+def gate_records(store: ActivationStore, model: str, layer: int, fractions: list[float], is_test: np.ndarray,
+                 documents: np.ndarray) -> list[dict]:
+    """The gate alone against the true top-K of |SiLU(g) * u| on the held-out rows: no predictor."""
+    rows = np.flatnonzero(is_test)
+    ids, inverse = np.unique(documents[rows], return_inverse=True)
+    ffn = store.dims.ffn_dim
+    hits = {(name, f): np.zeros(len(ids)) for name in ("|g|", "g", "sign(g)") for f in fractions}
+    positive = np.zeros(len(ids))
+    label_mm, gate_mm = store.open("mlp_label", layer), store.open("mlp_gate", layer)
+    for part, chunk in iter_row_chunks(rows, rows_per_chunk(3 * ffn)):
+        y, g = read_rows(label_mm, chunk), read_rows(gate_mm, chunk)
+        doc = inverse[part]
+        positive += np.bincount(doc, weights=(g > 0).sum(dim=1).numpy(), minlength=len(ids))
+        for f in fractions:
+            K = fraction_count(f, ffn)
+            true = topk_mask(y.abs(), K)
+            for name, chosen in (("|g|", topk_mask(g.abs(), K)), ("g", topk_mask(g, K)), ("sign(g)", g > 0)):
+                hits[(name, f)] += np.bincount(doc, weights=(chosen & true).sum(dim=1).numpy(), minlength=len(ids))
+    tokens = np.bincount(inverse, minlength=len(ids))
+    records = []
+    for (name, f), h in hits.items():
+        K = fraction_count(f, ffn)
+        what = ("share of the true top-K units with g > 0 (a set of varying size, not K units)" if name == "sign(g)"
+                else f"top-K by {name} vs the true top-K by |mlp_label|")
+        records.append({"model": model, "block": "mlp", "layer": layer, "input": "gate (no predictor)",
+                        "ranking": name, "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
+                        "chance Recall@K": K / ffn, "definition": what,
+                        "gate_positive_share": float(positive.sum() / (ffn * len(rows))),
+                        "per_document": {"documents": ids.tolist(), "tokens": tokens.tolist(),
+                                         "topk_hits": h.astype(np.int64).tolist()}})
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="a complete collection (SPEC §6)")
+    p.add_argument("--out-dir", required=True, help="where recall_summary.json and .csv are written")
+    p.add_argument("--fractions", type=parse_fractions, default=parse_fractions("0.1,0.25,0.5"),
+                   help="K as fractions of the neurons / heads, comma list (default 0.1,0.25,0.5; " + COUNT_RULE + ")")
+    p.add_argument("--distance-fraction", type=float, default=0.25,
+                   help="the K fraction of the predictors trained from l-1 and l-2 (default %(default)s)")
+    p.add_argument("--layers", default="all", help="'all' or a list such as 0,4,8-11 (default %(default)s)")
+    add_training_arguments(p, lr=None)
+    p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1 or args.distance_fraction not in args.fractions:
+        raise SystemExit("--seeds must be >= 1 and --distance-fraction one of --fractions (the penalty compares "
+                         "equal K)")
+    provenance = base_manifest(kind="recall_summary")
+    store = open_collection(args.data_dir)
+    source = collection_source(store)
+    layers = parse_layer_list(args.layers, store.num_layers)
+    device, max_bytes = device_from_args(args)
+    _, arch_note = architecture_label(source["family"], store)
+    split = split_config(args)
+    documents = store.document_ids()
+    is_test = document_split(documents, split.test_fraction, split.test_docs)
+    records, started = [], time.perf_counter()
+    for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
+        records += predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
+        if "mlp_gate" in store.kinds and source["family"] == "llama":
+            records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
+    payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
+               "distance_fraction": args.distance_fraction, "seeds": [args.seed + s for s in range(args.seeds)],
+               "architecture_label": arch_note, "count_rule": COUNT_RULE, "split": split.describe(),
+               "training": {**vars(train_config(args)), "lr": args.lr or BLOCK_LR, "device": str(device)},
+               "inputs": {"mlp": {"same": "mlp_x_l", "lookahead": "att_x_l", "l-1": "att_x_{l-1}",
+                                  "l-2": "att_x_{l-2}"},
+                          "att": {"same": "att_x_l", "lookahead": "att_x_{l-1} (l >= 1)", "l-2": "att_x_{l-2}"}},
+               "seconds": time.perf_counter() - started}
+    json_path, csv_path = write_results(args.out_dir, "recall_summary", payload, records, CSV_COLUMNS, provenance)
+    print(f"wrote {json_path} and {csv_path}: {len(records)} records of {source['model']} (layers {layers[0]}.."
+          f"{layers[-1]}, {args.seeds} seed(s), {payload['seconds']:.0f} s)")
+    return json_path
+
+
+if __name__ == "__main__":
+    main()
