@@ -268,10 +268,10 @@ def summary_tables(summaries: Sequence[ModelSummary], fractions: Sequence[float]
                   "Recall@K at K = the mean active count; chance = the Precision of a random set", ""]
         lines += table(["model", "label", *(h for h, _ in arch_columns), "chance", "src"], rows)
     penalty_columns = [(f"MLP same - {INPUT_NAMES[i]}", f"mlp penalty {distance:g} same - {i}")
-                       for i in ("lookahead", "l-1", "l-2")]
+                       for i in ("lookahead", "l-1", "l-2")] if distance is not None else []
     penalty_columns += [(f"att same - {INPUT_NAMES[i]}", f"att penalty {distance:g} same - {i}")
-                        for i in ("lookahead", "l-2")]
-    rows = grid(summaries, penalty_columns)
+                        for i in ("lookahead", "l-2")] if distance is not None else []
+    rows = grid(summaries, penalty_columns) if penalty_columns else []
     if rows:
         lines += [f"**Lookahead penalty at K={distance:g}**: Recall@K(same-layer input) - Recall@K(earlier input), "
                   f"paired by layer, seed and document (MLP lookahead = att_x_l; attention lookahead = att_x_(l-1), "
