@@ -100,6 +100,7 @@ class Inputs:
     results: dict[str, list[tuple[Path, dict]]] = field(default_factory=lambda: defaultdict(list))
     predictors: list[PredictorSet] = field(default_factory=list)
     sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    studies: list[tuple[Path, dict]] = field(default_factory=list)  # run_study.py manifests: stage wall times
     missing: list[str] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)
 
@@ -132,6 +133,9 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
         return True
     if path.suffix == ".json":
         payload = read_json_file(path)
+        if isinstance(payload, dict) and payload.get("study") is True and "stages" in payload:
+            inputs.studies.append((path, payload))
+            return True
         if isinstance(payload, dict) and payload.get("analysis") in ANALYSES:
             inputs.results[payload["analysis"]].append((path, payload))
             return True
@@ -363,6 +367,20 @@ def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
     return lines
 
 
+def stages_section(studies: list[tuple[Path, dict]], sources: Sources) -> list[str]:
+    """Wall time of every stage of the study (the run that did it; a resumed run keeps earlier times)."""
+    lines = []
+    for path, study in studies:
+        src = sources.add(path, study, str(path))
+        rows = [[s["model"], s["stage"], "n/a (done before this manifest)" if s["seconds"] is None else
+                 f"{s['seconds']:.0f}", "<br>".join(f"`{c}`" for c in s["commands"]) or "n/a", src]
+                for s in study["stages"]]
+        total = sum(s["seconds"] or 0 for s in study["stages"])
+        lines += [f"`{study['command']}` (commit {study['git_commit']}): {total:.0f} s over the stages below.", ""]
+        lines += table(["model", "stage", "wall time (s)", "commands", "src"], rows)
+    return lines
+
+
 # ------------------------------------------------------------------------------------- summary
 def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: list[str]) -> tuple[list, list]:
     """The first page (one row per model, identical definitions, intervals), its figure and summary.csv; and the
@@ -456,6 +474,8 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     lines += [f"> **Note.** {note}\n" for note in notes]
     lines += ["## Summary", ""] + summary_lines
     lines += ["## Decomposition", ""] + decomposition_lines
+    if inputs.studies:
+        lines += ["## Study stages", ""] + stages_section(inputs.studies, sources)
     lines += ["## Inputs", ""]
     lines += [f"- `{p}`" for p in paths]
     lines += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]

@@ -43,7 +43,8 @@ class Cell:
         i = self.interval
         return {prefix: i.value if i else None, f"{prefix} low": i.low if i else None,
                 f"{prefix} high": i.high if i else None, f"{prefix} documents": i.documents if i else None,
-                f"{prefix} seed min": (self.seeds or {}).get("min"), f"{prefix} seed max": (self.seeds or {}).get("max"),
+                f"{prefix} seed min": (self.seeds or {}).get("min"),
+                f"{prefix} seed max": (self.seeds or {}).get("max"),
                 f"{prefix} seeds": (self.seeds or {}).get("seeds"), f"{prefix} chance": self.chance,
                 f"{prefix} sources": " ".join(self.sources)}
 

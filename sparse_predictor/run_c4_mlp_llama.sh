@@ -5,7 +5,8 @@
 # Settings as the original run_c4_mlp.sh.
 # Environment (defaults): MODEL (llama-3.2-3b), DATASET (c4), DATA_DIR (<repo>/data/$MODEL_$DATASET),
 #   OUT_DIR (<repo>/data/$MODEL_$DATASET_sparse_predictor), LOG_DIR ($OUT_DIR/logs), LR (0.001), LABEL (topk), K (0.5),
-#   JOBS_PER_GPU (1), SEEDS (1: predictors per layer, trained together; the study uses 3),
+#   JOBS_PER_GPU (1), LAYERS_PER_JOB (1: a process per layer),
+#   SEEDS (1: predictors per layer, trained together; the study uses 3),
 #   EXTRA_ARGS (more flags for main_mlp_llama.py, e.g. "--input from:0 --epochs 10").
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,4 +22,5 @@ K=${K:-0.5}
 python "$REPO"/sparse_predictor/trainer.py launch \
     "$REPO"/sparse_predictor/main_mlp_llama.py --block mlp --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
+    --layers-per-job "${LAYERS_PER_JOB:-1}" \
     -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --seeds "${SEEDS:-1}" --label "$LABEL" --k "$K" ${EXTRA_ARGS:-}

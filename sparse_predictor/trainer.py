@@ -50,7 +50,7 @@ from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, acti
 from Decentralized_FM_alpha.utils.manifest import (REPO_ROOT, base_manifest, now, read_json,  # noqa: E402
                                                    write_json_atomic)
 from Decentralized_FM_alpha.utils.intervals import seed_spread as spread_over_seeds  # noqa: E402
-from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 
 BLOCKS = ("mlp", "att")
 MLP_LABELS = ("relu", "topk", "threshold", "gate")
@@ -875,7 +875,7 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
     p.add_argument("--data-dir", help="collected activations (SPEC §6); default data/<model>_<dataset> in the repo")
     p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; "
                                      "default data/<model>_<dataset>_sparse_predictor in the repo")
-    p.add_argument("--L", default="0", help="layer index, or 'all' for every layer of the manifest in turn "
+    p.add_argument("--L", default="0", help="layer index, a list such as 0-13 or 0,4,8, or 'all': each in turn "
                                            "(default %(default)s)")
     p.add_argument("--input", default=DEFAULT_INPUT[block],
                    help="predictor input: same (MLP: mlp_x_l; attention: att_x_l), lookahead (MLP: att_x_l; "
@@ -959,10 +959,10 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
     args.data_dir, args.out_dir = args.data_dir or str(data_dir), args.out_dir or str(out_dir)
     store = ActivationStore(args.data_dir)
     require_complete(store)
-    layers = range(store.num_layers) if args.L == "all" else [int(args.L)]
-    for layer in layers:
-        if not 0 <= layer < store.num_layers:
-            raise ValueError(f"--L {layer}: the manifest has layers 0..{store.num_layers - 1}")
+    try:
+        layers = parse_layer_list(args.L, store.num_layers)
+    except ValueError as e:
+        raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
     if block == "att":
         label = make_label_spec(block, "topk", args.k, None, store.dims.num_heads)
     else:
@@ -1021,16 +1021,17 @@ def visible_gpus() -> list[str]:
 
 
 def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: str, main_args: list[str],
-           jobs_per_gpu: int = 1) -> int:
-    """Train every layer of the manifest, one process and one log per layer, over all visible GPUs; summarize."""
+           jobs_per_gpu: int = 1, layers_per_job: int = 1) -> int:
+    """Train every layer of the manifest over all visible GPUs, one process and one log per job of
+    `layers_per_job` consecutive layers (1: a process per layer, as the original); summarize."""
     num_layers = ActivationStore(data_dir).num_layers
     gpus = visible_gpus()
     slots = [g for g in gpus for _ in range(jobs_per_gpu)] or [None] * jobs_per_gpu  # CPU: jobs_per_gpu processes
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     print(f"{num_layers} layers of {data_dir} on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU'}; logs in {log_dir}")
-    todo: queue.Queue[int] = queue.Queue()
-    for layer in range(num_layers):
-        todo.put(layer)
+    todo: queue.Queue[range] = queue.Queue()
+    for start in range(0, num_layers, layers_per_job):
+        todo.put(range(start, min(start + layers_per_job, num_layers)))
     failed: list[int] = []
     progress = tqdm(total=num_layers, desc=f"{block} layers", unit="layer")
 
@@ -1038,17 +1039,19 @@ def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: s
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "")
         while True:
             try:
-                layer = todo.get_nowait()
+                layers = todo.get_nowait()
             except queue.Empty:
                 return
-            command = [sys.executable, main_script, "--data-dir", data_dir, "--out-dir", out_dir, "--L", str(layer),
+            spec = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+            command = [sys.executable, main_script, "--data-dir", data_dir, "--out-dir", out_dir, "--L", spec,
                        "--device", "cpu" if gpu is None else "cuda:0", *main_args]
-            with open(Path(log_dir) / f"{block}_layer{layer}.log", "w") as log:
+            name = f"{block}_layer{spec}.log" if len(layers) == 1 else f"{block}_layers{spec}.log"
+            with open(Path(log_dir) / name, "w") as log:
                 log.write(" ".join(command) + "\n")
                 log.flush()
                 if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                    failed.append(layer)
-            progress.update()
+                    failed.extend(layers)
+            progress.update(len(layers))
 
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in slots]
     for t in threads:
@@ -1077,7 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--data-dir", required=True, help="collected activations; its manifest gives the layers")
     run.add_argument("--out-dir", required=True, help="predictor checkpoints, JSONs and the summary")
     run.add_argument("--log-dir", required=True, help="one log per layer: {block}_layer{L}.log")
-    run.add_argument("--jobs-per-gpu", type=int, default=1, help="layers trained at once on each GPU, or on the CPU when there is none (default 1)")
+    run.add_argument("--jobs-per-gpu", type=int, default=1,
+                     help="training processes at once on each GPU, or on the CPU when there is none (default 1)")
+    run.add_argument("--layers-per-job", type=int, default=1,
+                     help="consecutive layers one process trains in turn (default 1: a process per layer)")
     summary = sub.add_parser("summarize", help="write {block}_summary.csv/.md from the per-layer JSONs")
     summary.add_argument("--block", choices=BLOCKS, required=True, help="mlp or att")
     summary.add_argument("--out-dir", required=True, help="directory of {block}_layer{L}.json")
@@ -1085,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "launch":
         return launch(args.main_script, args.block, args.data_dir, args.out_dir, args.log_dir, main_args,
-                      args.jobs_per_gpu)
+                      args.jobs_per_gpu, args.layers_per_job)
     csv_path, md_path, missing = summarize(args.out_dir, args.block, args.num_layers)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}" + (f"; MISSING layers {missing}" if missing else ""))

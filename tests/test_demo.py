@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 
 from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
-           "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "LOOKAHEAD_DISTANCE": "1",
-           "LOOKAHEAD_LAYERS": "5", "SWEEP_LABELS": "topk:0.25", "CUDA_VISIBLE_DEVICES": ""}
+           "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
+           "SWEEP_LABELS": "topk:0.25", "CUDA_VISIBLE_DEVICES": ""}
 MODELS = ("tiny-opt", "tiny-llama", "tiny-llama-relu")
 
 
@@ -22,8 +23,14 @@ def test_reduced_demo_writes_the_report_for_all_three_models(tmp_path):
     assert f"report at {report_path}" in done.stdout
     report = report_path.read_text()
     assert "not a claim about Llama 3.2 3B" in report
-    for section in ("## Collections", "## Residual-stream drift", "## Perplexity"):
+    first_section = report.split("\n## ")[1]
+    assert first_section.startswith("Summary") and "](figures/summary.png)" in first_section
+    for section in ("## Decomposition", "## Study stages", "## Collections", "## Residual-stream drift",
+                    "## Perplexity"):
         assert section in report, section
+    stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]
+    assert {(s["model"], s["stage"]) for s in stages} >= {(m, "collect") for m in MODELS}
+    assert all(s["seconds"] > 0 for s in stages)
     for model in MODELS:
         assert f"| {model} |" in report
         with open(tmp_path / "demo" / "sweep" / model / "sweep.csv") as f:

@@ -1,0 +1,289 @@
+"""The whole study as one command, for any list of models: convert -> request files -> collect -> predictors for
+every layer -> sparse sweep -> drift, sparsity and the summary's predictors -> report.
+
+Each stage runs the project's own command (the one the README documents), so its outputs carry their usual
+manifests; the study adds one progress line per stage and `<out-dir>/study_manifest.json` with the command, the
+settings and the wall time of every stage, which the report shows. A rerun resumes: finished stages are skipped
+(the wall time of the run that did them is kept) and unfinished ones continue where their own command can.
+
+MODEL is SOURCE or NAME=SOURCE; SOURCE is a Hugging Face model directory or hub id (converted), a .gguf file
+(converted, dequantized), or an already converted directory (SPEC §3, used as is). NAME defaults to its last part.
+
+    python scripts/run_study.py pretrained_models/tiny-opt pretrained_models/tiny-llama --out-dir out/study \\
+        --device cpu --collect-tokens 20000 --epochs 4 --D 128 --seeds 1
+    python scripts/run_study.py llama-3.2-3b=meta-llama/Llama-3.2-3B opt-2.7b=facebook/opt-2.7b \\
+        --out-dir out/study_3b --device cuda --dtype bf16          # the GPU-site study (README)
+
+Layout of --out-dir: requests/, converted/<name>/, data/<name>_c4/, predictors/<name>/, sweep/<name>/,
+analysis/<name>/, report/report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
+
+STAGES = ("convert", "requests", "collect", "predictors", "sweep", "analysis", "summary", "report")
+STUDY_MANIFEST = "study_manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+
+    @property
+    def is_converted(self) -> bool:
+        return (Path(self.source) / "pytorch_embs.pt").is_file()
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.source.endswith(".gguf")
+
+
+def parse_model(text: str) -> ModelSpec:
+    name, sep, source = text.partition("=")
+    if not sep:
+        name, source = Path(text.rstrip("/")).stem if text.endswith(".gguf") else Path(text.rstrip("/")).name, text
+    if not name or not source:
+        raise argparse.ArgumentTypeError(f"model must be SOURCE or NAME=SOURCE, got {text!r}")
+    return ModelSpec(name, source)
+
+
+def family_of(converted: Path) -> str:
+    model_type = read_json(converted / "config.json")["model_type"]
+    if model_type not in ("opt", "llama"):
+        raise ValueError(f"{converted}: model_type {model_type!r} is neither opt nor llama")
+    return model_type
+
+
+class Study:
+    """Runs stages, times them, and keeps study_manifest.json current after each one."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, args.out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.out / STUDY_MANIFEST
+        old = read_json(self.manifest_path) if self.manifest_path.is_file() else {}
+        self.stages: dict[str, dict] = {f"{s['model']}/{s['stage']}": s for s in old.get("stages", [])}
+        self.manifest = base_manifest(kind="study", settings={k: str(v) for k, v in vars(args).items()})
+        self.started = time.time()
+        self.env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        if args.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+
+    def run(self, model: str, stage: str, commands: list[list[str]], done: bool, parallel: bool = False,
+            env: dict | None = None) -> None:
+        """Run a stage's commands (at most --jobs at once when parallel) unless `done`; record its wall time."""
+        key = f"{model}/{stage}"
+        commands = [[str(part) for part in command] for command in commands]
+        prefix = f"[{time.time() - self.started:7.0f} s] {model}: {stage}"
+        if done:
+            print(f"{prefix}: done earlier, skipped", flush=True)
+            self.stages.setdefault(key, {"model": model, "stage": stage, "seconds": None, "commands": []})
+            return
+        print(f"{prefix} ...", flush=True)
+        start = time.time()
+        pending = list(commands)
+        running: list[tuple[list[str], subprocess.Popen]] = []
+        while pending or running:
+            while pending and (not running or (parallel and len(running) < self.args.jobs)):
+                command = pending.pop(0)
+                running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})})))
+            command, process = running.pop(0)
+            if process.wait() != 0:
+                for _, other in running:
+                    other.wait()
+                raise SystemExit(f"{key} failed (exit {process.returncode}): {shlex.join(command)}")
+        seconds = time.time() - start
+        self.stages[key] = {"model": model, "stage": stage, "seconds": seconds,
+                            "commands": [shlex.join(c) for c in commands]}
+        self.save()
+        print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def save(self) -> None:
+        write_json_atomic(self.manifest_path, {**self.manifest, "study": True, "stages": list(self.stages.values()),
+                                               "models": [m.__dict__ for m in self.args.models]})
+
+
+def python(script: str, *args: object) -> list[str]:
+    return [sys.executable, str(REPO / script), *map(str, args)]
+
+
+def complete(path: Path) -> bool:
+    return path.is_file() and read_json(path).get("complete") is True
+
+
+def study_requests(study: Study) -> tuple[Path, Path]:
+    a, requests = study.args, study.out / "requests"
+    train, val = requests / "c4_train.jsonl", requests / "c4_val.jsonl"
+    source = [] if a.hub else ["--from-file"]
+    study.run("all", "requests", [
+        python("Decentralized_FM_alpha/c4_train/getdata.py", *source, *([a.c4_train_file] if not a.hub else []),
+               "--num-docs", a.train_docs, "--output", train),
+        python("Decentralized_FM_alpha/c4_val/getdata.py", *source, *([a.c4_val_file] if not a.hub else []),
+               "--num-docs", a.val_docs, "--output", val)],
+        done=train.is_file() and val.is_file())
+    return train, val
+
+
+def convert(study: Study, model) -> Path:
+    if model.is_converted:
+        return Path(model.source)
+    target = study.out / "converted" / model.name
+    if model.is_gguf:
+        command = python("Decentralized_FM_alpha/convert_llama_checkpoint.py", "--model-name", model.source)
+    else:
+        from transformers import AutoConfig
+
+        family = AutoConfig.from_pretrained(model.source).model_type
+        command = python(f"Decentralized_FM_alpha/convert_{family}_checkpoint.py", "--model-name", model.source)
+    study.run(model.name, "convert", [command + ["--save-path", target]],
+              done=(target / "conversion_manifest.json").is_file())
+    return target
+
+
+def wikitext_requests(study: Study, model: str, converted: Path) -> Path:
+    """The first --wiki-windows windows of WikiText-2, cut with this model's tokenizer (part of 'requests')."""
+    a = study.args
+    full = study.out / "requests" / f"wikitext2_{model}_all.jsonl"
+    chosen = study.out / "requests" / f"wikitext2_{model}.jsonl"
+    study.run(model, "requests", [python("Decentralized_FM_alpha/wikitext2/getdata.py", "--tokenizer", converted,
+                                         "--max-seq-len", a.max_seq_len, "--output", full,
+                                         *(["--from-hub"] if a.hub else []))], done=full.is_file())
+    if not chosen.is_file():
+        lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+        chosen.write_text("".join(lines[: a.wiki_windows or None]), encoding="utf-8")
+    return chosen
+
+
+def study_model(study: Study, model, train: Path, val: Path) -> list[Path]:
+    """Every per-model stage; returns what the report reads."""
+    a = study.args
+    converted = convert(study, model)
+    family = family_of(converted)
+    wiki = wikitext_requests(study, model.name, converted)
+    data = study.out / "data" / f"{model.name}_c4"
+    runner = ["--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
+              a.max_seq_len, "--token-micro-batch-size", a.batch]
+    study.run(model.name, "collect", [python(
+        "Decentralized_FM_alpha/dist_inference_runner.py", "--model-name", converted, "--model-type", f"{family}-save",
+        "--infer-data", train, "--output-path", data / "collect_output.jsonl", "--data-path", data,
+        "--collect-tokens", a.collect_tokens, *runner, *(["--collect-mlp-gate"] if family == "llama" else []))],
+        done=complete(data / "manifest.json"))
+
+    predictors = study.out / "predictors" / model.name
+    layers = read_json(data / "manifest.json")["config"]["num_layers"]
+    training = ["--epochs", a.epochs, "--D", a.D, "--selection", a.selection]
+    suffix = "_llama" if family == "llama" else ""
+    study.run(model.name, "predictors", [["bash", str(REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh")]
+                                         for block in ("mlp", "att")],
+              done=all((predictors / f"{b}_summary.csv").is_file() for b in ("mlp", "att")),
+              env={"DATA_DIR": str(data), "OUT_DIR": str(predictors), "MODEL": model.name, "SEEDS": str(a.seeds),
+                   "JOBS_PER_GPU": str(a.jobs), "LAYERS_PER_JOB": str(-(-layers // a.jobs)),  # one process per job
+                   "EXTRA_ARGS": shlex.join(map(str, training))})
+
+    sweep = study.out / "sweep" / model.name
+    study.run(model.name, "sweep", [python(
+        "scripts/sparse_sweep.py", "--model-name", converted, "--family", family, "--predictor-dir", predictors,
+        "--data", f"c4={val}", "--data", f"wikitext2={wiki}", "--mlp-topk", *a.mlp_budgets, "--att-topk",
+        *a.att_budgets, "--max-seq-len", a.max_seq_len, "--use-cuda", "true" if a.device == "cuda" else "false",
+        "--dtype", a.dtype, "--batch", a.batch, "--out-dir", sweep)],
+        done=(sweep / "sweep.manifest.json").is_file())
+
+    analysis = study.out / "analysis" / model.name
+    device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
+    middle = str(layers // 2)
+    commands = [python("scripts/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
+                       "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
+                       a.massive_dims),
+                python("scripts/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
+                       middle, "--labels", a.sweep_labels, *training, *device)]
+    if a.lookahead_distance:
+        commands += [python("scripts/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
+                            "--max-distance", a.lookahead_distance, *training, *device) for block in ("mlp", "att")]
+    study.run(model.name, "analysis", commands, parallel=True,
+              done=(analysis / "drift.json").is_file() and (analysis / "sparsity_stats.json").is_file()
+              and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
+    study.run(model.name, "summary", [python(
+        "scripts/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
+        ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, *training, *device)],
+        done=(analysis / "recall_summary.json").is_file())
+    return [data, predictors, sweep / "sweep.csv", analysis]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", type=parse_model, metavar="MODEL", help="SOURCE or NAME=SOURCE (see above)")
+    p.add_argument("--out-dir", type=Path, required=True, help="everything the study writes")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every stage runs (default cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute dtype of collection and sparse inference (default fp32)")
+    p.add_argument("--hub", action="store_true", help="C4 and WikiText-2 from the hub instead of the bundled files")
+    p.add_argument("--c4-train-file", default=str(REPO / "data/samples/c4_train_1k.jsonl"),
+                   help="C4 train documents to collect on (default: the bundled 1,000 real C4 train documents)")
+    p.add_argument("--c4-val-file", default=str(REPO / "data/samples/c4_validation_2k.parquet"),
+                   help="C4 validation documents to score (default: the bundled 2,000)")
+    p.add_argument("--train-docs", type=int, default=500, help="C4 train documents requested (default %(default)s)")
+    p.add_argument("--val-docs", type=int, default=200, help="C4 validation documents scored (default %(default)s)")
+    p.add_argument("--wiki-windows", type=int, default=64,
+                   help="first WikiText-2 windows scored; 0 = all (default %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per document / window (default %(default)s)")
+    p.add_argument("--collect-tokens", type=int, default=200_000, help="rows collected (default %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="requests per forward batch (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="predictor epochs (default %(default)s)")
+    p.add_argument("--D", type=int, default=1000, help="predictor rank (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of every predictor (default %(default)s)")
+    p.add_argument("--selection", choices=("last", "original"), default="last",
+                   help="which epoch is kept: last (default: nothing chosen on the held-out split) or original "
+                        "(DejaVu's best held-out Recall, which favours predicting many units)")
+    p.add_argument("--mlp-budgets", nargs="+", default=["0.1", "0.25", "0.5"],
+                   help="MLP budgets of the sweep (default 0.1 0.25 0.5)")
+    p.add_argument("--att-budgets", nargs="+", default=["3", "5", "7"],
+                   help="attention budgets, paired with --mlp-budgets (default 3 5 7 heads)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5],
+                   help="K of the summary's Recall@K, fractions of the units (default 0.1 0.25 0.5)")
+    p.add_argument("--distance-fraction", type=float, default=0.25,
+                   help="K of the summary's predictors trained from l-1 and l-2 (default %(default)s)")
+    p.add_argument("--drift-distance", type=int, default=4, help="drift.py --max-distance (default %(default)s)")
+    p.add_argument("--massive-dims", type=int, default=4, help="drift.py --exclude-massive-dims (default %(default)s)")
+    p.add_argument("--lookahead-distance", type=int, default=0,
+                   help="also run lookahead.py up to this distance (the summary covers distances 0-2; default 0)")
+    p.add_argument("--sweep-labels", default="relu,topk:0.25,threshold:0.01,gate",
+                   help="sparsity_stats.py --labels, trained on the middle layer (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="analysis commands at once, and predictor jobs per GPU (or on the CPU) (default %(default)s)")
+    p.add_argument("--note", action="append", default=[], help="a sentence for the top of the report (repeat)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    if len({m.name for m in args.models}) != len(args.models):
+        raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
+    study = Study(args)
+    train, val = study_requests(study)
+    inputs = []
+    for model in args.models:
+        inputs += study_model(study, model, train, val)
+    report_dir = args.out_dir / "report"
+    notes = [*args.note, f"Study command: `{shlex.join(sys.argv)}`"]
+    study.run("all", "report", [python("scripts/report.py", *inputs, study.manifest_path, "--out-dir", report_dir,
+                                       *[x for n in notes for x in ("--note", n)])], done=False)
+    print(f"study done in {time.time() - study.started:.0f} s: report at {report_dir / 'report.md'}")
+    return report_dir / "report.md"
+
+
+if __name__ == "__main__":
+    main()
