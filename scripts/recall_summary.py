@@ -16,7 +16,8 @@ by g, and the share of the true top-K that sign(g) > 0 covers. Every record keep
 so that report.py can bootstrap intervals over documents; chance levels are recorded beside the metrics.
 
     python scripts/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
-Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv.
+Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each
+finished layer is kept in <out-dir>/recall_summary.partial/, so an interrupted run resumes at the next layer.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis_common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
                                      open_collection, parse_fractions, read_rows, rows_per_chunk, write_results)
@@ -169,10 +170,19 @@ def main(argv: list[str] | None = None) -> Path:
     documents = store.document_ids()
     is_test = document_split(documents, split.test_fraction, split.test_docs)
     records, started = [], time.perf_counter()
+    partial = Path(args.out_dir) / "recall_summary.partial"  # one file per finished layer: a rerun resumes
+    partial.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("out_dir", "device")}
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
-        records += predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
+        done = partial / f"layer{layer}.json"
+        if done.is_file() and read_json(done)["settings"] == settings:
+            records += read_json(done)["records"]
+            continue
+        layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
         if "mlp_gate" in store.kinds and source["family"] == "llama":
-            records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
+            layer_records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
+        write_json_atomic(done, {"settings": settings, "records": layer_records})
+        records += layer_records
     payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
                "distance_fraction": args.distance_fraction, "seeds": [args.seed + s for s in range(args.seeds)],
                "architecture_label": arch_note, "count_rule": COUNT_RULE, "split": split.describe(),

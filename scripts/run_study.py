@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -95,22 +96,33 @@ class Study:
             return
         print(f"{prefix} ...", flush=True)
         start = time.time()
+        earlier = self.stages.get(key, {}).get("interrupted_seconds", 0.0)  # attempts stopped before the end
         pending = list(commands)
         running: list[tuple[list[str], subprocess.Popen]] = []
-        while pending or running:
-            while pending and (not running or (parallel and len(running) < self.args.jobs)):
-                command = pending.pop(0)
-                running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})})))
-            command, process = running.pop(0)
-            if process.wait() != 0:
-                for _, other in running:
-                    other.wait()
-                raise SystemExit(f"{key} failed (exit {process.returncode}): {shlex.join(command)}")
-        seconds = time.time() - start
+        try:
+            while pending or running:
+                while pending and (not running or (parallel and len(running) < self.args.jobs)):
+                    command = pending.pop(0)
+                    running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})})))
+                command, process = running.pop(0)
+                if process.wait() != 0:
+                    for _, other in running:
+                        other.wait()
+                    raise SystemExit(f"{key} failed (exit {process.returncode}): {shlex.join(command)}")
+        except KeyboardInterrupt:  # also SIGTERM (see main): keep the time spent, so a resumed stage counts it all
+            for _, process in running:
+                process.terminate()
+                process.wait()
+            self.stages[key] = {"model": model, "stage": stage, "seconds": None, "commands": [],
+                                "interrupted_seconds": earlier + time.time() - start}
+            self.save()
+            raise
+        seconds = earlier + time.time() - start
         self.stages[key] = {"model": model, "stage": stage, "seconds": seconds,
                             "commands": [shlex.join(c) for c in commands]}
         self.save()
-        print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+        print(f"{prefix}: done in {seconds:.0f} s" + (f" (of which {earlier:.0f} s in interrupted runs)"
+                                                       if earlier else ""), flush=True)
 
     def save(self) -> None:
         write_json_atomic(self.manifest_path, {**self.manifest, "study": True, "stages": list(self.stages.values()),
@@ -268,8 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)  # `timeout` and job schedulers stop with SIGTERM: resume cleanly
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
     study = Study(args)
