@@ -172,17 +172,25 @@ def keep_first_lines(path: Path, n: int) -> None:
         path.write_text("".join(lines))
 
 
-def main(argv=None) -> None:
-    args = resolve_args(argv)
+def build_pipeline(args: argparse.Namespace) -> DistInferenceMaskTokenPipeSync:
+    """This rank's model from resolved flags: device, seed, communication, strictly loaded pieces and what the
+    variant attaches (a collection writer or a sparsity controller). The one construction the runner and the
+    lm-evaluation-harness model (lm_eval_model.py) share."""
     device = torch.device(f"cuda:{args.cuda_id}" if args.use_cuda else "cpu")
     if args.use_cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    requests = read_requests(args.infer_data)[: args.num_iters]
     comm = init_comm(args.dist_backend, args.dist_url, args.rank, args.world_size, device)
+    return DistInferenceMaskTokenPipeSync(args, comm, device, block_kwargs=block_kwargs_for(args))
+
+
+def main(argv=None) -> None:
+    args = resolve_args(argv)
+    requests = read_requests(args.infer_data)[: args.num_iters]
     manifest = base_manifest(settings=vars(args), request_file_sha256=file_sha256(args.infer_data),
                              weights=weights_provenance(args.model_name))
-    pipe = DistInferenceMaskTokenPipeSync(args, comm, device, block_kwargs=block_kwargs_for(args))
+    pipe = build_pipeline(args)
+    comm = pipe.comm
     manifest["tokenizer"] = pipe.bos
     output_path = Path(args.output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
