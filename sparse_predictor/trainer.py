@@ -45,7 +45,7 @@ from tqdm import tqdm
 if __name__ == "__main__":  # lets `python sparse_predictor/trainer.py summarize ...` find the repo's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, activation_file,  # noqa: E402
+from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, ModelDims, activation_file,  # noqa: E402
                                                             iter_row_chunks)
 from Decentralized_FM_alpha.utils.manifest import (REPO_ROOT, base_manifest, now, read_json,  # noqa: E402
                                                    write_json_atomic)
@@ -290,17 +290,65 @@ def chunk_slices(rows: int, widths: Sequence[int]) -> list[slice]:
     return list(iter_row_chunks(rows, max(1, CHUNK_BYTES // (2 * max(widths)))))
 
 
+LABEL_BITS = 8  # units per stored label byte
+
+
+def packed_width(width: int) -> int:
+    return -(-width // LABEL_BITS)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(..., width) bool -> (..., packed_width(width)) uint8, unit i in bit i % 8 of byte i // 8: a label costs one
+    bit per unit on the device, not a byte (at Llama-3.2-3B widths a layer's labels shrink from 8 KB to 1 KB a row)."""
+    pad = -mask.shape[-1] % LABEL_BITS
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
+    bits = mask.reshape(*mask.shape[:-1], -1, LABEL_BITS).to(torch.uint8)
+    shifts = torch.arange(LABEL_BITS, dtype=torch.uint8, device=mask.device)
+    return (bits << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of pack_bits: (..., packed_width(width)) uint8 -> (..., width) bool."""
+    shifts = torch.arange(LABEL_BITS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :width].bool()
+
+
+INPUT_ROW_BYTES_PER_DIM = 2  # float16 inputs
+
+
+def label_row_bytes(width: int, held_out: bool) -> int:
+    """Device bytes of one label of one row: its bits, and for a held-out row its float16 scores plus the true K-th
+    score (float32) and tie room (int64) of Recall@K."""
+    return packed_width(width) + ((2 * width + 4 + 8) if held_out else 0)
+
+
+def layer_row_bytes(d: int, width: int, n_labels: int, held_out: bool) -> int:
+    return INPUT_ROW_BYTES_PER_DIM * d + n_labels * label_row_bytes(width, held_out)
+
+
 @dataclass
 class DeviceRows:
     x: torch.Tensor  # (n, d) float16: the predictor input
-    labels: torch.Tensor  # (labels, n, out) bool: one row set per label spec of the layer
-    scores: torch.Tensor | None  # (labels, n, out) float16 ranking of each label, kept for held-out rows (Recall@K)
+    labels: torch.Tensor  # (labels, n, packed_width(width)) uint8: one row set per label spec, as bits (pack_bits)
+    width: int  # units per label
+    scores: torch.Tensor | None  # (labels, n, width) float16 ranking of each label, kept for held-out rows (Recall@K)
     true_kth: torch.Tensor | None = None  # (labels, n, 1) held-out rows: the true K-th score (see true_top_k)
     true_room: torch.Tensor | None = None  # (labels, n) held-out rows: tied units that still fit in the top K
+
+    @classmethod
+    def of(cls, x: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None) -> "DeviceRows":
+        """From (labels, n, width) bool labels."""
+        return cls(x, pack_bits(labels), labels.shape[-1], scores)
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
+
+    def label_rows(self, label, rows=slice(None)) -> torch.Tensor:
+        """Bool labels of `label` (an index, or (P, 1) indices) at `rows` (a slice, or (P, B) row indices)."""
+        return unpack_bits(self.labels[label, rows], self.width)
 
     def rank_truth(self, Ks: Sequence[int], batch_size: int = 4096) -> None:
         """Compute each label's true top-K threshold of the held-out rows once (Recall@K at every evaluation)."""
@@ -315,7 +363,7 @@ def load_rows(x_file: RowFile, label_files: dict[str, RowFile], labels: Sequence
     """The selected rows (a bool mask over all rows) on the device, each label computed there chunk by chunk."""
     n, width = int(selected.sum()), labels[0].width_of(label_files)
     out = DeviceRows(torch.empty((n, x_file.width), dtype=torch.float16, device=device),
-                     torch.empty((len(labels), n, width), dtype=torch.bool, device=device),
+                     torch.empty((len(labels), n, packed_width(width)), dtype=torch.uint8, device=device), width,
                      torch.empty((len(labels), n, width), dtype=torch.float16, device=device) if keep_scores else None)
     kinds = list(label_files)
     files = [x_file, *label_files.values()]
@@ -331,7 +379,7 @@ def load_rows(x_file: RowFile, label_files: dict[str, RowFile], labels: Sequence
         out.x[part] = x
         for i, label in enumerate(labels):
             scores = label.scores(values[kinds.index(label.source_kind)].float())
-            out.labels[i, part] = label.labels(scores)
+            out.labels[i, part] = pack_bits(label.labels(scores))
             if keep_scores:
                 out.scores[i, part] = scores.to(torch.float16)  # exact: values of fp16 inputs or their abs
         filled += len(local)
@@ -359,7 +407,7 @@ class LayerData:
 
     @property
     def out_width(self) -> int:
-        return self.test.labels.shape[2]
+        return self.test.width
 
     def train_windows(self, epoch: int, seed: int) -> Iterator[DeviceRows]:
         """The training rows of one epoch: one resident block, or windows of randomly ordered chunks."""
@@ -406,12 +454,9 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
     is_test = document_split(doc_ids, split.test_fraction, split.test_docs)
     budget = device_budget(device, max_device_bytes)
     test = load_rows(x_file, label_files, labels, is_test, device, True, f"layer {layer} held-out rows")
-    Ks = tuple(recall_at_k_budget(l, test.labels[i]) for i, l in enumerate(labels))
-    test.rank_truth(Ks)
-    width = test.labels.shape[2]
-    test_bytes = test.n * (2 * x_file.width + 3 * width * len(labels))
-    train_row_bytes = 2 * x_file.width + width * len(labels)
-    window_rows = (budget - test_bytes) // train_row_bytes
+    width = test.width
+    test_bytes = test.n * layer_row_bytes(x_file.width, width, len(labels), held_out=True)
+    window_rows = (budget - test_bytes) // layer_row_bytes(x_file.width, width, len(labels), held_out=False)
     n_train = int((~is_test).sum())
     if window_rows < min(batch_size, n_train):
         raise MemoryError(f"device memory budget {budget / 2**30:.2f} GiB holds the held-out rows "
@@ -422,7 +467,17 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
     else:
         print(f"layer {layer}: {n_train} training rows exceed the device budget; streaming windows of "
               f"{window_rows} rows each epoch")
-    return LayerData(spec, x_file, label_files, labels, is_test, test, Ks, train, int(window_rows),
+    return layer_data(spec, x_file, label_files, labels, is_test, test, train, int(window_rows), doc_ids, split)
+
+
+def layer_data(spec: InputSpec, x_file: RowFile, label_files: dict[str, RowFile], labels: tuple[LabelSpec, ...],
+               is_test: np.ndarray, test: DeviceRows, train: DeviceRows | None, window_rows: int, doc_ids: np.ndarray,
+               split: SplitConfig) -> LayerData:
+    """A layer ready to train, from rows already on the device (read from the mmaps, or kept by an online pass):
+    each label's Recall@K budget and the held-out rows' true top-K are computed here, once."""
+    Ks = tuple(recall_at_k_budget(l, test.label_rows(i)) for i, l in enumerate(labels))
+    test.rank_truth(Ks)
+    return LayerData(spec, x_file, label_files, labels, is_test, test, Ks, train, window_rows,
                      np.asarray(doc_ids[is_test]), split)
 
 
@@ -535,7 +590,7 @@ def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int],
         logits = predictor_logits(model, test.x[s], amp_dtype)  # (P, b, out)
         for p, l in enumerate(labels_of):
             top = (test.true_kth[l, s], test.true_room[l, s])
-            batches[p].append(batch_statistics(logits[p], test.labels[l, s], test.scores[l, s], Ks[l], weight_floor,
+            batches[p].append(batch_statistics(logits[p], test.label_rows(l, s), test.scores[l, s], Ks[l], weight_floor,
                                                top))
     model.train()
     metrics = [aggregate_statistics(b, Ks[l]) for b, l in zip(batches, labels_of)]
@@ -713,7 +768,7 @@ def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence
         for rows in data.train_windows(epoch, cfg.seed):
             order = torch.stack([torch.randperm(rows.n, device=device, generator=g) for g in generators])  # (P, n)
             for index in order.split(cfg.batch_size, dim=1):  # (P, B)
-                loss_sum += step(rows.x[index], rows.labels[label_index, index])
+                loss_sum += step(rows.x[index], rows.label_rows(label_index, index))
                 steps += 1
             del rows  # a streamed window is freed before the next one is loaded
         train_loss = (loss_sum / steps).tolist()  # the epoch's only host sync
@@ -771,17 +826,41 @@ def write_outputs(out_dir: Path, block: str, layer: int, state_dict: dict, recor
     return checkpoint, json_path
 
 
-def layer_record(args: argparse.Namespace, block: str, layer: int, store: ActivationStore, data: LayerData,
+@dataclass(frozen=True)
+class RowsSource:
+    """Where a layer's rows came from, as its JSON records it: a collection directory read from its mmaps, or an
+    online pass of the model (sparse_predictor/train_online.py) that kept them on the device and wrote no file."""
+    mode: str  # "mmap" or "online"
+    data_dir: str | None
+    rows: int
+    dims: ModelDims
+    doc_ids: np.ndarray  # (rows,) document id of each row
+    fields: dict  # model_name, model_type, source_data, git_commit, weights, tokenizer, partial_document (+ online)
+
+
+SOURCE_FIELDS = ("model_name", "model_type", "source_data", "git_commit", "weights", "tokenizer", "partial_document")
+
+
+def collection_source(store: ActivationStore) -> RowsSource:
+    return RowsSource("mmap", str(store.data_dir), store.rows, store.dims, store.document_ids(),
+                      {key: store.manifest.get(key) for key in SOURCE_FIELDS})
+
+
+def file_name(file: RowFile) -> str | None:
+    return file.path.name if file.path is not None else None  # None: rows of an online pass, never stored
+
+
+def layer_record(args: argparse.Namespace, block: str, layer: int, source: RowsSource, data: LayerData,
                  cfg: TrainConfig, result: TrainResult, timings: dict, provenance: dict) -> dict:
-    docs = store.document_ids()
+    docs = source.doc_ids
     label = data.labels[result.label_index]
     return {
         **result.metrics,
         "block": block, "layer": layer, "model": args.model, "dataset": args.dataset,
         "input": data.input.flag, "input_kind": data.input.kind, "input_layer": data.input.layer,
-        "input_file": data.x_file.path.name,
+        "input_file": file_name(data.x_file),
         "label": label.name, "label_definition": label.definition(),
-        "label_file": data.label_files[label.source_kind].path.name, "k": label.k, "threshold": label.threshold,
+        "label_file": file_name(data.label_files[label.source_kind]), "k": label.k, "threshold": label.threshold,
         "seed": result.seed,
         "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
         "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
@@ -798,9 +877,8 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, store: Activa
         "final_epoch": result.history[-1] if result.history else None, "history": result.history,
         "metric_definitions": METRIC_DEFINITIONS,
         "timings": timings,
-        "data": {"data_dir": str(store.data_dir), "rows": store.rows, "dims": asdict(store.dims),
-                 **{key: store.manifest.get(key) for key in ("model_name", "model_type", "source_data", "git_commit",
-                                                             "weights", "tokenizer", "partial_document")}},
+        "data": {"collection": source.mode, "data_dir": source.data_dir, "rows": source.rows,
+                 "dims": asdict(source.dims), **source.fields},
         "checkpoint": f"{block}_layer{layer}.pt",
         "provenance": {**provenance, "end_time": now()},
     }
@@ -898,12 +976,14 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
     return p
 
 
-def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
-    """The training flags (SPEC §7 plus --selection, --max-device-gb), for the mains and any script that trains."""
+def add_training_arguments(p: argparse.ArgumentParser, lr: float | None, streaming: bool = True) -> None:
+    """The training flags (SPEC §7 plus --selection, --max-device-gb), for the mains and any script that trains;
+    lr None leaves --lr out (a script with one rate per block), streaming False leaves --max-device-gb out."""
     p.add_argument("--D", type=int, default=1000, help="low-rank width of the predictor (default %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default %(default)s)")
     p.add_argument("--batch_size", type=int, default=1024, help="training and eval batch (default %(default)s)")
-    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
+    if lr is not None:
+        p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--device", default=None, help="torch device; default cuda:0 if CUDA is available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and windows (default %(default)s)")
     p.add_argument("--seeds", type=int, default=1,
@@ -920,6 +1000,8 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float) -> None:
                    help="hold out exactly this many documents (the last collected) instead of --test-fraction")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="launch every training step's kernels from Python instead of replaying a captured CUDA graph")
+    if not streaming:
+        return
     p.add_argument("--max-device-gb", type=float, default=None,
                    help=f"device memory for the layer's rows; more rows are streamed in windows each epoch. Default "
                         f"{GPU_RESIDENT_SHARE:.0%}% of free GPU memory, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
@@ -976,6 +1058,7 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     print(args)
+    source = collection_source(store)
     written = []
     for layer in layers:
         provenance = base_manifest(args=vars(args))
@@ -983,26 +1066,38 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         start = time.perf_counter()
         data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes,
                           split_config(args))
-        loaded = time.perf_counter()
-        results = train_stacked(data, block, cfg, [(0, args.seed + i) for i in range(args.seeds)])
-        timings = {"load_s": loaded - start, "train_and_eval_s": time.perf_counter() - loaded,
-                   "total_s": time.perf_counter() - start, "predictors_trained_together": len(results)}
-        records = [layer_record(args, block, layer, store, data, cfg, r, timings, provenance) for r in results]
-        spread = seed_spread(records)
-        for i, (result, record) in enumerate(zip(results, records)):
-            record["seed_spread"] = spread
-            out_dir = Path(args.out_dir) if i == 0 else Path(args.out_dir) / f"seed{result.seed}"
-            checkpoint, json_path = write_outputs(out_dir, block, layer, result.state_dict, record)
-            if i == 0:
-                written.append(json_path)
-                print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} "
-                      f"s): {format_metrics({k: v for k, v in result.metrics.items() if k != 'per_document'})}")
-        if args.seeds > 1:
-            recall = spread["Recall@K"]
-            print(f"layer {layer}: {args.seeds} seeds in {Path(args.out_dir)}/seed*/; Recall@K mean "
-                  f"{recall['mean']:.4f} (min {recall['min']:.4f}, max {recall['max']:.4f})")
+        written.append(train_and_write(args, block, layer, data, source, cfg, time.perf_counter() - start,
+                                       provenance))
         del data
     return written
+
+
+def train_and_write(args: argparse.Namespace, block: str, layer: int, data: LayerData, source: RowsSource,
+                    cfg: TrainConfig, load_s: float, provenance: dict, timings: dict | None = None) -> Path:
+    """Train --seeds predictors of the layer on its rows (already on the device), write each checkpoint + JSON
+    (seed S to --out-dir/seedS/) with the spread over seeds; returns the first JSON. The same code for rows read
+    from a collection and rows kept by an online pass."""
+    loaded = time.perf_counter()
+    results = train_stacked(data, block, cfg, [(0, args.seed + i) for i in range(args.seeds)])
+    train_s = time.perf_counter() - loaded
+    timings = {"load_s": load_s, "train_and_eval_s": train_s, "total_s": load_s + train_s,
+               "predictors_trained_together": len(results), **(timings or {})}
+    records = [layer_record(args, block, layer, source, data, cfg, r, timings, provenance) for r in results]
+    spread = seed_spread(records)
+    first = None
+    for i, (result, record) in enumerate(zip(results, records)):
+        record["seed_spread"] = spread
+        out_dir = Path(args.out_dir) if i == 0 else Path(args.out_dir) / f"seed{result.seed}"
+        checkpoint, json_path = write_outputs(out_dir, block, layer, result.state_dict, record)
+        if i == 0:
+            first = json_path
+            print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} "
+                  f"s): {format_metrics({k: v for k, v in result.metrics.items() if k != 'per_document'})}")
+    if args.seeds > 1:
+        recall = spread["Recall@K"]
+        print(f"{block} layer {layer}: {args.seeds} seeds in {Path(args.out_dir)}/seed*/; Recall@K mean "
+              f"{recall['mean']:.4f} (min {recall['min']:.4f}, max {recall['max']:.4f})")
+    return first
 
 
 # ------------------------------------------------------------------------------------- run_c4_*.sh support

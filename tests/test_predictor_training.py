@@ -195,7 +195,7 @@ def test_no_row_of_a_test_document_is_trained_on(marked_store):
     assert sorted(test_rows) == list(np.flatnonzero(data.is_test))
     assert not set(doc_ids[train_rows]) & set(doc_ids[test_rows])
     labels = np.asarray(store.open("mlp_label", 1))
-    assert torch.equal(data.test.labels[0], torch.from_numpy(labels[test_rows] > 0))
+    assert torch.equal(data.test.label_rows(0), torch.from_numpy(labels[test_rows] > 0))
 
 
 def test_all_layers_in_one_run_record_the_lookahead_files(marked_store, tmp_path):

@@ -54,8 +54,8 @@ def synthetic_layer(n_train: int, n_test: int, d: int, out: int) -> LayerData:
     label_rows = torch.stack([l.labels(scores) for l in labels])
 
     def rows(part: slice, keep_scores: bool) -> DeviceRows:
-        return DeviceRows(x[part].half(), label_rows[:, part],
-                          torch.stack([scores[part].half()] * 2) if keep_scores else None)
+        return DeviceRows.of(x[part].half(), label_rows[:, part],
+                             torch.stack([scores[part].half()] * 2) if keep_scores else None)
 
     is_test = np.zeros(n_train + n_test, dtype=bool)
     is_test[n_train:] = True
