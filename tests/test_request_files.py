@@ -335,3 +335,16 @@ def test_perplexity_rejects_malformed_lines_with_their_number(tmp_path):
         perplexity_of_results(path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none.jsonl")):
         perplexity_of_results(tmp_path / "none.jsonl")
+
+
+def test_manifest_names_the_commit_of_a_tree_exported_by_git_archive(tmp_path):
+    """A copy without .git (a GPU node gets `git archive HEAD`) still records the commit it came from."""
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", "HEAD", "Decentralized_FM_alpha"], cwd=repo, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    printed = subprocess.run([sys.executable, "-c", "from Decentralized_FM_alpha.utils.manifest import git_commit; "
+                              "print(git_commit())"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "GIT_DIR": "/nonexistent"},
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert printed == f"{head.strip()} (git archive export)"

@@ -15,14 +15,23 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _TRACKED_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "datasets", "accelerate", "tqdm")
 
 
+# `git archive` writes the commit into this file (export-subst in .gitattributes); in a checkout it holds the
+# placeholder. It names the commit of a tree exported without .git (e.g. copied to a GPU node).
+EXPORTED_COMMIT = Path(__file__).with_name("EXPORTED_COMMIT")
+
+
 def git_commit() -> str:
-    """The commit of this checkout, with '-dirty' when tracked files differ from it."""
+    """The commit of this checkout, with '-dirty' when tracked files differ from it; for a tree exported by
+    `git archive`, the commit it was exported from."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        exported = EXPORTED_COMMIT.read_text().strip() if EXPORTED_COMMIT.is_file() else ""
+        if len(exported) == 40 and all(c in "0123456789abcdef" for c in exported):
+            return f"{exported} (git archive export)"
         return "unknown (not a git checkout)"
     return commit + ("-dirty" if dirty else "")
 
