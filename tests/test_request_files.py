@@ -344,7 +344,7 @@ def test_manifest_names_the_commit_of_a_tree_exported_by_git_archive(tmp_path):
     archive = subprocess.run(["git", "archive", "HEAD", "Decentralized_FM_alpha"], cwd=repo, capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
-    printed = subprocess.run([sys.executable, "-c", "from Decentralized_FM_alpha.utils.manifest import git_commit; "
-                              "print(git_commit())"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "GIT_DIR": "/nonexistent"},
-                             capture_output=True, text=True, check=True).stdout.strip()
+    code = "from Decentralized_FM_alpha.utils.manifest import git_commit; print(git_commit())"
+    printed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", "GIT_DIR": "/nonexistent"}).stdout.strip()
     assert printed == f"{head.strip()} (git archive export)"
