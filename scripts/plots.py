@@ -1,7 +1,7 @@
 """Figures of the analysis results, every model overlaid in its own colour (PNG, matplotlib Agg).
 
 Reads the JSONs written by drift.py, lookahead.py and sparsity_stats.py (recognised by their "analysis" key),
-and predictor summaries / perplexity sweeps when report.py hands them over; report.py calls the same functions.
+and predictor summaries / perplexity and task sweeps when report.py hands them over; report.py calls the same functions.
 
     python scripts/plots.py out/drift/*/drift.json out/lookahead/*/lookahead_mlp.json \\
         out/sparsity/*/sparsity_stats.json out/sparsity/*/label_sweep.json --out-dir out/plots
@@ -193,6 +193,43 @@ def plot_perplexity(rows: list[dict], colors: dict[str, str], out_dir: Path) -> 
                title=f"{dataset}: sparse inference vs MLP budget")
         finish_axes(ax, integer_x=False)
     return [save_figure(fig, out_dir / "perplexity_sweep.png")]
+
+
+def budget_of(row: dict) -> float | None:
+    """The x of a task-sweep row: its MLP budget, or its attention budget when the MLP stays dense."""
+    for key in ("mlp_topk", "att_topk"):
+        if row.get(key) not in (None, "", "dense"):
+            return float(row[key])
+    return None
+
+
+def plot_tasks(rows: list[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
+    """Downstream accuracy (task_sweep.py rows) vs budget, one panel per task, error bars = the harness's standard
+    error; dense as a horizontal line with its +-1 standard error band."""
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    fig, axes = new_figure(ncols=len(tasks), width=5.0, height=4.0)
+    groups: dict[tuple[str, str, str], list[tuple[float, float, float]]] = defaultdict(list)
+    for row in rows:
+        if row.get("acc") in (None, ""):
+            continue
+        ax, acc = axes[tasks.index(row["task"])], float(row["acc"])
+        stderr = float(row["acc_stderr"]) if row.get("acc_stderr") not in (None, "") else 0.0
+        if row["mode"] == "dense":
+            ax.axhline(acc, color=colors[row["model"]], linewidth=0.8, label=f"{row['model']} dense")
+            ax.axhspan(acc - stderr, acc + stderr, color=colors[row["model"]], alpha=0.1)
+        elif budget_of(row) is not None:
+            groups[(row["model"], row["task"], row["mode"])].append((budget_of(row), acc, stderr))
+    modes = sorted({mode for _, _, mode in groups})
+    for (model, task, mode), points in sorted(groups.items()):
+        x, y, err = zip(*sorted(points))
+        axes[tasks.index(task)].errorbar(x, y, yerr=err, fmt=LINE_STYLES[modes.index(mode) % len(LINE_STYLES)],
+                                         marker="o", markersize=3, capsize=2, color=colors[model],
+                                         label=f"{model} {mode}")
+    for ax, task in zip(axes, tasks):
+        ax.set(xlabel="mlp_topk (att_topk when the MLP is dense); fraction when < 1", ylabel="acc (harness)",
+               title=f"{task}: accuracy vs budget")
+        finish_axes(ax, integer_x=False)
+    return [save_figure(fig, out_dir / "tasks_sweep.png")]
 
 
 def plot_results(results: Sequence[dict], out_dir: Path, colors: dict[str, str] | None = None) -> list[Path]:

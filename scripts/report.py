@@ -7,6 +7,8 @@ Inputs (files, or folders searched recursively) are recognised by content:
   predictors        {mlp,att}_layer{L}.json of the predictor trainer (SPEC §7), with {block}_summary.csv if present
   perplexity sweep  a CSV with columns model,dataset,mode,perplexity (and mlp_topk, att_topk, tokens,
                     output_manifest, ...), one row per sparse-inference run (SPEC §8)
+  task sweep        a CSV with columns model,task,mode,acc,acc_stderr (and mlp_topk, att_topk, result_json, ...),
+                    one row per (mode, budget, task) of scripts/task_sweep.py (SPEC §11)
 Every table row carries a source id [S<n>]; the Sources table gives its file, command, git commit and manifest
 (from the provenance block every JSON of this project carries). Sentences in the report are generated from the
 numbers and only describe them. Inputs that do not exist, predictor layers without a JSON, sweep rows whose
@@ -35,7 +37,7 @@ import numpy as np  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer import METRIC_DEFINITIONS, SUMMARY_COLUMNS  # noqa: E402
 from scripts.analysis_common import PERCENTILES, model_colors, model_label, write_csv_atomic  # noqa: E402
-from scripts.plots import ANALYSES, plot_perplexity, plot_predictors, plot_results  # noqa: E402
+from scripts.plots import ANALYSES, plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
 from scripts.summary import (budget_curves, build_summaries, decomposition_tables, plot_summary,  # noqa: E402
                              ppl_key, summary_tables, csv_rows as summary_csv_rows)
@@ -43,8 +45,9 @@ from scripts.summary import (budget_curves, build_summaries, decomposition_table
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
 SEED_DIR = re.compile(r"seed\d+")
 SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
+TASKS_REQUIRED = ("model", "task", "mode", "acc", "acc_stderr")
 SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity statistics", "Label sensitivity",
-            "Predictors", "Perplexity sweep")
+            "Predictors", "Perplexity sweep", "Downstream tasks")
 DEFINITIONS = {
     **{k: METRIC_DEFINITIONS[k]
        for k in ("Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K")},
@@ -54,6 +57,10 @@ DEFINITIONS = {
     "Lookahead cell (l, j)": "held-out metrics of a predictor for layer l's labels trained from att_x_{l-j}",
     **{f"sparsity: {k}": v for k, v in STATISTIC_DEFINITIONS.items()},
     "Perplexity": "exp(-mean of token_logprobs[1:] over all requests), the original DejaVu convention",
+    "Downstream acc": "lm-evaluation-harness accuracy of the task (acc: the highest-likelihood choice is the gold "
+                      "one, or the gold continuation is the greedy one; acc_norm: likelihoods normalised by the "
+                      "choice's length in bytes) with the harness's standard error, on the model of the row's mode "
+                      "and budget (scripts/task_sweep.py)",
 }
 
 
@@ -100,6 +107,7 @@ class Inputs:
     results: dict[str, list[tuple[Path, dict]]] = field(default_factory=lambda: defaultdict(list))
     predictors: list[PredictorSet] = field(default_factory=list)
     sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    task_sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
     studies: list[tuple[Path, dict]] = field(default_factory=list)  # run_study.py manifests: stage wall times
     missing: list[str] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)
@@ -110,11 +118,11 @@ def read_json_file(path: Path) -> Any:
         return json.load(f)
 
 
-def read_sweep(path: Path) -> list[dict] | None:
-    """The rows of a perplexity-sweep CSV, or None when the header is not one."""
+def read_sweep(path: Path, required: Sequence[str] = SWEEP_REQUIRED) -> list[dict] | None:
+    """The rows of a sweep CSV (perplexity by default), or None when the header lacks the required columns."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if not set(SWEEP_REQUIRED) <= set(reader.fieldnames or ()):
+        if not set(required) <= set(reader.fieldnames or ()):
             return None
         return list(reader)
 
@@ -144,6 +152,10 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
         rows = read_sweep(path)
         if rows is not None:
             inputs.sweeps.append((path, rows))
+            return True
+        rows = read_sweep(path, TASKS_REQUIRED)
+        if rows is not None:
+            inputs.task_sweeps.append((path, rows))
             return True
     return False
 
@@ -367,6 +379,41 @@ def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
     return lines
 
 
+def number(value: str | None) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, missing: list[str]) -> list[str]:
+    """Downstream accuracy per (model, task, mode, budget), next to the dense model's, with the harness's stderr."""
+    lines = []
+    for csv_path, rows in task_sweeps:
+        dense = {(r["model"], r["task"]): number(r["acc"]) for r in rows if r["mode"] == "dense"}
+        out = []
+        for i, r in enumerate(rows, start=2):
+            result = resolve_manifest(r.get("result_json", ""), csv_path)
+            if result is None:
+                missing.append(f"{csv_path} line {i}: result {r.get('result_json') or '(none given)'} not found")
+                src = sources.add(f"{csv_path} line {i}", None, None)
+            else:
+                src = sources.add(result, read_json_file(result), str(result))
+            acc, base = number(r["acc"]), dense.get((r["model"], r["task"]))
+            out.append([r["model"], r["task"], r["mode"], r.get("mlp_topk"), r.get("att_topk"), acc,
+                        number(r["acc_stderr"]), number(r.get("acc_norm")), number(r.get("acc_norm_stderr")),
+                        None if acc is None or base is None else acc - base, r.get("samples"),
+                        r.get("num_fewshot"), src])
+        lines += [f"From `{csv_path}`:", ""]
+        lines += table(["model", "task", "mode", "mlp_topk", "att_topk", "acc", "acc stderr", "acc_norm",
+                        "acc_norm stderr", "acc - dense acc", "samples", "shots", "src"], out)
+        for (model, task), base in dense.items():
+            others = [r for r in rows if (r["model"], r["task"]) == (model, task) and r["mode"] != "dense"]
+            lines.append(f"- {model} / {task}: dense acc {fmt(base)}; " + (
+                "other runs: " + ", ".join(f"{r['mode']} (mlp_topk {fmt(r.get('mlp_topk'))}, att_topk "
+                                          f"{fmt(r.get('att_topk'))}) {fmt(number(r['acc']))}" for r in others)
+                if others else "no other run"))
+        lines.append("")
+    return lines
+
+
 def stages_section(studies: list[tuple[Path, dict]], sources: Sources) -> list[str]:
     """Wall time of every stage of the study (the run that did it; a resumed run keeps earlier times)."""
     lines = []
@@ -427,6 +474,7 @@ def all_models(inputs: Inputs) -> list[str]:
     models += [r["source"]["model"] for results in inputs.results.values() for _, r in results]
     models += [s.model for s in inputs.predictors]
     models += [row["model"] for _, rows in inputs.sweeps for row in rows]
+    models += [row["model"] for _, rows in inputs.task_sweeps for row in rows]
     return list(dict.fromkeys(models))
 
 
@@ -448,7 +496,7 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
                          ("Sparsity statistics", "sparsity_stats", sparsity_section),
                          ("Label sensitivity", "label_sweep", label_sweep_section))
     present = {"Collections": bool(inputs.collections), "Predictors": bool(inputs.predictors),
-               "Perplexity sweep": bool(inputs.sweeps),
+               "Perplexity sweep": bool(inputs.sweeps), "Downstream tasks": bool(inputs.task_sweeps),
                **{title: bool(inputs.results[analysis]) for title, analysis, _ in analysis_sections}}
     body: dict[str, list[str]] = {}
     if present["Collections"]:
@@ -465,6 +513,9 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     if present["Perplexity sweep"]:
         body["Perplexity sweep"] = perplexity_section(inputs.sweeps, sources, missing) + figure_lines(
             plot_perplexity([row for _, rows in inputs.sweeps for row in rows], colors, figures), out_dir)
+    if present["Downstream tasks"]:
+        body["Downstream tasks"] = tasks_section(inputs.task_sweeps, sources, missing) + figure_lines(
+            plot_tasks([row for _, rows in inputs.task_sweeps for row in rows], colors, figures), out_dir)
     missing += [f"section '{title}': no input of this kind was given" for title in SECTIONS if not present[title]]
 
     lines = ["# DejaVu on OPT and Llama: analysis report", "",
@@ -497,7 +548,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path,
                         help="result folders (searched recursively) or files: collections, analysis JSONs, "
-                             "predictor out-dirs, perplexity-sweep CSVs")
+                             "predictor out-dirs, perplexity-sweep and task-sweep CSVs")
     parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and figures/ are written")
     parser.add_argument("--note", action="append", default=[],
                         help="a sentence shown at the top of the report (repeat), e.g. what the models are")
