@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  #
 from Decentralized_FM_alpha.utils.activation_store import DEFAULT_CAPACITY, ActivationWriter  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, now, weights_provenance,  # noqa: E402
                                                    write_json_atomic)
+from Decentralized_FM_alpha.utils.row_files import DEFAULT_BUFFER_BYTES, ROW_FILE_WRITERS  # noqa: E402
 
 PP_MODES = ("pipe_sync_sample_mask_token_pipe",)
 
@@ -74,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
     collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
     collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (Llama, optional)")
+    collect.add_argument("--collect-writer", choices=ROW_FILE_WRITERS, default="async",
+                         help="async: device -> pinned host copies and file writes in background threads, so the "
+                              "forward pass does not wait on the disk; sync: copy and write each layer's rows in "
+                              "turn, flush every batch (the original). Same files, same commits (default %(default)s)")
+    collect.add_argument("--collect-buffer-gb", type=float, default=DEFAULT_BUFFER_BYTES / 2**30,
+                         help="async writer: host RAM (pinned on GPU) for rows on their way to the disk; the forward "
+                              "pass waits when it is full (default %(default)s)")
     sparse = p.add_argument_group("sparse inference (model types *-ml-att-sparse; SPEC section 8)")
     sparse.add_argument("--sparse-mode", choices=MODES, default=None,
                         help="what ranks neurons/heads: trained predictors (default), oracle = true |activation|, "
@@ -121,6 +130,7 @@ def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
         raise SystemExit(f"--collect-mlp-gate: {args.model_type} has no gate")
     return ActivationWriter(args.data_path, module.collection_dims(pipe.config), pipe.layers, kinds,
                             capacity=args.collect_tokens, rank=pipe.rank, world_size=pipe.world_size,
+                            writer=args.collect_writer, buffer_bytes=int(args.collect_buffer_gb * 2**30),
                             manifest_fields={"model_name": args.model_name, "model_type": args.model_type,
                                              "dtype": args.dtype, "max_seq_len": pipe.max_seq_len,
                                              "label_definitions": module.label_definitions(pipe.config),
@@ -142,18 +152,24 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
         writer.begin_batch([e.request.index for e in batch], ids, valid)
 
     crash_after = int(os.environ.get("DEJAVU_TEST_CRASH_AFTER_BATCHES", "0"))  # fault injection for the resume test
+    crash_hard = os.environ.get("DEJAVU_TEST_CRASH_HARD") == "1"  # SIGKILL: no chance to finish background commits
     batches = [0]
 
     def after_batch() -> bool:
         batches[0] += 1
         if crash_after and batches[0] > crash_after:  # rows of this batch are written but not committed
+            if crash_hard:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise SystemExit(f"simulated crash after {crash_after} committed batches")
         writer.end_batch()
         return writer.full
 
-    if not writer.full and remaining:
-        pipe.run(remaining, output_path, before_forward=before_forward, after_batch=after_batch,
-                 append=writer.docs_done > 0)
+    try:
+        if not writer.full and remaining:
+            pipe.run(remaining, output_path, before_forward=before_forward, after_batch=after_batch,
+                     append=writer.docs_done > 0)
+    finally:
+        writer.close()  # an async writer commits every batch end_batch accepted, even when the run stops early
     stop = "capacity reached" if writer.full else "all requests processed"
     pipe.comm.barrier()
     writer.finish(stop)

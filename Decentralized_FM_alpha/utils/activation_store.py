@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, now, read_json, write_json_atomic
+from Decentralized_FM_alpha.utils.row_files import DEFAULT_BUFFER_BYTES, STORAGE_DTYPE, make_row_files
 
-STORAGE_DTYPE = np.float16
 DEFAULT_CAPACITY = 400_000
 MANIFEST = "manifest.json"
 TOKEN_INDEX = "token_index.npy"
@@ -119,14 +119,17 @@ class ActivationStore:
 class ActivationWriter:
     """Writes the activations of the layers one pipeline rank owns, resumably.
 
-    Rows are committed batch by batch: the mmaps are flushed, then `progress_rank{r}.json`
+    Rows are committed batch by batch: once the batch's rows are durable in the files, `progress_rank{r}.json`
     records how many documents and rows are final. A restarted run continues from the
     smallest committed point over all ranks and rewrites anything after it, so an
     interrupted and resumed collection ends byte-identical to an uninterrupted one.
+    `writer` "async" (default) writes in the background at disk speed, "sync" as the original (utils/row_files.py);
+    both give the same files. Call close() when a run stops early (it commits what end_batch accepted).
     """
 
     def __init__(self, data_dir: str | os.PathLike, dims: ModelDims, layers: range, kinds: tuple[str, ...],
-                 capacity: int, rank: int, world_size: int, manifest_fields: dict):
+                 capacity: int, rank: int, world_size: int, manifest_fields: dict, writer: str = "async",
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES):
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.data_dir = Path(data_dir)
@@ -134,18 +137,21 @@ class ActivationWriter:
         self.dims, self.layers, self.kinds = dims, layers, kinds
         self.capacity, self.rank, self.world_size = capacity, rank, world_size
         self.manifest = base_manifest(**manifest_fields, config=dims.__dict__, capacity=capacity, kinds=list(kinds),
-                                      storage_dtype="float16", kind_definitions={k: KIND_DEFINITIONS[k] for k in kinds},
+                                      storage_dtype="float16", writer=writer,
+                                      kind_definitions={k: KIND_DEFINITIONS[k] for k in kinds},
                                       files={f"{k}_{l}.mmap": [capacity, dims.width(k)]
                                              for l in range(dims.num_layers) for k in kinds},
                                       token_index=[TOKEN_INDEX, "(rows_written, 3) int32: document id, position, token id"])
         # docs_done: documents stored whole; partial_document: the one the capacity cut short, with the rows it holds
         self.docs_done, self.rows_written, self.partial_document = self._resume_point()
         self._check_compatible_with_existing()
-        self.mmaps = {(k, l): self._open_for_write(activation_file(self.data_dir, k, l), dims.width(k))
-                      for l in layers for k in kinds}
+        self.writer = writer
+        self.files = make_row_files(writer, {(k, l): self._file_for_write(activation_file(self.data_dir, k, l),
+                                                                          dims.width(k))
+                                             for l in layers for k in kinds}, capacity, buffer_bytes)
         self.token_index = self._open_token_index() if rank == 0 else None
         self.full = self.rows_written >= capacity
-        self._batch_mask: torch.Tensor | None = None
+        self._batch_index: torch.Tensor | None = None  # flat (b, t) positions of the batch's stored rows
         self._batch_rows = 0
         self._batch_docs: list[tuple[int, int]] = []  # (document id, real tokens) of the batch, in row order
         if rank == 0:
@@ -173,14 +179,14 @@ class ActivationWriter:
                 raise ValueError(f"cannot resume in {self.data_dir}: {key} differs from the earlier run "
                                  f"({previous.get(key)!r} vs {self.manifest.get(key)!r}); use a new --data-path")
 
-    def _open_for_write(self, path: Path, width: int) -> np.memmap:
-        shape = (self.capacity, width)
+    def _file_for_write(self, path: Path, width: int) -> tuple[Path, int, bool]:
+        """(path, width, keep its content): an existing file of the right size is kept, a fresh one is zeros."""
         size = self.capacity * width * np.dtype(STORAGE_DTYPE).itemsize
         if path.exists() and path.stat().st_size == size:
-            return np.memmap(path, dtype=STORAGE_DTYPE, mode="r+", shape=shape)
+            return path, width, True
         if path.exists() and self.rows_written > 0:
             raise ValueError(f"cannot resume: {path} has {path.stat().st_size} bytes, expected {size}")
-        return np.memmap(path, dtype=STORAGE_DTYPE, mode="w+", shape=shape)
+        return path, width, False
 
     def _open_token_index(self) -> np.memmap:
         path = self.data_dir / TOKEN_INDEX_PARTIAL
@@ -191,9 +197,10 @@ class ActivationWriter:
     # -- one batch
     def begin_batch(self, doc_ids: list[int], token_ids: torch.Tensor, valid: torch.Tensor) -> None:
         """Declare the next batch: `valid` (B, T) marks real tokens; rows go in (b, t) order."""
-        self._batch_mask = valid
+        self.files.check()
         n = int(valid.sum())
         self._batch_rows = min(n, self.capacity - self.rows_written)
+        self._batch_index = torch.nonzero(valid.reshape(-1)).squeeze(1)[: self._batch_rows]
         self._batch_docs = list(zip(doc_ids, valid.sum(dim=1).tolist()))
         if self.token_index is not None and self._batch_rows > 0:
             b_idx, t_idx = torch.nonzero(valid.cpu(), as_tuple=True)
@@ -204,26 +211,25 @@ class ActivationWriter:
         """Store `values` (B, T, width) of the current batch's real tokens for one layer."""
         if self._batch_rows == 0 or kind not in self.kinds:
             return
-        rows = values[self._batch_mask][: self._batch_rows].to(torch.float16)
-        if not torch.isfinite(rows).all():
-            bad = (~torch.isfinite(rows)).any(dim=1).nonzero()[0, 0].item()
-            raise OverflowError(f"{kind} of layer {layer}: row {self.rows_written + bad} is not finite in float16 "
-                                f"(value outside +-65504); refusing to store inf")
-        self.mmaps[(kind, layer)][self.rows_written:self.rows_written + self._batch_rows] = rows.cpu().numpy()
+        rows = values.reshape(-1, values.shape[-1]).index_select(0, self._batch_index).to(torch.float16)
+        self.files.write((kind, layer), self.rows_written, rows, f"{kind} of layer {layer}")
 
     def end_batch(self) -> None:
-        """Commit the batch: flush, then record the new resume point (documents stored whole, rows)."""
-        for m in self.mmaps.values():
-            m.flush()
-        if self.token_index is not None:
-            self.token_index.flush()
+        """Commit the batch: once its rows are durable, record the new resume point (documents stored whole, rows)."""
         self.rows_written += self._batch_rows
         self._count_documents(self._batch_rows)
         self.full = self.rows_written >= self.capacity
-        write_json_atomic(progress_file(self.data_dir, self.rank),
-                          {"docs_done": self.docs_done, "rows_written": self.rows_written,
-                           "partial_document": self.partial_document})
-        self._batch_mask, self._batch_rows, self._batch_docs = None, 0, []
+        progress = {"docs_done": self.docs_done, "rows_written": self.rows_written,
+                    "partial_document": self.partial_document}
+        token_index, path = self.token_index, progress_file(self.data_dir, self.rank)
+
+        def commit() -> None:
+            if token_index is not None:
+                token_index.flush()
+            write_json_atomic(path, progress)
+
+        self.files.commit(commit)
+        self._batch_index, self._batch_rows, self._batch_docs = None, 0, []
 
     def _count_documents(self, rows: int) -> None:
         """Documents whose every token was stored count as done; one cut by the capacity is recorded as partial."""
@@ -237,8 +243,14 @@ class ActivationWriter:
                 return
 
     # -- the end
+    def close(self) -> None:
+        """Wait until every batch that end_batch accepted is committed; raises nothing (finish raises)."""
+        self.files.close()
+
     def finish(self, stopped_reason: str) -> None:
         """Write the final token index and manifest (rank 0, after all ranks have finished)."""
+        self.close()
+        self.files.check()
         if self.rank != 0:
             return
         if self.rows_written == 0:
