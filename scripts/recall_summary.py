@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the K fraction of the predictors trained from l-1 and l-2 (default %(default)s)")
     p.add_argument("--layers", default="all", help="'all' or a list such as 0,4,8-11 (default %(default)s)")
     add_training_arguments(p, lr=None)
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate of both blocks (default: each block's main default, "
+                        + ", ".join(f"{b} {lr:g}" for b, lr in BLOCK_LR.items()) + ")")
     p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
     return p
 
