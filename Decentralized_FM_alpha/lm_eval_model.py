@@ -1,0 +1,232 @@
+"""The tool's models as an lm-evaluation-harness model, registered as `dejavu` on import (SPEC section 11).
+
+The model is the runner's, built the runner's way: the model arguments become dist_inference_runner flags, parsed by
+its own parser, and dist_inference_runner.build_pipeline loads the converted checkpoint (SPEC section 3) with the same
+modules and SparsityController (SPEC section 8), at world size 1. Nothing here decides which neuron or head is kept.
+
+    python scripts/lm_eval_dejavu.py --model dejavu --tasks piqa,copa,winogrande --batch_size 16 --device cuda \\
+        --model_args pretrained=DIR,dtype=bf16,sparse_mode=predictor,predictor_dir=P,mlp_topk=0.5
+
+Model arguments -> runner flags: pretrained -> --model-name; sparse_mode -> --sparse-mode with model type
+<family>-ml-att-sparse (absent: the dense model type <family>, the sweeps' baseline); predictor_dir, mlp_topk,
+att_topk, sparse_layers, dtype, max_seq_len, seed, budget -> --predictor-dir, --mlp-topk, ... (same meaning);
+gqa_groups=true -> --gqa-groups. The harness's batch_size is --token-micro-batch-size ('auto': max_batch_size, default
+64, with --budget bounding the padded tokens); device is cpu, cuda or cuda:N. A value with commas (sparse_layers=0,7)
+needs the JSON form of --model_args. Any other argument is an error.
+
+Scoring follows the harness's Hugging Face wrapper (HFLM): the same tokenisation (the tokenizer's special tokens, the
+BOS as prefix of an empty context), the same left truncation to max_length + 1 tokens, the same rolling windows; the
+requests are batched longest first by the runner's own batching, and log-softmax is taken in float32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lm_eval import utils as harness_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from Decentralized_FM_alpha import dist_inference_runner
+from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import Encoded
+from Decentralized_FM_alpha.task_datasets.inference_data import parse_request
+from Decentralized_FM_alpha.utils.manifest import weights_provenance
+
+RUNNER_FLAGS = {"predictor_dir": "--predictor-dir", "mlp_topk": "--mlp-topk", "att_topk": "--att-topk",
+                "sparse_layers": "--sparse-layers", "dtype": "--dtype", "max_seq_len": "--max-seq-len",
+                "seed": "--seed", "budget": "--budget"}
+DTYPE_NAMES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
+AUTO_BATCH = 64
+NOT_A_FILE = "(requests from lm-evaluation-harness)"  # the runner's --infer-data; the harness sends the requests
+
+
+def model_family(pretrained: str) -> str:
+    config = Path(pretrained) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"pretrained={pretrained}: no config.json (a converted checkpoint, SPEC section 3)")
+    family = json.loads(config.read_text())["model_type"]
+    if family not in ("opt", "llama"):
+        raise ValueError(f"pretrained={pretrained}: model_type {family!r} is neither opt nor llama")
+    return family
+
+
+def device_flags(device: Optional[str]) -> list[str]:
+    if device is None:
+        return []  # the runner's default: the GPU when one is visible
+    device = str(device)
+    if device == "cpu":
+        return ["--use-cuda", "false"]
+    if device == "cuda" or device.startswith("cuda:"):
+        return ["--use-cuda", "true", "--cuda-id", device.partition(":")[2] or "0"]
+    raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def micro_batch(batch_size: Any, max_batch_size: Optional[int]) -> int:
+    if str(batch_size).startswith("auto"):
+        return int(max_batch_size or AUTO_BATCH)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def runner_argv(pretrained: str, sparse_mode: Optional[str] = None, gqa_groups: bool = False, batch_size: Any = 1,
+                max_batch_size: Optional[int] = None, device: Optional[str] = None, **flags: Any) -> list[str]:
+    """The dist_inference_runner command line that builds the model these arguments describe."""
+    unknown = sorted(set(flags) - set(RUNNER_FLAGS))
+    if unknown:
+        raise TypeError(f"dejavu model: unknown model arguments {unknown}; known: pretrained, sparse_mode, "
+                        f"gqa_groups, {', '.join(RUNNER_FLAGS)} (and the harness's batch_size, device)")
+    if not isinstance(gqa_groups, bool):
+        raise ValueError(f"gqa_groups must be true or false, got {gqa_groups!r}")
+    family = model_family(pretrained)
+    model_type = family if sparse_mode is None else f"{family}-ml-att-sparse"
+    argv = ["--model-name", str(pretrained), "--model-type", model_type, "--infer-data", NOT_A_FILE,
+            "--token-micro-batch-size", str(micro_batch(batch_size, max_batch_size)), *device_flags(device)]
+    if sparse_mode is not None:
+        argv += ["--sparse-mode", str(sparse_mode)] + (["--gqa-groups"] if gqa_groups else [])
+    elif gqa_groups or any(k in flags for k in ("predictor_dir", "mlp_topk", "att_topk", "sparse_layers")):
+        raise ValueError("dejavu model: sparsity arguments without sparse_mode (dense, oracle, predictor or random)")
+    for key, value in flags.items():
+        if value is not None:
+            value = DTYPE_NAMES.get(str(value), value) if key == "dtype" else value
+            argv += [RUNNER_FLAGS[key], str(value)]
+    return argv
+
+
+@register_model("dejavu")
+class DejaVuLM(TemplateLM):
+    """lm-evaluation-harness model over the runner's pipeline (dense or DejaVu-sparse, SPEC section 8)."""
+
+    def __init__(self, pretrained: str, **kwargs: Any):
+        super().__init__()
+        self.argv = runner_argv(pretrained, **kwargs)
+        self.args = dist_inference_runner.resolve_args(self.argv)
+        self.pipe = dist_inference_runner.build_pipeline(self.args)
+        self.tokenizer = self.pipe.tokenizer
+        self._device = self.pipe.device
+        self.truncated_requests = 0  # scored sequences cut from the left to fit max_length
+
+    # ---------------------------------------------------------------------------- what the harness asks about
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: the BOS token (else EOS), as HFLM."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.pipe.max_seq_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        """The tokenizer's own special tokens (a BOS for OPT and Llama 3), none if the text starts with the BOS."""
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            add_special_tokens = False
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Recorded in the harness's results under config."""
+        sparsity = self.pipe.blocks[0].sparsity.describe() if self.args.model_type.endswith("-ml-att-sparse") else None
+        return {"dejavu": {"runner_argv": self.argv, "model_type": self.args.model_type, "dtype": self.args.dtype,
+                           "max_length": self.max_length, "sparsity": sparsity, "tokenizer": self.pipe.bos,
+                           "weights": weights_provenance(self.args.model_name),
+                           "truncated_requests": self.truncated_requests}}
+
+    def restart_random_streams(self) -> None:
+        """Random mode's scores and sampling start again from the seed at every harness call, so that a task's
+        numbers do not depend on which tasks ran before it in the same process."""
+        if self.args.model_type.endswith("-ml-att-sparse"):
+            controller = self.pipe.blocks[0].sparsity
+            controller.generator.manual_seed(controller.plan.seed)
+        self.pipe.generator.manual_seed(self.args.seed)
+
+    # ---------------------------------------------------------------------------- scoring
+    def scored_window(self, context: list[int], continuation: list[int]) -> Encoded:
+        """The model input for one request (the last max_length + 1 tokens without the last), as HFLM."""
+        whole = context + continuation
+        if len(whole) > self.max_length + 1:
+            self.truncated_requests += 1
+        return Encoded(request=None, ids=whole[-(self.max_length + 1):][:-1], offsets=[], truncated=0)
+
+    @torch.inference_mode()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is the greedy one) per (key, context, continuation)."""
+        self.restart_random_streams()
+        windows = [self.scored_window(context, continuation) for _, context, continuation in requests]
+        results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc="dejavu loglikelihood", disable=disable_tqdm)
+        for positions in self.pipe.batches(windows, self.pipe.processing_order(windows, collecting=False)):
+            ids, valid = self.pipe.pad([windows[p] for p in positions])
+            logits, _ = self.pipe.forward(ids, valid)
+            for row, p in enumerate(positions):
+                key, _, continuation = requests[p]
+                end = len(windows[p].ids)
+                logprobs = torch.log_softmax(logits[row, end - len(continuation):end].float(), dim=-1)
+                target = torch.tensor(continuation, device=logprobs.device)
+                results[p] = (float(logprobs.gather(1, target[:, None]).sum()),
+                              bool((logprobs.argmax(dim=-1) == target).all()))
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, results[p])
+            progress.update(len(positions))
+        progress.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts in disjoint max_length windows, each token predicted once (as HFLM)."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            rolling = harness_utils.get_rolling_token_windows(token_list=self.tok_encode(text),
+                                                              prefix_token=self.prefix_token_id,
+                                                              max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(harness_utils.make_disjoint_window, rolling):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ---------------------------------------------------------------------------- generation
+    def generation_request(self, index: int, context: str, gen_kwargs: dict):
+        """The runner's request for one generate_until call (greedy unless do_sample)."""
+        unknown = sorted(set(gen_kwargs) - GENERATION_KEYS)
+        if unknown:
+            raise ValueError(f"dejavu model: generation arguments {unknown} are not supported")
+        until = gen_kwargs.get("until") or []
+        sample = bool(gen_kwargs.get("do_sample", False))
+        raw = {"prompt": context, "max_tokens": int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), "echo": False,
+               "logprobs": 0, "stop": [until] if isinstance(until, str) else list(until),
+               "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+               "top_p": float(gen_kwargs.get("top_p", 1.0)), "top_k": int(gen_kwargs.get("top_k", 0))}
+        return parse_request(raw, index, f"lm-eval generate_until request {index}")
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Completions by the runner's generation (KV cache, stop strings, EOS), one request at a time."""
+        self.restart_random_streams()
+        texts = []
+        for index, request in enumerate(tqdm(requests, desc="dejavu generate_until", disable=disable_tqdm)):
+            context, gen_kwargs = request.args
+            record = self.pipe.generate(self.generation_request(index, context, dict(gen_kwargs)))[0]
+            texts.append(record["result"]["choices"][0]["text"])
+            self.cache_hook.add_partial("generate_until", request.args, texts[-1])
+        return texts

@@ -1,0 +1,239 @@
+"""Downstream accuracy of DejaVu's sparse simulation with lm-evaluation-harness: tasks x modes x budgets, one table.
+
+For every setting (the dense baseline, then each mode x budget, as scripts/sparse_sweep.py pairs them) builds the
+harness model `dejavu` (Decentralized_FM_alpha/lm_eval_model.py: the runner's model and sparse modules) once and
+evaluates every task of --tasks with the harness, one call per task. Each (setting, task) writes
+<out-dir>/runs/<setting>/<task>.json (the harness's metrics and sample counts, the model's sparsity and weights, the
+wall time, a manifest); a rerun skips the pairs whose JSON exists, so an interrupted sweep resumes (a JSON made with
+other settings - limit, shots, seed, dtype, ... - is an error, not a silent mix). Then writes <out-dir>/tasks.csv
+and tasks.md, one row per (mode, budget, task) with the harness's acc / acc_norm and their standard errors, and
+tasks.manifest.json.
+
+Default tasks: the seven of DejaVu's accuracy table, by their harness names (they download from the hub). Offline,
+make a local task (scripts/make_local_task.py) and give its folder to --include-path:
+    python scripts/make_local_task.py --out-dir out/lm_eval_tasks
+    python scripts/task_sweep.py --model-name pretrained_models/tiny-llama-converted --include-path out/lm_eval_tasks \\
+        --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword --modes oracle random \\
+        --mlp-topk 0.1 0.25 0.5 --att-topk 2 4 6 --limit 100 --out-dir out/tasks_tiny
+    python scripts/task_sweep.py --model-name pretrained_models/llama-3.2-3b --dtype bf16 --use-cuda true --batch 32 \\
+        --predictor-dir data/llama-3.2-3b_c4_sparse_predictor --mlp-topk 0.25 0.5 --att-topk 12 18 \
+        --out-dir out/tasks_3b
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from Decentralized_FM_alpha.modules.sparsity import MODES  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, weights_provenance,  # noqa: E402
+                                                   write_json_atomic)
+from scripts.sparse_sweep import budget_pairs, settings  # noqa: E402
+
+DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
+METRICS = ("acc", "acc_norm")
+COLUMNS = ("model", "task", "mode", "mlp_topk", "att_topk", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+           "other_metrics", "samples", "num_fewshot", "seconds", "result_json")
+
+
+def model_args(args, mode: str, mlp: str | None, att: str | None) -> dict:
+    """The dejavu model's arguments for one setting: the runner's flags (SPEC section 8)."""
+    found = {"pretrained": args.model_name, "dtype": args.dtype, "seed": args.seed, "batch_size": args.batch,
+             "device": "cuda" if args.use_cuda == "true" else "cpu"}
+    if args.max_seq_len:
+        found["max_seq_len"] = args.max_seq_len
+    if mode != "dense":
+        found.update(sparse_mode=mode, gqa_groups=args.gqa_groups)
+        found.update({k: v for k, v in (("mlp_topk", mlp), ("att_topk", att), ("sparse_layers", args.sparse_layers),
+                                         ("predictor_dir", args.predictor_dir if mode == "predictor" else None))
+                      if v is not None})
+    return found
+
+
+def identity(args, task: str, mode: str, mlp: str | None, att: str | None) -> dict:
+    """What a finished (setting, task) result must have been made with for a rerun to reuse it."""
+    return {"task": task, "mode": mode, "mlp_topk": mlp, "att_topk": att, "limit": args.limit,
+            "num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed, "bootstrap_iters": args.bootstrap_iters,
+            "model_args": {k: str(v) for k, v in model_args(args, mode, mlp, att).items()}}
+
+
+def reusable(path: Path, wanted: dict) -> bool:
+    if not path.is_file():
+        return False
+    found = read_json(path)["identity"]
+    differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    if differing:
+        raise SystemExit(f"{path} was made with other settings ({', '.join(differing)}: "
+                         f"{[found.get(k) for k in differing]} vs now {[wanted.get(k) for k in differing]}); "
+                         f"use another --out-dir or delete it")
+    return True
+
+
+def task_manager(include_path: list[str], tasks: list[str]):
+    """Only the given folders when they hold every task (indexing the harness's own thousands of tasks takes
+    seconds), else those folders and the harness's tasks."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=include_path or None)
+
+
+def evaluate_task(args, lm, manager, task: str) -> dict:
+    """One task through the harness's evaluate(), set up as its simple_evaluate() does (seeds, few-shot count and
+    sampler seed) but without the environment report it appends (a pip subprocess: seconds per call)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    started = time.time()
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    loaded = manager.load([task])
+    for task_obj in loaded["tasks"].values():
+        if args.num_fewshot is not None and task_obj.get_config("num_fewshot") != 0:
+            task_obj.set_config(key="num_fewshot", value=args.num_fewshot)
+        elif task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=args.fewshot_seed)
+    out = evaluate(lm=lm, task_dict=loaded, limit=args.limit, bootstrap_iters=args.bootstrap_iters, log_samples=False)
+    return {"results": out["results"], "n-samples": out["n-samples"], "n-shot": out.get("n-shot", {}),
+            "versions": out.get("versions", {}), "higher_is_better": out.get("higher_is_better", {}),
+            "harness": harness_version(), "seconds": time.time() - started}
+
+
+def harness_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("lm_eval")
+
+
+def run_setting(args, manager, mode: str, mlp: str | None, att: str | None, progress) -> list[Path]:
+    """Every task of one setting; the model is built only when some task has no result yet."""
+    directory = args.out_dir / "runs" / (mode + (f"_mlp{mlp}" if mlp else "") + (f"_att{att}" if att else ""))
+    paths = {task: directory / f"{task}.json" for task in args.tasks}
+    todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, mode, mlp, att))]
+    progress.update(len(args.tasks) - len(todo))
+    if todo:
+        from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
+
+        directory.mkdir(parents=True, exist_ok=True)
+        lm = DejaVuLM(**model_args(args, mode, mlp, att))
+        for task in todo:
+            result = evaluate_task(args, lm, manager, task)
+            write_json_atomic(paths[task], {**base_manifest(kind="task_result"), **result,
+                                            "identity": identity(args, task, mode, mlp, att),
+                                            "model_info": lm.get_model_info()})
+            progress.update(1)
+        del lm
+        gc.collect()
+    return [paths[t] for t in args.tasks]
+
+
+def rows_of(path: Path, model: str) -> list[dict]:
+    """One row per task (or group) in a result JSON: acc / acc_norm and their standard errors, other metrics."""
+    result = read_json(path)
+    setting = result["identity"]
+    rows = []
+    for name, metrics in result["results"].items():
+        values = {key.partition(",")[0]: v for key, v in metrics.items() if key.endswith(",none")}
+        row = {"model": model, "task": name, "mode": setting["mode"], "mlp_topk": setting["mlp_topk"] or "dense",
+               "att_topk": setting["att_topk"] or "dense",
+               "samples": result["n-samples"].get(name, {}).get("effective"),
+               "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"], "result_json": str(path)}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_stderr"] = values.get(metric), values.get(f"{metric}_stderr")
+        row["other_metrics"] = "; ".join(f"{k}={v:.6g}" for k, v in values.items()
+                                         if k.removesuffix("_stderr") not in METRICS and isinstance(v, (int, float)))
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    csv_path, md_path = out_dir / "tasks.csv", out_dir / "tasks.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value) -> str:
+        return "n/a" if value in (None, "", "N/A") else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    shown = COLUMNS[:-1]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in shown) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
+    p.add_argument("--tasks", default=DEJAVU_TASKS,
+                   help="comma-separated harness task (or group) names (default: DejaVu's seven, %(default)s)")
+    p.add_argument("--include-path", action="append", default=[],
+                   help="a folder of task YAMLs to add (repeat), e.g. the one scripts/make_local_task.py writes")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["oracle", "predictor", "random"],
+                   help="sparse modes besides the dense baseline (default: oracle predictor random)")
+    p.add_argument("--mlp-topk", nargs="*", default=[], help="MLP budgets: counts or fractions < 1")
+    p.add_argument("--att-topk", nargs="*", default=[], help="attention budgets (paired with --mlp-topk if both)")
+    p.add_argument("--predictor-dir", default=None, help="trained predictors (needed for mode predictor)")
+    p.add_argument("--sparse-layers", default=None, help="layers made sparse, e.g. 0,7,15-22 (default: all)")
+    p.add_argument("--gqa-groups", action="store_true", help="Llama: keep whole key/value groups")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000,
+                   help="the harness's bootstrap draws for the standard error of non-mean metrics such as perplexity "
+                        "(acc has a closed form; default %(default)s, the harness's)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--use-cuda", choices=("true", "false"), default="false", help="run on the GPU (default false)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="the model's max length (default: its config's)")
+    p.add_argument("--batch", type=int, default=16, help="requests per forward batch (default %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default %(default)s)")
+    p.add_argument("--fewshot-seed", type=int, default=1234,
+                   help="seed of the harness's few-shot sampler (default %(default)s, the harness's)")
+    p.add_argument("--out-dir", type=Path, required=True, help="per-task results, tasks.csv / tasks.md, manifest")
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    if "predictor" in args.modes and not args.predictor_dir:
+        raise SystemExit("mode predictor needs --predictor-dir")
+    if not args.mlp_topk and not args.att_topk and set(args.modes) - {"dense"}:
+        raise SystemExit("give at least one budget (--mlp-topk and/or --att-topk)")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plan = settings(args.modes, budget_pairs(args.mlp_topk, args.att_topk))
+    manager = task_manager(args.include_path, args.tasks)
+    model = Path(args.model_name).name
+    rows = []
+    with tqdm(total=len(plan) * len(args.tasks), desc="task sweep (setting, task)", unit="run") as progress:
+        for setting in plan:
+            for path in run_setting(args, manager, *setting, progress):
+                rows += rows_of(path, model)
+    csv_path, md_path = write_tables(rows, args.out_dir)
+    write_json_atomic(args.out_dir / "tasks.manifest.json",
+                      base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, rows=rows,
+                                    table=str(csv_path), weights=weights_provenance(args.model_name)))
+    print(f"wrote {len(rows)} rows ({len(plan)} settings x {len(args.tasks)} tasks) -> {csv_path} and {md_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

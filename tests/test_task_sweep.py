@@ -1,0 +1,63 @@
+"""scripts/task_sweep.py on the local task with a tiny OPT: one row per (mode, budget, task), a resume that computes
+nothing again, and the report's downstream section."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import make_local_task, report, task_sweep
+from tests.helpers_models import make_opt
+from tests.test_sparse_inference import write_predictors
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    model, _, converted = make_opt(tmp_path, tiny_tokenizer_dir, seed=31)
+    write_predictors(tmp_path / "pred", model, "opt", seed=6)
+    tasks = make_local_task.main(["--out-dir", str(tmp_path / "tasks"), "--num-examples", "6", "--max-words", "24"])
+    out = tmp_path / "sweep"
+    argv = ["--model-name", str(converted), "--include-path", str(tasks),
+            "--tasks", ",".join(make_local_task.LOCAL_TASKS),
+            "--modes", "oracle", "predictor", "random", "--mlp-topk", "0.25", "0.5", "--att-topk", "2", "3",
+            "--predictor-dir", str(tmp_path / "pred"), "--limit", "4", "--bootstrap-iters", "100", "--batch", "8",
+            "--out-dir", str(out)]
+    rows = task_sweep.main(argv)
+    settings = [("dense", "dense", "dense")] + [(m, mlp, att) for m in ("oracle", "predictor", "random")
+                                                for mlp, att in (("0.25", "2"), ("0.5", "3"))]
+    assert [(r["mode"], r["mlp_topk"], r["att_topk"], r["task"]) for r in rows] == \
+        [(*s, t) for s in settings for t in make_local_task.LOCAL_TASKS]
+    with open(out / "tasks.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(settings) * 2 and [r["task"] for r in table[:2]] == list(make_local_task.LOCAL_TASKS)
+    for row in table:
+        assert 0 <= float(row["acc"]) <= 1 and float(row["acc_stderr"]) >= 0 and row["samples"] == "4"
+        result = json.loads(open(row["result_json"]).read())
+        assert result["identity"]["mode"] == row["mode"] and result["git_commit"]
+        info = result["model_info"]["dejavu"]
+        assert info["model_type"] == ("opt" if row["mode"] == "dense" else "opt-ml-att-sparse")
+        if row["mode"] != "dense":
+            assert info["sparsity"]["mode"] == row["mode"]
+            assert set(info["sparsity"]["mlp_budgets"].values()) == {float(row["mlp_topk"])}
+    mc = [r for r in table if r["task"] == make_local_task.MULTIPLE_CHOICE]
+    assert all(r["acc_norm"] != "" for r in mc) and "perplexity=" in table[1]["other_metrics"]
+    lastword = [r["other_metrics"] for r in table if r["task"] == make_local_task.LASTWORD]
+    assert len(set(lastword)) == len(settings)  # every setting changes the perplexity of the last words
+    assert "| dense | dense | dense |" in (out / "tasks.md").read_text()
+
+    # resume: every result is reused, no model is built, the table is the same
+    stamps = {r["result_json"]: Path(r["result_json"]).stat().st_mtime_ns for r in table}
+    monkeypatch.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__",
+                        lambda *a, **k: pytest.fail("a finished setting was evaluated again"))
+    assert task_sweep.main(argv) == rows
+    assert {p: Path(p).stat().st_mtime_ns for p in stamps} == stamps
+    with pytest.raises(SystemExit, match="limit"):
+        task_sweep.main([*argv[:-2], "--limit", "3", "--out-dir", str(out)])
+
+    written = report.build_report([out / "tasks.csv"], tmp_path / "report")
+    section = written.read_text().split("## Downstream tasks")[1].split("\n## ")[0]
+    assert "](figures/tasks_sweep.png)" in section and (tmp_path / "report/figures/tasks_sweep.png").is_file()
+    assert section.count(f"| opt_converted | {make_local_task.MULTIPLE_CHOICE} |") == len(settings)
