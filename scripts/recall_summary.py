@@ -22,6 +22,7 @@ finished layer is kept in <out-dir>/recall_summary.partial/, so an interrupted r
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of both blocks (default: each block's main default, "
                         + ", ".join(f"{b} {lr:g}" for b, lr in BLOCK_LR.items()) + ")")
     p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, each training a share of the layers (on a GPU they share it: small "
+                        "predictors leave it mostly idle); results do not depend on it (default %(default)s)")
+    p.add_argument("--partial-only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs
     return p
+
+
+RUN_ONLY = ("out_dir", "device", "layers", "jobs", "partial_only")  # flags that do not change a layer's records
+
+
+def run_workers(argv: list[str], layers: list[int], jobs: int) -> None:
+    """--jobs processes of this script, layers dealt round-robin; each leaves its layers' partial files."""
+    shares = [layers[i::jobs] for i in range(jobs) if layers[i::jobs]]
+    workers = [subprocess.Popen([sys.executable, __file__, *argv, "--layers", ",".join(map(str, share)),
+                                 "--jobs", "1", "--partial-only"]) for share in shares]
+    failed = [w.args for w in workers if w.wait() != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} summary worker(s) failed: {failed[0]}")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -175,10 +193,18 @@ def main(argv: list[str] | None = None) -> Path:
     records, started = [], time.perf_counter()
     partial = Path(args.out_dir) / "recall_summary.partial"  # one file per finished layer: a rerun resumes
     partial.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) for k, v in vars(args).items() if k not in ("out_dir", "device")}
+    settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
+
+    def finished(layer: int) -> bool:
+        done = partial / f"layer{layer}.json"
+        return done.is_file() and read_json(done)["settings"] == settings
+
+    todo = [layer for layer in layers if not finished(layer)]
+    if args.jobs > 1 and len(todo) > 1:
+        run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
         done = partial / f"layer{layer}.json"
-        if done.is_file() and read_json(done)["settings"] == settings:
+        if finished(layer):
             records += read_json(done)["records"]
             continue
         layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
@@ -186,6 +212,8 @@ def main(argv: list[str] | None = None) -> Path:
             layer_records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
         write_json_atomic(done, {"settings": settings, "records": layer_records})
         records += layer_records
+    if args.partial_only:
+        return partial
     payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
                "distance_fraction": args.distance_fraction, "seeds": [args.seed + s for s in range(args.seeds)],
                "architecture_label": arch_note, "count_rule": COUNT_RULE, "split": split.describe(),

@@ -1,5 +1,5 @@
 """The whole study as one command, for any list of models: convert -> request files -> collect -> predictors for
-every layer -> sparse sweep -> drift, sparsity and the summary's predictors -> report.
+every layer -> sparse sweep -> downstream tasks -> drift, sparsity and the summary's predictors -> report.
 
 Each stage runs the project's own command (the one the README documents), so its outputs carry their usual
 manifests; the study adds one progress line per stage and `<out-dir>/study_manifest.json` with the command, the
@@ -14,8 +14,8 @@ MODEL is SOURCE or NAME=SOURCE; SOURCE is a Hugging Face model directory or hub 
     python scripts/run_study.py llama-3.2-3b=meta-llama/Llama-3.2-3B opt-2.7b=facebook/opt-2.7b \\
         --out-dir out/study_3b --device cuda --dtype bf16          # the GPU-site study (README)
 
-Layout of --out-dir: requests/, converted/<name>/, data/<name>_c4/, predictors/<name>/, sweep/<name>/,
-analysis/<name>/, report/report.md.
+Layout of --out-dir: requests/ (with lm_eval_tasks/, the local task), converted/<name>/, data/<name>_c4/,
+predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 
-STAGES = ("convert", "requests", "collect", "predictors", "sweep", "analysis", "summary", "report")
+STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
 STUDY_MANIFEST = "study_manifest.json"
 
 
@@ -150,6 +150,14 @@ def study_requests(study: Study) -> tuple[Path, Path]:
     return train, val
 
 
+def local_tasks(study: Study) -> Path:
+    """The offline last-word test task (scripts/make_local_task.py), written once for every model's 'tasks' stage."""
+    folder = study.out / "requests" / "lm_eval_tasks"
+    study.run("all", "tasks", [python("scripts/make_local_task.py", "--out-dir", folder)],
+              done=(folder / "task_manifest.json").is_file())
+    return folder
+
+
 def convert(study: Study, model) -> Path:
     if model.is_converted:
         return Path(model.source)
@@ -180,7 +188,15 @@ def wikitext_requests(study: Study, model: str, converted: Path) -> Path:
     return chosen
 
 
-def study_model(study: Study, model, train: Path, val: Path) -> list[Path]:
+def tasks_done(manifest: Path, a: argparse.Namespace) -> bool:
+    """The task sweep finished with these tasks and this limit (another list reruns it: finished pairs are kept)."""
+    if not manifest.is_file():
+        return False
+    found = read_json(manifest)
+    return found.get("tasks") == a.tasks.split(",") and found.get("limit") == a.task_limit
+
+
+def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> list[Path]:
     """Every per-model stage; returns what the report reads."""
     a = study.args
     converted = convert(study, model)
@@ -214,6 +230,14 @@ def study_model(study: Study, model, train: Path, val: Path) -> list[Path]:
         "--dtype", a.dtype, "--batch", a.batch, "--out-dir", sweep)],
         done=(sweep / "sweep.manifest.json").is_file())
 
+    downstream = study.out / "tasks" / model.name
+    study.run(model.name, "tasks", [python(
+        "scripts/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path", tasks,
+        "--tasks", a.tasks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets, "--batch", a.batch,
+        "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len", a.max_seq_len,
+        "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
+        "--out-dir", downstream)], done=tasks_done(downstream / "tasks.manifest.json", a))
+
     analysis = study.out / "analysis" / model.name
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
     middle = str(layers // 2)
@@ -230,9 +254,10 @@ def study_model(study: Study, model, train: Path, val: Path) -> list[Path]:
               and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
     study.run(model.name, "summary", [python(
         "scripts/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
-        ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, *training, *device)],
+        ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
+        *device)],
         done=(analysis / "recall_summary.json").is_file())
-    return [data, predictors, sweep / "sweep.csv", analysis]
+    return [data, predictors, sweep / "sweep.csv", downstream / "tasks.csv", analysis]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLP budgets of the sweep (default 0.1 0.25 0.5)")
     p.add_argument("--att-budgets", nargs="+", default=["3", "5", "7"],
                    help="attention budgets, paired with --mlp-budgets (default 3 5 7 heads)")
+    p.add_argument("--tasks", default="dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword",
+                   help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: the offline "
+                        "local task of scripts/make_local_task.py; e.g. cb,copa,lambada_openai,openbookqa,piqa,rte,"
+                        "winogrande for DejaVu's table, from the hub)")
+    p.add_argument("--task-limit", type=int, default=None,
+                   help="first N examples of each task (default: all; the local task has 200)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000,
+                   help="task_sweep.py --bootstrap-iters: draws for the standard error of non-mean metrics such as "
+                        "the last-word perplexity (acc's is closed-form; default %(default)s, the harness's)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                    help="K of the summary's Recall@K, fractions of the units (default 0.1 0.25 0.5)")
     p.add_argument("--distance-fraction", type=float, default=0.25,
@@ -275,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-labels", default="relu,topk:0.25,threshold:0.01,gate",
                    help="sparsity_stats.py --labels, trained on the middle layer (default %(default)s)")
     p.add_argument("--jobs", type=int, default=2,
-                   help="analysis commands at once, and predictor jobs per GPU (or on the CPU) (default %(default)s)")
+                   help="analysis commands at once, predictor jobs per GPU (or on the CPU) and summary workers "
+                        "(default %(default)s)")
     p.add_argument("--note", action="append", default=[], help="a sentence for the top of the report (repeat)")
     return p
 
@@ -291,9 +326,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
     study = Study(args)
     train, val = study_requests(study)
+    tasks = local_tasks(study)
     inputs = []
     for model in args.models:
-        inputs += study_model(study, model, train, val)
+        inputs += study_model(study, model, train, val, tasks)
     report_dir = args.out_dir / "report"
     notes = [*args.note, f"Study command: `{shlex.join(sys.argv)}`"]
     study.run("all", "report", [python("scripts/report.py", *inputs, study.manifest_path, "--out-dir", report_dir,
