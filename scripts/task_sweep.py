@@ -229,8 +229,9 @@ def main(argv=None) -> list[dict]:
                 rows += rows_of(path, model)
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "tasks.manifest.json",
-                      base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, rows=rows,
-                                    table=str(csv_path), weights=weights_provenance(args.model_name)))
+                      base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, tasks=args.tasks,
+                                    limit=args.limit, rows=rows, table=str(csv_path),
+                                    weights=weights_provenance(args.model_name)))
     print(f"wrote {len(rows)} rows ({len(plan)} settings x {len(args.tasks)} tasks) -> {csv_path} and {md_path}")
     return rows
 

@@ -10,7 +10,8 @@ from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
            "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
-           "SWEEP_LABELS": "topk:0.25", "CUDA_VISIBLE_DEVICES": ""}
+           "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_wikitext2_lastword_mc", "TASK_LIMIT": "8",
+           "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": ""}
 MODELS = ("tiny-opt", "tiny-llama", "tiny-llama-relu")
 
 
@@ -26,7 +27,7 @@ def test_reduced_demo_writes_the_report_for_all_three_models(tmp_path):
     first_section = report.split("\n## ")[1]
     assert first_section.startswith("Summary") and "](figures/summary.png)" in first_section
     for section in ("## Decomposition", "## Study stages", "## Collections", "## Residual-stream drift",
-                    "## Perplexity"):
+                    "## Perplexity", "## Downstream tasks"):
         assert section in report, section
     stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]
     assert {(s["model"], s["stage"]) for s in stages} >= {(m, "collect") for m in MODELS}
@@ -38,5 +39,9 @@ def test_reduced_demo_writes_the_report_for_all_three_models(tmp_path):
         assert [(r["dataset"], r["mode"]) for r in rows] == [(d, m) for d in ("c4", "wikitext2")
                                                              for m in ("dense", "oracle", "predictor", "random")]
         assert all(float(r["perplexity"]) > 1 and int(r["tokens"]) > 0 for r in rows)
+        with open(tmp_path / "demo" / "tasks" / model / "tasks.csv") as f:
+            tasks = list(csv.DictReader(f))
+        assert [(r["task"], r["mode"], r["samples"]) for r in tasks] == [
+            ("dejavu_wikitext2_lastword_mc", m, "8") for m in ("dense", "oracle", "predictor", "random")]
         for block in ("mlp", "att"):
             assert (tmp_path / "demo" / "predictors" / model / f"{block}_layer5.json").is_file()
