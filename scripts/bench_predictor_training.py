@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -43,7 +42,8 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, ActivationWriter, ModelDims,  # noqa: E402
                                                             activation_file)
-from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import (base_manifest, peak_rss_bytes, rss_breakdown,  # noqa: E402
+                                                   write_json_atomic)
 from sparse_predictor.trainer import (DEFAULT_INPUT, MLP_LABELS, NEGATIVE_WEIGHT_FLOOR, WEIGHT_DECAY,  # noqa: E402
                                       LabelSpec, TrainConfig, document_split, load_layer, make_label_spec,
                                       make_predictor, resolve_device, resolve_input, train_predictor)
@@ -147,25 +147,6 @@ def training_flops_per_row(d: int, D: int, out: int) -> int:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: VmHWM on Linux. ru_maxrss is not used there: across fork + exec it
-    keeps the parent's peak (seen: 9.4 GiB reported for a child whose VmHWM was 1.5 GiB)."""
-    hwm = rss_breakdown().get("VmHWM")
-    if hwm:
-        return int(hwm.split()[0]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # macOS: bytes would need no *1024; Linux KiB
-
-
-def rss_breakdown() -> dict[str, str]:
-    """Where resident memory sits now (anonymous, file-backed, shared), from /proc/self/status on Linux."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return {}
-    keep = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "VmPin")
-    return {line.split(":")[0]: line.split(":")[1].strip() for line in status.read_text().splitlines()
-            if line.split(":")[0] in keep}
 
 
 # ------------------------------------------------------------------------------------- the two variants

@@ -6,8 +6,10 @@ these and asks it to `commit` the batch (write the progress file) once the batch
                       commit flushes every mmap (msync) first. The forward pass waits on the disk at every batch.
   BackgroundRowFiles  each write queues the rows' device -> pinned host copy on a copy stream (no wait) and hands
                       the slab to writer threads (pwrite); a commit is queued behind the batch's writes and runs,
-                      in batch order, after fdatasync of every file the batch touched. The forward pass only waits
-                      when every slab is in flight (the disk is the bottleneck: --collect-buffer-gb bounds host RAM).
+                      in batch order, after fdatasync of every file the batch touched (several files at once,
+                      while the writers already fill the page cache with the next batch). The forward pass only
+                      waits when every slab is in flight (the disk is the bottleneck; --collect-buffer-gb bounds
+                      the slabs' host RAM).
 Both write the same bytes at the same offsets (tests/test_collection.py compares them) and commit in the same order.
 A non-finite float16 row is an error naming the kind, layer and row, raised before the batch is committed (at once
 by MmapRowFiles; at the next write or commit by BackgroundRowFiles, for the first bad write in write order).
@@ -85,6 +87,7 @@ class BackgroundRowFiles:
         self.copy_stream = None
         self.writers = ThreadPoolExecutor(threads, thread_name_prefix="row-writer")
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="row-commit")  # one thread: commits stay in order
+        self.syncers = ThreadPoolExecutor(threads, thread_name_prefix="row-sync")  # files flushed side by side
         self.batch_writes: list[Future] = []  # this batch's writes, in write order
         self.batch_keys: set = set()
         self.error: BaseException | None = None
@@ -155,6 +158,7 @@ class BackgroundRowFiles:
         self.closed = True
         self.committer.shutdown(wait=True)  # every committed batch is durable and recorded
         self.writers.shutdown(wait=True)  # writes of a batch never committed (the run stopped mid-batch) end too
+        self.syncers.shutdown(wait=True)
         for fd in self.fds.values():
             os.close(fd)
 
@@ -191,8 +195,7 @@ class BackgroundRowFiles:
         error = self.first_failure(writes)  # the first failure in write order, as the synchronous path would raise it
         if error is None and self.error is None:
             try:
-                for key in keys:
-                    os.fdatasync(self.fds[key])
+                list(self.syncers.map(os.fdatasync, [self.fds[key] for key in keys]))  # raises the first failure
                 commit()
             except BaseException as e:  # a failed sync or progress write: nothing after it may be committed
                 error = e
