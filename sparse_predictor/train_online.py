@@ -97,6 +97,8 @@ class RowPlan:
 def plan_rows(encoded: list[Encoded], capacity: int, split: SplitConfig) -> RowPlan:
     """Rows as ActivationWriter would store them: every real token in document then position order, at most
     `capacity`; a document the capacity cuts is recorded as partial (SPEC §6)."""
+    if not encoded:
+        raise ValueError("no documents to train on: the request file (after --num-iters) is empty")
     lengths = np.array([len(e.ids) for e in encoded])
     ends = np.cumsum(lengths)
     rows = int(min(ends[-1], capacity))
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(p, lr=None, streaming=False)
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="device memory for the kept rows of one group of layers (the more layers fit, the fewer "
-                        f"forward passes). Default {GPU_BUDGET_SHARE:.0%} of the GPU memory free once the model is "
+                        f"forward passes). Default {GPU_BUDGET_SHARE:.0%}% of the GPU memory free once the model is "
                         f"loaded, {CPU_RESIDENT_BYTES >> 30} GiB on the CPU")
     return p
 
