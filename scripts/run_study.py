@@ -231,12 +231,13 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
         done=(sweep / "sweep.manifest.json").is_file())
 
     downstream = study.out / "tasks" / model.name
-    study.run(model.name, "tasks", [python(
-        "scripts/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path", tasks,
-        "--tasks", a.tasks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets, "--batch", a.batch,
-        "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len", a.max_seq_len,
-        "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
-        "--out-dir", downstream)], done=tasks_done(downstream / "tasks.manifest.json", a))
+    if a.tasks:  # --tasks '' leaves the stage out (a node without lm-eval installed)
+        study.run(model.name, "tasks", [python(
+            "scripts/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path",
+            tasks, "--tasks", a.tasks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets, "--batch", a.batch,
+            "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
+            a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
+            "--out-dir", downstream)], done=tasks_done(downstream / "tasks.manifest.json", a))
 
     analysis = study.out / "analysis" / model.name
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
@@ -257,7 +258,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
         ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
         *device)],
         done=(analysis / "recall_summary.json").is_file())
-    return [data, predictors, sweep / "sweep.csv", downstream / "tasks.csv", analysis]
+    return [data, predictors, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), analysis]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword",
                    help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: the offline "
                         "local task of scripts/make_local_task.py; e.g. cb,copa,lambada_openai,openbookqa,piqa,rte,"
-                        "winogrande for DejaVu's table, from the hub)")
+                        "winogrande for DejaVu's table, from the hub; '' leaves the stage out)")
     p.add_argument("--task-limit", type=int, default=None,
                    help="first N examples of each task (default: all; the local task has 200)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
