@@ -13,7 +13,7 @@
 #   FRACTIONS ("0.1 0.25 0.5": K of the summary), LOOKAHEAD_DISTANCE (0: the summary covers distances 0-2),
 #   SWEEP_LABELS (labels compared on the middle layer: "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu),
 #   TASKS (lm-evaluation-harness tasks: "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword", the offline local
-#   test task), TASK_LIMIT (100 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only).
+#   test task), TASK_LIMIT (50 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only).
 # Rerunning resumes: finished stages are kept.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +50,7 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --att-budgets ${ATT_BUDGETS:-2 4 6} --fractions ${FRACTIONS:-0.1 0.25 0.5} \
   --lookahead-distance "${LOOKAHEAD_DISTANCE:-0}" --drift-distance 2 \
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
-  --tasks "${TASKS:-dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword}" --task-limit "${TASK_LIMIT:-100}" \
+  --tasks "${TASKS:-dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword}" --task-limit "${TASK_LIMIT:-50}" \
   --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" \
   --note "Small models: $MODELS_FACTS, run on ${COLLECT_ROWS:-20000} collected tokens with ${EPOCHS:-4}-epoch \
 predictors. This is evidence about mechanisms (OPT vs Llama architecture at equal size, data and steps), not a claim \
