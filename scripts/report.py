@@ -39,8 +39,8 @@ from sparse_predictor.trainer import METRIC_DEFINITIONS, SUMMARY_COLUMNS  # noqa
 from scripts.analysis_common import PERCENTILES, model_colors, model_label, write_csv_atomic  # noqa: E402
 from scripts.plots import ANALYSES, plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
-from scripts.summary import (budget_curves, build_summaries, decomposition_tables, plot_summary,  # noqa: E402
-                             ppl_key, summary_tables, csv_rows as summary_csv_rows)
+from scripts.summary import (budget_curves, build_summaries, decomposition_tables, per_layer_tables,  # noqa: E402
+                             plot_summary, ppl_key, summary_tables, csv_rows as summary_csv_rows)
 
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
 SEED_DIR = re.compile(r"seed\d+")
@@ -464,8 +464,11 @@ def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: li
                                                  f"sources: `{csv_path.name}`.", ""]
     activations = {model_label(m): (m.get("label_definitions") or {}).get("mlp_label", "not recorded")
                    for _, m in inputs.collections}
-    return lines, decomposition_tables(summaries, fractions, distance, activations) if recall else [
-        "Missing: no recall_summary.py result was given.", ""]
+    if not recall:
+        return lines, ["Missing: no recall_summary.py result was given.", ""]
+    sparsity = [(result_source(sources, path, r), r) for path, r in inputs.results["sparsity_stats"]]
+    return lines, (decomposition_tables(summaries, fractions, distance, activations)
+                   + per_layer_tables(recall, drift, sparsity, distance))
 
 
 # ------------------------------------------------------------------------------------- the report

@@ -383,3 +383,45 @@ def decomposition_tables(summaries: Sequence[ModelSummary], fractions: Sequence[
                   "varying size), next to the same-layer predictor.", ""]
         lines += table(["model", "share of g > 0", *(h for h, _ in columns), "chance", "src"], rows)
     return lines
+
+
+# ------------------------------------------------------------------------------------- per layer
+def three_decimals(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def per_layer_tables(recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[str, dict]],
+                     sparsity: Sequence[tuple[str, dict]], distance: float) -> list[str]:
+    """(d) One table per model, one row per layer: drift at k=1, the gate's negative share, and Recall@K at K =
+    `distance` of the same-layer and DejaVu lookahead inputs (mean over seeds), with their chance levels."""
+    drift_of = {p["source"]["model"]: (src, p) for src, p in drift}
+    sparsity_of = {p["source"]["model"]: (src, p) for src, p in sparsity}
+    lines = [f"(d) **Per layer** (K={distance:g}; Recall@K is the mean over seeds of each layer's held-out Recall@K; "
+             "drift is cosine(att_x_l, att_x_(l+1)) over all dims; gate < 0 is the share of gate pre-activations "
+             "below zero, from sparsity_stats.py).", ""]
+    for src, payload in recall:
+        model = payload["source"]["model"]
+        d_src, d = drift_of.get(model, ("", {"records": []}))
+        s_src, s = sparsity_of.get(model, ("", {"records": []}))
+        cosine = {(r["layer"], r["space"]): r["mean"] for r in d["records"]
+                  if (r["kind"], r["k"], r["dims"]) == ("att_x", 1, "all")}
+        gate = {r["layer"]: r.get("gate_negative_fraction") for r in s["records"]}
+        rows = []
+        for layer in range(payload["source"]["dims"]["num_layers"]):
+            cells, chances = [], {}
+            for block in ("mlp", "att"):
+                for name in ("same", "lookahead"):
+                    chosen = [r for r in select(payload["records"], block, name, "topk", distance)
+                              if r["layer"] == layer]
+                    cells.append(three_decimals(np.mean([r["Recall@K"] for r in chosen]) if chosen else None))
+                    chances.update({block: r["chance Recall@K"] for r in chosen})
+            if all(c == "n/a" for c in cells):
+                continue
+            rows.append([layer, three_decimals(cosine.get((layer, "raw"))),
+                         three_decimals(cosine.get((layer, "normed"))), three_decimals(gate.get(layer)), *cells,
+                         three_decimals(chances.get("mlp")), three_decimals(chances.get("att"))])
+        lines += [f"**{model}** [{', '.join(x for x in (src, d_src, s_src) if x)}]", ""]
+        lines += table(["layer", "drift k=1 raw", "drift k=1 normed", "gate < 0", "MLP same-layer",
+                        "MLP DejaVu lookahead", "att same-layer", "att DejaVu lookahead", "chance MLP", "chance att"],
+                       rows)
+    return lines

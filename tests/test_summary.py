@@ -119,3 +119,26 @@ def test_every_summary_number_traces_to_a_source_with_command_commit_and_manifes
             if value and key.endswith((" low", " high")):
                 prefix = key.rsplit(" ", 1)[0]
                 assert re.fullmatch(r"S\d+( S\d+)*", row[f"{prefix} sources"]), key
+
+
+def test_per_layer_table_shows_each_layers_seed_mean_drift_and_gate_share():
+    from scripts.summary import per_layer_tables
+
+    def record(block, layer, name, seed, value):
+        return {"block": block, "layer": layer, "input": name, "label": "topk", "k": 0.25, "seed": seed,
+                "Recall@K": value, "chance Recall@K": 0.25 if block == "mlp" else 0.5}
+    records = [record("mlp", 0, "same", 0, 0.6), record("mlp", 0, "same", 1, 0.8),
+               record("mlp", 0, "lookahead", 0, 0.5), record("att", 0, "same", 0, 0.9),
+               record("mlp", 1, "same", 0, 0.4), record("mlp", 1, "lookahead", 0, 0.3),
+               record("att", 1, "same", 0, 0.7), record("att", 1, "lookahead", 0, 0.65)]
+    recall = [("S1", {"source": {"model": "m", "dims": {"num_layers": 2}}, "records": records})]
+    drift_payload = {"source": {"model": "m"}, "records": [
+        {"kind": "att_x", "k": 1, "dims": "all", "space": space, "layer": 0, "mean": value}
+        for space, value in (("raw", 0.91), ("normed", 0.87))]}
+    sparsity_payload = {"source": {"model": "m"}, "records": [{"layer": 0, "gate_negative_fraction": 0.62},
+                                                              {"layer": 1, "gate_negative_fraction": 0.55}]}
+    lines = per_layer_tables(recall, [("S2", drift_payload)], [("S3", sparsity_payload)], 0.25)
+    rows = [line for line in lines if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert rows[0] == "| 0 | 0.910 | 0.870 | 0.620 | 0.700 | 0.500 | 0.900 | n/a | 0.250 | 0.500 |"
+    assert rows[1] == "| 1 | n/a | n/a | 0.550 | 0.400 | 0.300 | 0.700 | 0.650 | 0.250 | 0.500 |"
+    assert "**m** [S1, S2, S3]" in lines
