@@ -260,7 +260,13 @@ def report_inputs(tmp_path_factory) -> tuple[Path, list[Path]]:
     sweep.write_text("model,dataset,mode,mlp_topk,att_topk,perplexity,tokens,output_manifest\n"
                      "opt-synthetic,c4,dense,,,20.0,100,dense.manifest.json\n"
                      "opt-synthetic,c4,oracle,0.5,,25.0,100,absent.manifest.json\n")
-    return root, [opt, llama, root / "results", root / "predictors", sweep, root / "no_such_dir"]
+    tasks = root / "tasks.csv"
+    provenance = {"provenance": {"command": "task_sweep.py", "git_commit": "c0ffee"}}
+    (root / "task_dense.json").write_text(json.dumps(provenance))
+    tasks.write_text("model,task,mode,mlp_topk,att_topk,acc,acc_stderr,samples,result_json\n"
+                     "opt-synthetic,lastword_mc,dense,,,0.40,0.05,50,task_dense.json\n"
+                     "opt-synthetic,lastword_mc,oracle,0.5,,0.35,0.05,50,task_dense.json\n")
+    return root, [opt, llama, root / "results", root / "predictors", sweep, tasks, root / "no_such_dir"]
 
 
 def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_path):
@@ -268,6 +274,7 @@ def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_
     text = report.build_report(inputs, tmp_path / "report").read_text()
     for section in report.SECTIONS:
         assert f"## {section}\n\nMissing" not in text and f"## {section}\n" in text
+    assert "- opt-synthetic / lastword_mc: dense acc 0.4" in text  # the downstream section reads the task CSV
     # drift: the generated sentence quotes the JSONs' numbers, per model
     means = {}
     for name, model in (("opt", "opt-synthetic"), ("llama", "llama-synthetic")):
