@@ -12,11 +12,12 @@ REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "3
            "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
            "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_wikitext2_lastword_mc", "TASK_LIMIT": "8",
            "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": ""}
-MODELS = ("tiny-opt", "tiny-llama", "tiny-llama-relu")
+# Two of the trio keep CI short (each model adds about 85 s on 2 cores): both families; Llama-ReLU is the Llama path.
+MODELS = ("tiny-opt", "tiny-llama")
 
 
-def test_reduced_demo_writes_the_report_for_all_three_models(tmp_path):
-    env = {**os.environ, **REDUCED, "OUT": str(tmp_path / "demo")}
+def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
+    env = {**os.environ, **REDUCED, "MODELS": " ".join(MODELS), "OUT": str(tmp_path / "demo")}
     done = subprocess.run(["bash", str(REPO / "scripts/run_demo.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
