@@ -195,22 +195,25 @@ def main(argv: list[str] | None = None) -> Path:
     partial.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
 
-    def finished(layer: int) -> bool:
+    def stored_records(layer: int) -> list[dict] | None:
+        """The layer's records from its partial file, if one was written with these settings."""
         done = partial / f"layer{layer}.json"
-        return done.is_file() and read_json(done)["settings"] == settings
+        stored = read_json(done) if done.is_file() else None
+        return stored["records"] if stored and stored["settings"] == settings else None
 
-    todo = [layer for layer in layers if not finished(layer)]
-    if args.jobs > 1 and len(todo) > 1:
-        run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
+    if args.jobs > 1:
+        todo = [layer for layer in layers if stored_records(layer) is None]
+        if len(todo) > 1:
+            run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
-        done = partial / f"layer{layer}.json"
-        if finished(layer):
-            records += read_json(done)["records"]
+        stored = stored_records(layer)
+        if stored is not None:
+            records += stored
             continue
         layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
         if "mlp_gate" in store.kinds and source["family"] == "llama":
             layer_records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
-        write_json_atomic(done, {"settings": settings, "records": layer_records})
+        write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, "records": layer_records})
         records += layer_records
     if args.partial_only:
         return partial

@@ -28,7 +28,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/report.py` run
 
@@ -369,13 +369,21 @@ def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
             out.append([*(r[c] for c in columns), ratio, src])
         lines += [f"From `{csv_path}`:", ""]
         lines += table([*columns, "ppl / dense ppl", "src"], out)
-        for (model, dataset), base in sorted(dense.items()):
-            others = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset) and r["mode"] != "dense"]
-            lines.append(f"- {model} / {dataset}: dense perplexity {fmt(base)}; " + (
-                "other runs: " + ", ".join(f"{r['mode']} (mlp_topk {fmt(r.get('mlp_topk'))}, att_topk "
-                                          f"{fmt(r.get('att_topk'))}) {fmt(float(r['perplexity']))}" for r in others)
-                if others else "no other run"))
-        lines.append("")
+        lines += against_dense(rows, "dataset", dict(sorted(dense.items())), "perplexity",
+                               lambda r: float(r["perplexity"])) + [""]
+    return lines
+
+
+def against_dense(rows: list[dict], group: str, dense: dict[tuple[str, str], Any], metric: str,
+                  value: Callable[[dict], Any]) -> list[str]:
+    """One sentence per (model, `group`) of `dense`: the dense run's `metric`, then every other run's."""
+    lines = []
+    for (model, name), base in dense.items():
+        others = [r for r in rows if (r["model"], r[group]) == (model, name) and r["mode"] != "dense"]
+        lines.append(f"- {model} / {name}: dense {metric} {fmt(base)}; " + (
+            "other runs: " + ", ".join(f"{r['mode']} (mlp_topk {fmt(r.get('mlp_topk'))}, att_topk "
+                                      f"{fmt(r.get('att_topk'))}) {fmt(value(r))}" for r in others)
+            if others else "no other run"))
     return lines
 
 
@@ -404,13 +412,7 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
         lines += [f"From `{csv_path}`:", ""]
         lines += table(["model", "task", "mode", "mlp_topk", "att_topk", "acc", "acc stderr", "acc_norm",
                         "acc_norm stderr", "acc - dense acc", "samples", "shots", "src"], out)
-        for (model, task), base in dense.items():
-            others = [r for r in rows if (r["model"], r["task"]) == (model, task) and r["mode"] != "dense"]
-            lines.append(f"- {model} / {task}: dense acc {fmt(base)}; " + (
-                "other runs: " + ", ".join(f"{r['mode']} (mlp_topk {fmt(r.get('mlp_topk'))}, att_topk "
-                                          f"{fmt(r.get('att_topk'))}) {fmt(number(r['acc']))}" for r in others)
-                if others else "no other run"))
-        lines.append("")
+        lines += against_dense(rows, "task", dense, "acc", lambda r: number(r["acc"])) + [""]
     return lines
 
 

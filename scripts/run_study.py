@@ -20,7 +20,6 @@ predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/repor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal

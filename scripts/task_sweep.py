@@ -22,9 +22,7 @@ make a local task (scripts/make_local_task.py) and give its folder to --include-
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from Decentralized_FM_alpha.modules.sparsity import MODES  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, weights_provenance,  # noqa: E402
                                                    write_json_atomic)
+from scripts.analysis_common import write_csv_atomic  # noqa: E402
 from scripts.sparse_sweep import budget_pairs, settings  # noqa: E402
 
 DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
@@ -165,10 +164,7 @@ def rows_of(path: Path, model: str) -> list[dict]:
 
 def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out_dir / "tasks.csv", out_dir / "tasks.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(csv_path, rows, COLUMNS)
 
     def cell(value) -> str:
         return "n/a" if value in (None, "", "N/A") else f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -47,7 +47,7 @@ from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama 
 from sparse_predictor.trainer import (BLOCKS, CPU_RESIDENT_BYTES, DEFAULT_INPUT, MLP_LABELS,  # noqa: E402
                                       INPUT_ROW_BYTES_PER_DIM, DeviceRows, InputSpec, LabelSpec, RowFile, RowsSource,
                                       SplitConfig, TrainConfig, add_training_arguments, document_split,
-                                      label_row_bytes, layer_data, make_label_spec, pack_bits, packed_width,
+                                      label_bits, label_row_bytes, layer_data, make_label_spec, packed_width,
                                       resolve_device, resolve_input, split_config, summarize, train_and_write)
 
 MAIN_DEFAULTS = {("opt", "mlp"): main_mlp.DEFAULTS, ("opt", "att"): main_att.DEFAULTS,
@@ -163,8 +163,8 @@ class InputRows:
 
 
 class LabelRows:
-    """One predictor's label from one collected kind, computed as trainer.load_rows computes it from the mmap:
-    scores from the float16 values, labels from the scores, kept as bits; held-out rows keep their scores."""
+    """One predictor's label from one collected kind, by trainer.label_bits as trainer.load_rows computes it from the
+    mmap; held-out rows keep their scores."""
 
     def __init__(self, label: LabelSpec, width: int, plan: RowPlan, device: torch.device):
         self.label, self.width = label, width
@@ -175,8 +175,7 @@ class LabelRows:
     def store(self, train: torch.Tensor, test: torch.Tensor, at: tuple[int, int]) -> None:
         for rows, out, start in ((train, self.train, at[0]), (test, self.test, at[1])):
             if len(rows):
-                scores = self.label.scores(rows.float())
-                out[0, start:start + len(rows)] = pack_bits(self.label.labels(scores))
+                out[0, start:start + len(rows)], scores = label_bits(self.label, rows)
                 if out is self.test:
                     self.scores[0, start:start + len(rows)] = scores.to(torch.float16)
 

@@ -315,6 +315,13 @@ def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :width].bool()
 
 
+def label_bits(label: LabelSpec, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One label of stored float16 rows (read from the mmaps, or kept by an online pass): its bits (pack_bits) and the
+    float32 scores it ranks units by."""
+    scores = label.scores(values.float())
+    return pack_bits(label.labels(scores)), scores
+
+
 INPUT_ROW_BYTES_PER_DIM = 2  # float16 inputs
 
 
@@ -378,8 +385,7 @@ def load_rows(x_file: RowFile, label_files: dict[str, RowFile], labels: Sequence
         part = slice(filled, filled + len(local))
         out.x[part] = x
         for i, label in enumerate(labels):
-            scores = label.scores(values[kinds.index(label.source_kind)].float())
-            out.labels[i, part] = pack_bits(label.labels(scores))
+            out.labels[i, part], scores = label_bits(label, values[kinds.index(label.source_kind)])
             if keep_scores:
                 out.scores[i, part] = scores.to(torch.float16)  # exact: values of fp16 inputs or their abs
         filled += len(local)
