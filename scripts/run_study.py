@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,16 +84,21 @@ class Study:
         if args.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""
 
-    def run(self, model: str, stage: str, commands: list[list[str]], done: bool, parallel: bool = False,
-            env: dict | None = None) -> None:
-        """Run a stage's commands (at most --jobs at once when parallel) unless `done`; record its wall time."""
+    def run(self, model: str, stage: str, commands: list[list[str]] | Callable[[], list[list[str]]], done: bool,
+            parallel: bool = False, env: dict | Callable[[], dict] | None = None) -> None:
+        """Run a stage's commands (at most --jobs at once when parallel) unless `done` or not in --stages; record
+        its wall time. Commands and env may be callables, built only when the stage runs (they read its inputs)."""
         key = f"{model}/{stage}"
-        commands = [[str(part) for part in command] for command in commands]
         prefix = f"[{time.time() - self.started:7.0f} s] {model}: {stage}"
+        if stage not in self.args.stages:
+            print(f"{prefix}: not in --stages, skipped", flush=True)
+            return
         if done:
             print(f"{prefix}: done earlier, skipped", flush=True)
             self.stages.setdefault(key, {"model": model, "stage": stage, "seconds": None, "commands": []})
             return
+        commands = [[str(part) for part in command] for command in (commands() if callable(commands) else commands)]
+        env = env() if callable(env) else env
         print(f"{prefix} ...", flush=True)
         start = time.time()
         earlier = self.stages.get(key, {}).get("interrupted_seconds", 0.0)  # attempts stopped before the end
@@ -211,15 +217,19 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
         done=complete(data / "manifest.json"))
 
     predictors = study.out / "predictors" / model.name
-    layers = read_json(data / "manifest.json")["config"]["num_layers"]
+
+    def layers() -> int:  # of the collection: read when a stage that needs it runs
+        return read_json(data / "manifest.json")["config"]["num_layers"]
+
     training = ["--epochs", a.epochs, "--D", a.D, "--selection", a.selection]
     suffix = "_llama" if family == "llama" else ""
     study.run(model.name, "predictors", [["bash", str(REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh")]
                                          for block in ("mlp", "att")],
               done=all((predictors / f"{b}_summary.csv").is_file() for b in ("mlp", "att")),
-              env={"DATA_DIR": str(data), "OUT_DIR": str(predictors), "MODEL": model.name, "SEEDS": str(a.seeds),
-                   "JOBS_PER_GPU": str(a.jobs), "LAYERS_PER_JOB": str(-(-layers // a.jobs)),  # one process per job
-                   "EXTRA_ARGS": shlex.join(map(str, training))})
+              env=lambda: {"DATA_DIR": str(data), "OUT_DIR": str(predictors), "MODEL": model.name,
+                           "SEEDS": str(a.seeds), "JOBS_PER_GPU": str(a.jobs),
+                           "LAYERS_PER_JOB": str(-(-layers() // a.jobs)),  # one process per job
+                           "EXTRA_ARGS": shlex.join(map(str, training))})
 
     sweep = study.out / "sweep" / model.name
     study.run(model.name, "sweep", [python(
@@ -240,16 +250,20 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
 
     analysis = study.out / "analysis" / model.name
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
-    middle = str(layers // 2)
-    commands = [python("scripts/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
-                       "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
-                       a.massive_dims),
-                python("scripts/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
-                       middle, "--labels", a.sweep_labels, *training, *device)]
-    if a.lookahead_distance:
-        commands += [python("scripts/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
-                            "--max-distance", a.lookahead_distance, *training, *device) for block in ("mlp", "att")]
-    study.run(model.name, "analysis", commands, parallel=True,
+
+    def analysis_commands() -> list[list]:
+        commands = [python("scripts/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
+                           "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
+                           a.massive_dims),
+                    python("scripts/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
+                           layers() // 2, "--labels", a.sweep_labels, *training, *device)]
+        if a.lookahead_distance:
+            commands += [python("scripts/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
+                                "--max-distance", a.lookahead_distance, *training, *device)
+                         for block in ("mlp", "att")]
+        return commands
+
+    study.run(model.name, "analysis", analysis_commands, parallel=True,
               done=(analysis / "drift.json").is_file() and (analysis / "sparsity_stats.json").is_file()
               and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
     study.run(model.name, "summary", [python(
@@ -312,7 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analysis commands at once, predictor jobs per GPU (or on the CPU) and summary workers "
                         "(default %(default)s)")
     p.add_argument("--note", action="append", default=[], help="a sentence for the top of the report (repeat)")
+    p.add_argument("--stages", type=stage_list, default=list(STAGES),
+                   help=f"comma list of the stages to run, of {','.join(STAGES)} (default all); the others are "
+                        "skipped, and a stage whose inputs an unrun stage makes fails naming the missing file")
     return p
+
+
+def stage_list(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stages {unknown} (known: {','.join(STAGES)})" if unknown
+                                         else "no stage named")
+    return stages
 
 
 def interrupt(signum, frame) -> None:
@@ -331,6 +357,9 @@ def main(argv: list[str] | None = None) -> Path:
     for model in args.models:
         inputs += study_model(study, model, train, val, tasks)
     report_dir = args.out_dir / "report"
+    if "report" not in args.stages:
+        print(f"study done in {time.time() - study.started:.0f} s (stages {','.join(args.stages)}; no report)")
+        return report_dir / "report.md"
     notes = [*args.note, f"Study command: `{shlex.join(sys.argv)}`"]
     study.run("all", "report", [python("scripts/report.py", *inputs, study.manifest_path, "--out-dir", report_dir,
                                        *[x for n in notes for x in ("--note", n)])], done=False)
