@@ -18,7 +18,7 @@ requests from the bundled C4 train sample, then measures in one process, each fi
               (model load, forward passes, training) vs the floor (forward + training FLOPs) / peak; no file written
 Writes <out>/bench_collection.json and prints the ratios last.
 
-GPU (one H200, about 6-7 minutes, ~45 GB of disk at the peak):
+GPU (one H200: about 9 minutes, ~45 GB of disk at the peak; docs/results/bench_collection_h200/ has a run):
     python scripts/bench_collection.py --out out/bench_collection
 CPU smoke (seconds):
     python scripts/bench_collection.py --device cpu --layers 2 --hidden 64 --ffn 128 --heads 4 --kv-heads 2 \\
@@ -279,7 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "row, so the default is 32 GB (default %(default)s)")
     p.add_argument("--sync-rows", type=int, default=8_000, help="rows of the sync-writer collection (default "
                                                                  "%(default)s: 6.4 GB)")
-    p.add_argument("--disk-test-gb", type=float, default=4.0, help="bytes of the disk test (default %(default)s)")
+    p.add_argument("--disk-test-gb", type=float, default=24.0,
+                   help="bytes of the disk test, near what the async collection writes: on the H200 node a 4 GB test "
+                        "read 1.36-1.55 GB/s and a 24 GB one 2.00 GB/s, so a short test flatters the collection "
+                        "(default %(default)s)")
     p.add_argument("--D", type=int, default=1000, help="predictor width (default %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="predictor epochs (default %(default)s)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1024, help="training batch (default "
