@@ -203,7 +203,7 @@ def mmap_training(args: argparse.Namespace, data: Path, out: Path) -> dict:
         main.main(["--data-dir", str(data), "--out-dir", str(out), "--L", "all", "--input", "lookahead",
                    *predictor_flags(args)])
     free_device_memory(args.device_obj)
-    return {"seconds": time.perf_counter() - start, "recall_at_k": recall_at_k(out, args.layers)}
+    return {"seconds": time.perf_counter() - start, "recall_at_k": predictor_results(out, args.layers)[0]}
 
 
 def online_training(args: argparse.Namespace, converted: Path, requests: Path, rows: int, out: Path) -> dict:
@@ -224,21 +224,19 @@ def online_training(args: argparse.Namespace, converted: Path, requests: Path, r
         raise RuntimeError(f"train_online.py failed (exit {code}); see {log}")
     manifest = json.loads((out / train_online.MANIFEST).read_text())
     peak = manifest["peak_device_bytes"]
-    return {"seconds": seconds, "rows": manifest["rows"], "groups": manifest["groups"], "log": str(log),
+    recall, epochs = predictor_results(out, args.layers)
+    return {"seconds": seconds, "rows": manifest["rows"], "rows_train": manifest["rows_train"],
+            "rows_test": manifest["rows_test"], "groups": manifest["groups"], "log": str(log),
             "peak_gpu_gib": peak / 2**30 if peak is not None else None,
             "peak_host_rss_gib": manifest["peak_host_rss_bytes"] / 2**30,
-            "activation_files_written": len(list(out.glob("*.mmap"))), "recall_at_k": recall_at_k(out, args.layers),
-            "epochs_run": epochs_run(out, args.layers)}
+            "activation_files_written": len(list(out.glob("*.mmap"))), "recall_at_k": recall, "epochs_run": epochs}
 
 
-def recall_at_k(out: Path, layers: int) -> dict[str, float]:
-    return {f"{b}{l}": json.loads((out / f"{b}_layer{l}.json").read_text())["Recall@K"]
-            for b in ("mlp", "att") for l in range(layers)}
-
-
-def epochs_run(out: Path, layers: int) -> dict[str, int]:
-    return {f"{b}{l}": json.loads((out / f"{b}_layer{l}.json").read_text())["epochs_run"]
-            for b in ("mlp", "att") for l in range(layers)}
+def predictor_results(out: Path, layers: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Every layer's MLP and attention predictor JSON, read once: (held-out Recall@K, epochs run) by name."""
+    records = {f"{b}{l}": json.loads((out / f"{b}_layer{l}.json").read_text())
+               for b in ("mlp", "att") for l in range(layers)}
+    return ({k: r["Recall@K"] for k, r in records.items()}, {k: r["epochs_run"] for k, r in records.items()})
 
 
 def training_flops(config: LlamaConfig, D: int, rows_train: int, rows_test: int, epochs: dict[str, int]) -> int:
@@ -402,10 +400,9 @@ def online_report(args: argparse.Namespace, config: LlamaConfig, converted: Path
                   peak: float) -> dict:
     online = online_training(args, converted, requests, args.rows, work / "predictors_online")
     lengths = doc_lengths(requests, converted, online["rows"], args.max_seq_len)
-    manifest = json.loads((work / "predictors_online" / train_online.MANIFEST).read_text())
     fwd = sum(forward_flops(bench_config(argparse.Namespace(**{**vars(args), "layers": g["layers"][-1] + 1})),
                             lengths, with_lm_head=False) for g in online["groups"])
-    train = training_flops(config, args.D, manifest["rows_train"], manifest["rows_test"], online["epochs_run"])
+    train = training_flops(config, args.D, online["rows_train"], online["rows_test"], online["epochs_run"])
     return {**online, **floor_gap(online["seconds"], (fwd + train) / peak), "forward_floor_s": fwd / peak,
             "training_floor_s": train / peak, "goal_s": ONLINE_GOAL_S}
 

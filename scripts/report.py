@@ -118,13 +118,11 @@ def read_json_file(path: Path) -> Any:
         return json.load(f)
 
 
-def read_sweep(path: Path, required: Sequence[str] = SWEEP_REQUIRED) -> list[dict] | None:
-    """The rows of a sweep CSV (perplexity by default), or None when the header lacks the required columns."""
+def read_csv(path: Path) -> tuple[set[str], list[dict]]:
+    """A CSV's column names and rows."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if not set(required) <= set(reader.fieldnames or ()):
-            return None
-        return list(reader)
+        return set(reader.fieldnames or ()), list(reader)
 
 
 def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, str], list[Path]]) -> bool:
@@ -149,14 +147,11 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
             return True
         return False
     if path.suffix == ".csv":
-        rows = read_sweep(path)
-        if rows is not None:
-            inputs.sweeps.append((path, rows))
-            return True
-        rows = read_sweep(path, TASKS_REQUIRED)
-        if rows is not None:
-            inputs.task_sweeps.append((path, rows))
-            return True
+        columns, rows = read_csv(path)
+        for required, found in ((SWEEP_REQUIRED, inputs.sweeps), (TASKS_REQUIRED, inputs.task_sweeps)):
+            if set(required) <= columns:
+                found.append((path, rows))
+                return True
     return False
 
 

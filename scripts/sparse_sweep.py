@@ -56,8 +56,13 @@ def parse_data(items: list[str]) -> dict[str, Path]:
     return out
 
 
+def setting_name(mode: str, mlp: str | None, att: str | None) -> str:
+    """One setting's name in file and folder names, e.g. oracle_mlp0.25_att5 (task_sweep.py names its runs so too)."""
+    return mode + (f"_mlp{mlp}" if mlp else "") + (f"_att{att}" if att else "")
+
+
 def output_stem(dataset: str, mode: str, mlp: str | None, att: str | None) -> str:
-    return f"{dataset}_{mode}" + (f"_mlp{mlp}" if mlp else "") + (f"_att{att}" if att else "")
+    return f"{dataset}_{setting_name(mode, mlp, att)}"
 
 
 def run_setting(args, dataset: str, requests: Path, mode: str, mlp: str | None, att: str | None) -> dict:
@@ -98,12 +103,8 @@ def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-name", required=True, help="converted checkpoint directory")
-    p.add_argument("--family", choices=("opt", "llama"), required=True, help="model family")
-    p.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
-                   help="a request file to score (repeat): e.g. c4=c4_valid.jsonl wikitext2=wikitext2.jsonl")
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """Modes, budgets and the model's compute flags, as this sweep and scripts/task_sweep.py share them."""
     p.add_argument("--modes", nargs="+", choices=MODES, default=["oracle", "predictor", "random"],
                    help="sparse modes to run besides the dense baseline (default: oracle predictor random)")
     p.add_argument("--mlp-topk", nargs="*", default=[], help="MLP budgets: counts or fractions < 1")
@@ -112,6 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gqa-groups", action="store_true", help="Llama: keep whole key/value groups")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--use-cuda", choices=("true", "false"), default="false", help="run on the GPU (default false)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-name", required=True, help="converted checkpoint directory")
+    p.add_argument("--family", choices=("opt", "llama"), required=True, help="model family")
+    p.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
+                   help="a request file to score (repeat): e.g. c4=c4_valid.jsonl wikitext2=wikitext2.jsonl")
+    add_sweep_arguments(p)
     p.add_argument("--max-seq-len", type=int, default=None, help="passed to the runner")
     p.add_argument("--num-iters", type=int, default=None, help="score only the first N requests of each file")
     p.add_argument("--batch", type=int, default=8, help="--token-micro-batch-size of the runner (default 8)")

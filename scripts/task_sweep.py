@@ -31,11 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from Decentralized_FM_alpha.modules.sparsity import MODES  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, weights_provenance,  # noqa: E402
                                                    write_json_atomic)
 from scripts.analysis_common import write_csv_atomic  # noqa: E402
-from scripts.sparse_sweep import budget_pairs, settings  # noqa: E402
+from scripts.sparse_sweep import add_sweep_arguments, budget_pairs, setting_name, settings  # noqa: E402
 
 DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
 METRICS = ("acc", "acc_norm")
@@ -123,7 +122,7 @@ def harness_version() -> str:
 
 def run_setting(args, manager, mode: str, mlp: str | None, att: str | None, progress) -> list[Path]:
     """Every task of one setting; the model is built only when some task has no result yet."""
-    directory = args.out_dir / "runs" / (mode + (f"_mlp{mlp}" if mlp else "") + (f"_att{att}" if att else ""))
+    directory = args.out_dir / "runs" / setting_name(mode, mlp, att)
     paths = {task: directory / f"{task}.json" for task in args.tasks}
     todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, mode, mlp, att))]
     progress.update(len(args.tasks) - len(todo))
@@ -183,20 +182,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated harness task (or group) names (default: DejaVu's seven, %(default)s)")
     p.add_argument("--include-path", action="append", default=[],
                    help="a folder of task YAMLs to add (repeat), e.g. the one scripts/make_local_task.py writes")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=["oracle", "predictor", "random"],
-                   help="sparse modes besides the dense baseline (default: oracle predictor random)")
-    p.add_argument("--mlp-topk", nargs="*", default=[], help="MLP budgets: counts or fractions < 1")
-    p.add_argument("--att-topk", nargs="*", default=[], help="attention budgets (paired with --mlp-topk if both)")
-    p.add_argument("--predictor-dir", default=None, help="trained predictors (needed for mode predictor)")
+    add_sweep_arguments(p)
     p.add_argument("--sparse-layers", default=None, help="layers made sparse, e.g. 0,7,15-22 (default: all)")
-    p.add_argument("--gqa-groups", action="store_true", help="Llama: keep whole key/value groups")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="the harness's bootstrap draws for the standard error of non-mean metrics such as perplexity "
                         "(acc has a closed form; default %(default)s, the harness's)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp32", help="compute dtype (default fp32)")
-    p.add_argument("--use-cuda", choices=("true", "false"), default="false", help="run on the GPU (default false)")
     p.add_argument("--max-seq-len", type=int, default=None, help="the model's max length (default: its config's)")
     p.add_argument("--batch", type=int, default=16, help="requests per forward batch (default %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default %(default)s)")

@@ -39,7 +39,7 @@ from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sampl
     DistInferenceMaskTokenPipeSync, Encoded, model_module)
 from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import DEFAULT_CAPACITY, ModelDims  # noqa: E402
-from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, git_commit, now,  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, now,  # noqa: E402
                                                    peak_rss_bytes, read_json, weights_provenance, write_json_atomic)
 from Decentralized_FM_alpha.utils.row_files import overflow_error  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for block in args.block_list:
         csv_path, md_path, _ = summarize(out_dir, block)
         print(f"wrote {csv_path} and {md_path}")
-    manifest.update(complete=True, end_time=now(), seconds=time.perf_counter() - started, git_commit=git_commit(),
+    manifest.update(complete=True, end_time=now(), seconds=time.perf_counter() - started,
                     peak_host_rss_bytes=peak_rss_bytes(),
                     peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     write_json_atomic(out_dir / MANIFEST, manifest)
