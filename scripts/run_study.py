@@ -346,8 +346,17 @@ def interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)  # `timeout` and job schedulers stop with SIGTERM: resume cleanly
+    # `timeout` and job schedulers stop with SIGTERM: resume cleanly. Restored at the end, so that a caller in the same
+    # process (a test) does not keep it: forked children would inherit it (multiprocessing.Pool's terminate() sends
+    # SIGTERM to its workers and then waits for them; a worker that catches it can hang the pool).
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run_all(build_parser().parse_args(argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_all(args: argparse.Namespace) -> Path:
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
     study = Study(args)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -13,7 +14,9 @@ SMALL = ["--device", "cpu", "--train-docs", "3", "--val-docs", "2", "--wiki-wind
 
 
 def test_stages_runs_only_the_chosen_stages(tmp_path, capsys):
+    handler = signal.getsignal(signal.SIGTERM)
     run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--stages", "requests,convert"])
+    assert signal.getsignal(signal.SIGTERM) is handler  # not left to later code of the process (forked pool workers)
     stages = json.loads((tmp_path / run_study.STUDY_MANIFEST).read_text())["stages"]
     assert sorted((s["model"], s["stage"]) for s in stages) == [
         ("all", "requests"), ("tiny-llama", "convert"), ("tiny-llama", "requests")]
