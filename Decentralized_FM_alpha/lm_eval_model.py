@@ -4,7 +4,7 @@ The model is the runner's, built the runner's way: the model arguments become di
 its own parser, and dist_inference_runner.build_pipeline loads the converted checkpoint (SPEC section 3) with the same
 modules and SparsityController (SPEC section 8), at world size 1. Nothing here decides which neuron or head is kept.
 
-    python scripts/lm_eval_dejavu.py --model dejavu --tasks piqa,copa,winogrande --batch_size 16 --device cuda \\
+    python scripts/study/lm_eval_dejavu.py --model dejavu --tasks piqa,copa,winogrande --batch_size 16 --device cuda \\
         --model_args pretrained=DIR,dtype=bf16,sparse_mode=predictor,predictor_dir=P,mlp_topk=0.5
 
 Model arguments -> runner flags: pretrained -> --model-name; sparse_mode -> --sparse-mode with model type

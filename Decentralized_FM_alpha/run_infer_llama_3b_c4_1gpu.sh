@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # C4 validation perplexity of a converted Llama (default Llama 3.2 3B, bf16) on the visible GPU(s).
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"; REPO="$(dirname "$HERE")"
 source "$HERE/launch_ranks.sh"
@@ -10,4 +11,4 @@ DTYPE="${DTYPE:-bf16}"
 mkdir -p "$(dirname "$OUTPUT_PATH")"
 launch_ranks --model-name "$MODEL_PATH" --model-type llama --dtype "$DTYPE" --infer-data "$INFER_DATA" \
   --output-path "$OUTPUT_PATH" --max-seq-len "${MAX_SEQ_LEN:-2048}" ${EXTRA_ARGS:-}
-python "$REPO/scripts/perplexity.py" "$OUTPUT_PATH"
+python "$REPO/scripts/analysis/perplexity.py" "$OUTPUT_PATH"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Collect DejaVu's predictor training data from a converted Llama (default Llama 3.2 3B: 28 layers,
 # bf16, 400,000 rows) on C4 train requests. Set COLLECT_MLP_GATE=1 to also store the gate (for --label gate).
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"; REPO="$(dirname "$HERE")"
 source "$HERE/launch_ranks.sh"
@@ -15,4 +16,4 @@ mkdir -p "$DATA_PATH"
 launch_ranks --model-name "$MODEL_PATH" --model-type llama-save --dtype "$DTYPE" --infer-data "$INFER_DATA" \
   --output-path "$OUTPUT_PATH" --data-path "$DATA_PATH" --collect-tokens "$COLLECT_TOKENS" \
   --max-seq-len "${MAX_SEQ_LEN:-2048}" $GATE ${EXTRA_ARGS:-}
-python "$REPO/scripts/perplexity.py" "$OUTPUT_PATH"
+python "$REPO/scripts/analysis/perplexity.py" "$OUTPUT_PATH"

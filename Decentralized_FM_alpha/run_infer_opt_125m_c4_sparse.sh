@@ -4,6 +4,7 @@
 #   data/opt-125m_c4_sparse_predictor), SPARSE_MODE (predictor; or oracle, random, dense), MLP_TOPK ($TOPK, else 0.5),
 #   ATT_TOPK (empty = dense attention), SPARSE_LAYERS (all), INFER_DATA, OUTPUT_PATH, DTYPE (fp16), EXTRA_ARGS.
 # Runs on one GPU (NUM_GPUS=1): a lookahead predictor reads the previous layer's input, which must be on the same rank.
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"; REPO="$(dirname "$HERE")"
 source "$HERE/launch_ranks.sh"
@@ -24,4 +25,4 @@ launch_ranks --model-name "$MODEL_PATH" --model-type opt-ml-att-sparse --dtype "
   --output-path "$OUTPUT_PATH" --max-seq-len "${MAX_SEQ_LEN:-2048}" --sparse-mode "$SPARSE_MODE" \
   ${PREDICTOR_DIR:+--predictor-dir "$PREDICTOR_DIR"} ${MLP_TOPK:+--mlp-topk "$MLP_TOPK"} ${ATT_TOPK:+--att-topk "$ATT_TOPK"} \
   ${SPARSE_LAYERS:+--sparse-layers "$SPARSE_LAYERS"} ${EXTRA_ARGS:-}
-python "$REPO/scripts/perplexity.py" "$OUTPUT_PATH"
+python "$REPO/scripts/analysis/perplexity.py" "$OUTPUT_PATH"

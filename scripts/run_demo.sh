@@ -15,6 +15,7 @@
 #   TASKS (lm-evaluation-harness tasks: "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword", the offline local
 #   test task), TASK_LIMIT (50 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only).
 # Rerunning resumes: finished stages are kept.
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -34,7 +35,7 @@ facts = f"{len(models)} models of {sorted({c['num_hidden_layers'] for c in confi
 s = json.loads(summary.read_text()) if summary.is_file() else {"models": {}}
 params = [s["models"][m]["parameters"] for m in models if m in s["models"]]
 if len(params) == len(models):  # the bundled trio, described by its training summary
-    facts += (f", {min(params):,}-{max(params):,} parameters, trained by scripts/train_tiny_models.py for {s['training']['steps']} "
+    facts += (f", {min(params):,}-{max(params):,} parameters, trained by scripts/assets/train_tiny_models.py for {s['training']['steps']} "
               f"steps on {s['data']['train_tokens']:,} tokens of C4, at most "
               f"{math.ceil(max(s['models'][m]['wall_time_s'] for m in models) / 60)} minute(s) each")
 print(facts)

@@ -156,9 +156,9 @@ def study_requests(study: Study) -> tuple[Path, Path]:
 
 
 def local_tasks(study: Study) -> Path:
-    """The offline last-word test task (scripts/make_local_task.py), written once for every model's 'tasks' stage."""
+    """The offline last-word test task (scripts/assets/make_local_task.py), written once for every model's 'tasks' stage."""
     folder = study.out / "requests" / "lm_eval_tasks"
-    study.run("all", "tasks", [python("scripts/make_local_task.py", "--out-dir", folder)],
+    study.run("all", "tasks", [python("scripts/assets/make_local_task.py", "--out-dir", folder)],
               done=(folder / "task_manifest.json").is_file())
     return folder
 
@@ -233,7 +233,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
 
     sweep = study.out / "sweep" / model.name
     study.run(model.name, "sweep", [python(
-        "scripts/sparse_sweep.py", "--model-name", converted, "--family", family, "--predictor-dir", predictors,
+        "scripts/study/sparse_sweep.py", "--model-name", converted, "--family", family, "--predictor-dir", predictors,
         "--data", f"c4={val}", "--data", f"wikitext2={wiki}", "--mlp-topk", *a.mlp_budgets, "--att-topk",
         *a.att_budgets, "--max-seq-len", a.max_seq_len, "--use-cuda", "true" if a.device == "cuda" else "false",
         "--dtype", a.dtype, "--batch", a.batch, "--out-dir", sweep)],
@@ -242,7 +242,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     downstream = study.out / "tasks" / model.name
     if a.tasks:  # --tasks '' leaves the stage out (a node without lm-eval installed)
         study.run(model.name, "tasks", [python(
-            "scripts/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path",
+            "scripts/study/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path",
             tasks, "--tasks", a.tasks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets, "--batch", a.batch,
             "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
             a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
@@ -252,13 +252,13 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
 
     def analysis_commands() -> list[list]:
-        commands = [python("scripts/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
+        commands = [python("scripts/analysis/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
                            "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
                            a.massive_dims),
-                    python("scripts/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
+                    python("scripts/analysis/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
                            layers() // 2, "--labels", a.sweep_labels, *training, *device)]
         if a.lookahead_distance:
-            commands += [python("scripts/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
+            commands += [python("scripts/analysis/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
                                 "--max-distance", a.lookahead_distance, *training, *device)
                          for block in ("mlp", "att")]
         return commands
@@ -267,7 +267,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
               done=(analysis / "drift.json").is_file() and (analysis / "sparsity_stats.json").is_file()
               and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
     study.run(model.name, "summary", [python(
-        "scripts/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
+        "scripts/analysis/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
         ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
         *device)],
         done=(analysis / "recall_summary.json").is_file())
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention budgets, paired with --mlp-budgets (default 3 5 7 heads)")
     p.add_argument("--tasks", default="dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword",
                    help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: the offline "
-                        "local task of scripts/make_local_task.py; e.g. cb,copa,lambada_openai,openbookqa,piqa,rte,"
+                        "local task of scripts/assets/make_local_task.py; e.g. cb,copa,lambada_openai,openbookqa,piqa,rte,"
                         "winogrande for DejaVu's table, from the hub; '' leaves the stage out)")
     p.add_argument("--task-limit", type=int, default=None,
                    help="first N examples of each task (default: all; the local task has 200)")
@@ -370,7 +370,7 @@ def run_all(args: argparse.Namespace) -> Path:
         print(f"study done in {time.time() - study.started:.0f} s (stages {','.join(args.stages)}; no report)")
         return report_dir / "report.md"
     notes = [*args.note, f"Study command: `{shlex.join(sys.argv)}`"]
-    study.run("all", "report", [python("scripts/report.py", *inputs, study.manifest_path, "--out-dir", report_dir,
+    study.run("all", "report", [python("scripts/report/report.py", *inputs, study.manifest_path, "--out-dir", report_dir,
                                        *[x for n in notes for x in ("--note", n)])], done=False)
     print(f"study done in {time.time() - study.started:.0f} s: report at {report_dir / 'report.md'}")
     return report_dir / "report.md"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python sparse_predictor/<this file>` run
 
-from sparse_predictor.trainer import run_cli  # noqa: E402
+from sparse_predictor.trainer.cli import run_cli  # noqa: E402
 
 DEFAULTS = {
     "model": "llama-3.2-3b",

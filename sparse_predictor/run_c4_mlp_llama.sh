@@ -8,6 +8,7 @@
 #   JOBS_PER_GPU (1), LAYERS_PER_JOB (1: a process per layer),
 #   SEEDS (1: predictors per layer, trained together; the study uses 3),
 #   EXTRA_ARGS (more flags for main_mlp_llama.py, e.g. "--input from:0 --epochs 10").
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MODEL=${MODEL:-llama-3.2-3b}
@@ -19,7 +20,7 @@ LR=${LR:-0.001}
 LABEL=${LABEL:-topk}
 K=${K:-0.5}
 
-python "$REPO"/sparse_predictor/trainer.py launch \
+python "$REPO"/sparse_predictor/trainer/launch.py launch \
     "$REPO"/sparse_predictor/main_mlp_llama.py --block mlp --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
     --layers-per-job "${LAYERS_PER_JOB:-1}" \

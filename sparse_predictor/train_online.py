@@ -8,7 +8,7 @@ token at Llama-3.2-3B shapes (322 GB for DejaVu's 400,000 rows), and reads them 
 forward pass over the same documents (file order, the runner's batches, capacity --collect-tokens), keeps on the
 device only the rows that a group of layers' predictors need (float16 inputs, labels as bits, held-out scores; a
 shared input such as att_x_l, which is the MLP lookahead input of layer l and the attention one of layer l+1, once),
-as many layers as fit in --memory-budget-gb; trains them with the mains' trainer (sparse_predictor/trainer.py: same
+as many layers as fit in --memory-budget-gb; trains them with the mains' trainer (sparse_predictor/trainer/: same
 document split, labels, metrics, checkpoints and JSONs), frees them, and runs the forward pass again (up to the
 next group's last layer) for the next group. Host RAM holds the token ids and per-row split, not the rows.
 Rows equal the collection's bit for bit (both store float16 of the same forward pass), so on the same documents,
@@ -44,11 +44,11 @@ from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, n
 from Decentralized_FM_alpha.utils.row_files import overflow_error  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama  # noqa: E402
-from sparse_predictor.trainer import (BLOCKS, CPU_RESIDENT_BYTES, DEFAULT_INPUT, MLP_LABELS,  # noqa: E402
-                                      INPUT_ROW_BYTES_PER_DIM, DeviceRows, InputSpec, LabelSpec, RowFile, RowsSource,
-                                      SplitConfig, TrainConfig, add_training_arguments, document_split,
-                                      label_bits, label_row_bytes, layer_data, make_label_spec, packed_width,
-                                      resolve_device, resolve_input, split_config, summarize, train_and_write)
+from sparse_predictor.trainer.cli import add_training_arguments, resolve_device, split_config, train_and_write  # noqa: E402
+from sparse_predictor.trainer.labels import BLOCKS, DEFAULT_INPUT, MLP_LABELS, InputSpec, LabelSpec, label_bits, make_label_spec, packed_width, resolve_input  # noqa: E402
+from sparse_predictor.trainer.model import TrainConfig  # noqa: E402
+from sparse_predictor.trainer.records import RowsSource, summarize  # noqa: E402
+from sparse_predictor.trainer.rows import CPU_RESIDENT_BYTES, INPUT_ROW_BYTES_PER_DIM, DeviceRows, RowFile, SplitConfig, document_split, label_row_bytes, layer_data  # noqa: E402
 
 MAIN_DEFAULTS = {("opt", "mlp"): main_mlp.DEFAULTS, ("opt", "att"): main_att.DEFAULTS,
                  ("llama", "mlp"): main_mlp_llama.DEFAULTS, ("llama", "att"): main_att_llama.DEFAULTS}

@@ -1,7 +1,7 @@
 """A tiny, deterministic byte-level BPE tokenizer shaped like OPT's, for CPU tests.
 
 Trained with `tokenizers` on the text of tests/fixtures/c4_train_sample.jsonl (40 real C4
-documents) by scripts/tokenizer_utils.py train_bpe_tokenizer (the builder the tiny trained
+documents) by scripts/assets/tokenizer_utils.py train_bpe_tokenizer (the builder the tiny trained
 models share). Special tokens get OPT's ids (<s>=0, <pad>=1, </s>=2, <unk>=3), and "</s>" is
 added at the start of every encoding as OPT's BOS, so `tokenizer(text)` gives
 [2, ...text tokens]. Offsets are not trimmed (trim_offsets=False, as GPT-2/OPT and Llama 3),
@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from scripts.tokenizer_utils import SPECIAL_TOKENS, train_bpe_tokenizer  # noqa: F401  (SPECIAL_TOKENS re-exported)
+from scripts.assets.tokenizer_utils import SPECIAL_TOKENS, train_bpe_tokenizer  # noqa: F401  (SPECIAL_TOKENS re-exported)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TRAIN_TEXT = FIXTURES / "c4_train_sample.jsonl"

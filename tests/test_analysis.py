@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ModelDims
-from scripts import drift, lookahead, opt_llama_changelog, report, sparsity_stats
-from scripts.analysis_common import open_collection, rowwise_cosine, sample_rows, train_and_evaluate
-from sparse_predictor.trainer import TrainConfig, make_label_spec
+from scripts.analysis import drift, lookahead, sparsity_stats
+from scripts import opt_llama_changelog
+from scripts.report import report
+from scripts.analysis.common import open_collection, rowwise_cosine, sample_rows, train_and_evaluate
+from sparse_predictor.trainer.labels import make_label_spec
+from sparse_predictor.trainer.model import TrainConfig
 from tests.analysis_fixtures import drifting_model, write_collection
 
 DOC_LENGTHS = [7, 5, 9, 6, 8, 4, 10, 6]

@@ -10,7 +10,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
-from scripts import make_local_task
+from scripts.assets import make_local_task
 from tests.helpers_models import make_llama, make_opt
 from tests.runner_helpers import read_results, run_one_rank, token_logprobs, write_requests
 from tests.test_sparse_inference import write_predictors

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama, train_online
-from sparse_predictor.trainer import pack_bits, unpack_bits
+from sparse_predictor.trainer.labels import pack_bits, unpack_bits
 from tests.helpers_models import make_llama, make_opt
 from tests.runner_helpers import c4_texts, run_one_rank, write_requests
 

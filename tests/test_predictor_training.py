@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ActivationWriter, ModelDims
-from scripts import bench_predictor_training as bench
-from scripts.bench_predictor_training import write_synthetic_store
+from scripts.bench import bench_predictor_training as bench
+from scripts.bench.bench_predictor_training import write_synthetic_store
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama
-from sparse_predictor.trainer import (LabelSpec, aggregate_statistics, batch_statistics, chunk_slices,
-                                      document_split, load_layer, make_label_spec, summarize, window_masks)
+from sparse_predictor.trainer.labels import LabelSpec, make_label_spec
+from sparse_predictor.trainer.metrics import aggregate_statistics, batch_statistics
+from sparse_predictor.trainer.records import summarize
+from sparse_predictor.trainer.rows import chunk_slices, document_split, load_layer, window_masks
 
 REQUIRED_KEYS = {"Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K", "input", "label",
                  "layer", "rows_train", "rows_test"}

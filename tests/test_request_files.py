@@ -300,7 +300,7 @@ def test_perplexity_is_exp_of_minus_the_mean_logprob_after_the_first_token(tmp_p
 def test_perplexity_cli_prints_json_and_writes_output_with_manifest(tmp_path):
     path, out = tmp_path / "results.jsonl", tmp_path / "ppl.json"
     path.write_text(result_line([None, -1.0, -3.0]))
-    proc = subprocess.run([sys.executable, "scripts/perplexity.py", str(path), "--json", "--output", str(out)],
+    proc = subprocess.run([sys.executable, "scripts/analysis/perplexity.py", str(path), "--json", "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, check=True)
     printed = json.loads(proc.stdout)
     assert printed["perplexity"] == pytest.approx(math.exp(2.0)) and printed["tokens"] == 2

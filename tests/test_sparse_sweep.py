@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from scripts import sparse_sweep
+from scripts.study import sparse_sweep
 from tests.helpers_models import make_opt
 from tests.runner_helpers import REPO, c4_texts, read_results, run_one_rank, token_logprobs, write_requests
 from tests.test_sparse_inference import write_predictors

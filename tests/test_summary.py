@@ -10,7 +10,8 @@ import pytest
 
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio
-from scripts import drift, recall_summary, report
+from scripts.analysis import drift, recall_summary
+from scripts.report import report
 from tests.analysis_fixtures import write_collection
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -122,7 +123,7 @@ def test_every_summary_number_traces_to_a_source_with_command_commit_and_manifes
 
 
 def test_per_layer_table_shows_each_layers_seed_mean_drift_and_gate_share():
-    from scripts.summary import per_layer_tables
+    from scripts.report.summary import per_layer_tables
 
     def record(block, layer, name, seed, value):
         return {"block": block, "layer": layer, "input": name, "label": "topk", "k": 0.25, "seed": seed,

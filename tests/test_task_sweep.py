@@ -1,4 +1,4 @@
-"""scripts/task_sweep.py on the local task with a tiny OPT: one row per (mode, budget, task), a resume that computes
+"""scripts/study/task_sweep.py on the local task with a tiny OPT: one row per (mode, budget, task), a resume that computes
 nothing again, and the report's downstream section."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import make_local_task, report, task_sweep
+from scripts.assets import make_local_task
+from scripts.report import report
+from scripts.study import task_sweep
 from tests.helpers_models import make_opt
 from tests.test_sparse_inference import write_predictors
 

@@ -1,4 +1,4 @@
-"""scripts/train_tiny_models.py: a matched OPT / Llama / Llama-ReLU trio trained on the bundled C4 sample."""
+"""scripts/assets/train_tiny_models.py: a matched OPT / Llama / Llama-ReLU trio trained on the bundled C4 sample."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, OPTForCausalLM
 
 from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint
-from scripts import train_tiny_models as ttm
+from scripts.assets import train_tiny_models as ttm
 
 TINY_ARGS = ["--device", "cpu", "--steps", "20", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
              "--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--vocab-size", "300",

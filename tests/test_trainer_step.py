@@ -3,8 +3,9 @@ stacked predictors train exactly as the same predictors trained one at a time.""
 import numpy as np
 import torch
 
-from sparse_predictor.trainer import (DeviceRows, InputSpec, LayerData, RowFile, StackedPredictors, TrainConfig,
-                                      TrainStep, make_label_spec, make_predictor, train_stacked)
+from sparse_predictor.trainer.labels import InputSpec, make_label_spec
+from sparse_predictor.trainer.model import StackedPredictors, TrainConfig, TrainStep, make_predictor, train_stacked
+from sparse_predictor.trainer.rows import DeviceRows, LayerData, RowFile
 
 
 def test_restore_returns_weights_and_adam_state_to_the_snapshot():

@@ -19,7 +19,7 @@ Convention (GPTQ/SparseGPT/TEAL style, adapted to requests):
   returns when its re-tokenization reproduces the window.
 - perplexity = exp(mean NLL over every predicted token of every window): the first token of each
   request (the BOS) has no log-prob; every text token has one, conditioned only on the earlier
-  tokens of its own window (scripts/perplexity.py). GPTQ instead predicts W-1 tokens per window
+  tokens of its own window (scripts/analysis/perplexity.py). GPTQ instead predicts W-1 tokens per window
   with no BOS and drops the last partial window, so the numbers are close, not identical.
 
 Re-tokenization: the runner re-tokenizes each prompt. Measured on wikitext2_test_joined.txt with

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (2 GPUs): the bundled tiny-opt as 2 pipeline ranks over torch NCCL and over CuPy NCCL
 # (--dist-backend cupy_nccl) gives the same log-probs as 1 GPU. Logs under $OUT (default out/cupy_check).
+[[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
 OUT="${OUT:-out/cupy_check}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

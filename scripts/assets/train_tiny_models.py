@@ -1,7 +1,7 @@
 """Train a matched trio of tiny decoders on the bundled C4 sample, so the DejaVu workflow runs offline.
 
-    python scripts/train_tiny_models.py                       # defaults: GPU run, writes pretrained_models/tiny-*
-    python scripts/train_tiny_models.py --device cpu --steps 5 --d-model 64 --n-layers 2 --out /tmp/tiny
+    python scripts/assets/train_tiny_models.py                       # defaults: GPU run, writes pretrained_models/tiny-*
+    python scripts/assets/train_tiny_models.py --device cpu --steps 5 --d-model 64 --n-layers 2 --out /tmp/tiny
 
 Three models, same depth, width, parameter count (within --param-tolerance), tokenizer, data,
 batches (same blocks in the same order), steps, schedule and seed:
@@ -11,7 +11,7 @@ batches (same blocks in the same order), steps, schedule and seed:
 The Llama intermediate size is solved so that the Llama parameter count matches OPT's (OPT has
 4*d MLP neurons by default; Llama's MLP has three matrices, so fewer neurons).
 
-Data: a byte-level BPE (scripts/tokenizer_utils.py, BOS "</s>" prepended to every document) is
+Data: a byte-level BPE (scripts/assets/tokenizer_utils.py, BOS "</s>" prepended to every document) is
 trained on --train-file; the tokenized documents are concatenated and cut into blocks of
 --seq-len + 1 tokens (inputs and shifted targets; adjacent blocks share one token, so every token
 is a target exactly once per epoch). Validation perplexity = exp(mean NLL) over the tokens of
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig,  # noqa: E402
@@ -49,7 +49,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, O
 
 from Decentralized_FM_alpha.task_datasets.request_files import read_documents_file  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256, now, write_json_atomic  # noqa: E402
-from scripts.tokenizer_utils import train_bpe_tokenizer  # noqa: E402
+from scripts.assets.tokenizer_utils import train_bpe_tokenizer  # noqa: E402
 
 MODEL_NAMES = ("tiny-opt", "tiny-llama", "tiny-llama-relu")
 SUMMARY_DIR = "tiny-training"  # matches the .gitignore exception pretrained_models/tiny-*/
@@ -336,7 +336,7 @@ def directory_bytes(path: Path) -> int:
 
 def training_command(argv: list[str] | None) -> str:
     """The command line that reproduces this run (also when main() is called in-process with `argv`)."""
-    return "python scripts/train_tiny_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return "python scripts/assets/train_tiny_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def model_card(name: str, config, record: dict, summary: dict) -> str:
@@ -358,7 +358,7 @@ def model_card(name: str, config, record: dict, summary: dict) -> str:
     note = f"\n- NOTE: {record['overfitting_note']}" if record["overfitting_note"] else ""
     return f"""# {name}
 
-A tiny decoder trained from scratch by `scripts/train_tiny_models.py` so that the DejaVu workflow
+A tiny decoder trained from scratch by `scripts/assets/train_tiny_models.py` so that the DejaVu workflow
 (conversion, activation collection, predictor training, sparse inference) runs offline on a model
 with learned structure. One of a matched trio (tiny-opt, tiny-llama, tiny-llama-relu): same depth,
 width, tokenizer, data, batches in the same order, steps, schedule and seed; parameter counts within
@@ -370,7 +370,7 @@ trained on {data['train_tokens']:,} tokens.
 - d_model {shape['d_model']}, {shape['n_layers']} layers, vocab {shape['vocab_size']}, context {shape['seq_len']} tokens
   (the model was trained on windows of {shape['seq_len']} tokens only: use `--max-seq-len {shape['seq_len']}` or less)
 - parameters: {record['parameters']:,} (tied embedding counted once); weights saved in {summary['save_dtype']}
-- tokenizer: byte-level BPE trained on the training documents (scripts/tokenizer_utils.py), "</s>" (id
+- tokenizer: byte-level BPE trained on the training documents (scripts/assets/tokenizer_utils.py), "</s>" (id
   {summary['special_token_ids']['bos_token_id']}) prepended to every encoding as BOS, as OPT's tokenizer does
 
 Why this size: the three checkpoints together must stay under {summary['max_total_mb']} MB so they can

@@ -1,7 +1,7 @@
 """Benchmark collection and online predictor training at Llama-3.2-3B shapes (random weights), in one run.
 
 Builds the Llama-3.2-3B architecture (tests/fixtures/llama-3.2-3b-config.json, depth and widths from the flags) with
-random weights, saves and converts it with the project's converter (as scripts/gpu_check_models.py does), writes echo
+random weights, saves and converts it with the project's converter (as scripts/bench/gpu_check_models.py does), writes echo
 requests from the bundled C4 train sample, then measures in one process, each figure next to its floor:
   disk        sequential write bandwidth of --work (--disk-test-gb in 64 MiB pwrites, then fdatasync; the best of
               one stream and of the async writer's thread count, each into its own file)
@@ -19,16 +19,15 @@ requests from the bundled C4 train sample, then measures in one process, each fi
 Writes <out>/bench_collection.json and prints the ratios last.
 
 GPU (one H200: about 9 minutes, ~45 GB of disk at the peak; docs/results/bench_collection_h200/ has a run):
-    python scripts/bench_collection.py --out out/bench_collection
+    python scripts/bench/bench_collection.py --out out/bench_collection
 CPU smoke (seconds):
-    python scripts/bench_collection.py --device cpu --layers 2 --hidden 64 --ffn 128 --heads 4 --kv-heads 2 \\
+    python scripts/bench/bench_collection.py --device cpu --layers 2 --hidden 64 --ffn 128 --heads 4 --kv-heads 2 \\
         --vocab 512 --rows 3000 --compare-rows 2000 --sync-rows 1000 --docs 40 --inference-docs 8 --D 16 \\
         --epochs 2 --disk-test-gb 0.05 --out out/bench_collection_cpu
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -38,23 +37,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
-from Decentralized_FM_alpha import convert_llama_checkpoint, dist_inference_runner  # noqa: E402
+from Decentralized_FM_alpha import dist_inference_runner  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.row_files import WRITE_THREADS  # noqa: E402
-from scripts.bench_predictor_training import matmul_peak, training_flops_per_row  # noqa: E402
-from scripts.gpu_check_models import write_c4_requests  # noqa: E402
+from scripts.bench.common import (CONFIG, bench_config, build_model, doc_lengths, forward_flops,  # noqa: E402
+                                  free_device_memory, matmul_peak, training_flops_per_row, write_c4_requests)
 from sparse_predictor import main_att_llama, main_mlp_llama, train_online  # noqa: E402
-from sparse_predictor.trainer import resolve_device  # noqa: E402
-from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
+from sparse_predictor.trainer.cli import resolve_device  # noqa: E402
 
-CONFIG = REPO / "tests/fixtures/llama-3.2-3b-config.json"
 # run in this order; compare last: the async collection waits on disk for it, and it matters least if time runs out
 STAGES = ("disk", "inference", "collection", "online", "compare")
 DISK_BLOCK = 64 << 20
@@ -64,62 +61,7 @@ GOAL_RECALL_POINTS = 0.5
 
 
 # ------------------------------------------------------------------------------------- the model
-def bench_config(args: argparse.Namespace) -> LlamaConfig:
-    values = json.loads(CONFIG.read_text())
-    values.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
-                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                  head_dim=args.hidden // args.heads)
-    return LlamaConfig(**values)
 
-
-def build_model(args: argparse.Namespace, work: Path, device: torch.device, dtype: torch.dtype) -> Path:
-    """Random weights at the configured shape, saved as HF and converted (SPEC §3); returns the converted dir."""
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(bench_config(args)).to(dtype).eval()
-        for name, p in model.named_parameters():  # norms start at 1: perturb them, as gpu_check_models does
-            if "norm" in name:
-                p.data.add_(0.1 * torch.randn_like(p))
-    hf_dir, converted = work / "hf", work / "converted"
-    model.save_pretrained(hf_dir)
-    AutoTokenizer.from_pretrained(build_test_tokenizer(work / "tokenizer")).save_pretrained(hf_dir)
-    del model
-    free_device_memory(device)
-    convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
-    shutil.rmtree(hf_dir)
-    return converted
-
-
-def free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def forward_flops(config: LlamaConfig, doc_lengths: list[int], with_lm_head: bool) -> int:
-    """Matmul FLOPs of one causal forward pass over the documents: 2 x weights per token, plus attention
-    (q k^T and the weighted sum: 4 x heads x head_dim per key a query attends to), plus the LM head if run."""
-    d, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    per_token = 2 * (d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * ffn)
-    tokens = sum(doc_lengths)
-    attended = sum(n * (n + 1) // 2 for n in doc_lengths)
-    flops = config.num_hidden_layers * (per_token * tokens + 4 * heads * hd * attended)
-    return flops + (2 * d * config.vocab_size * tokens if with_lm_head else 0)
-
-
-def doc_lengths(requests: Path, model_dir: Path, rows: int, max_seq_len: int) -> list[int]:
-    """Tokens of each document, as collection takes them: truncated to max_seq_len, cut at `rows` in total."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths, total = [], 0
-    with open(requests, encoding="utf-8") as f:
-        for line in f:
-            n = min(len(tokenizer(json.loads(line)["prompt"])["input_ids"]), max_seq_len)
-            lengths.append(min(n, rows - total))
-            total += lengths[-1]
-            if total >= rows:
-                break
-    return lengths
 
 
 # ------------------------------------------------------------------------------------- measurements

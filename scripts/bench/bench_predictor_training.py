@@ -12,10 +12,10 @@ It reports seconds per epoch, samples/s, the fraction of the bf16 (CPU: fp32) ma
 host peak RSS, the fast trainer's end-to-end time (reading the mmaps + all epochs + evaluations), and the ratios
 fast/reference with their held-out Recall after the same number of epochs. Everything goes to <--out>/bench.json.
 
-GPU:            python scripts/bench_predictor_training.py --out out/bench_h100
-CPU smoke:      python scripts/bench_predictor_training.py --device cpu --rows 20000 --hidden 256 --ffn 1024 \\
+GPU:            python scripts/bench/bench_predictor_training.py --out out/bench_h100
+CPU smoke:      python scripts/bench/bench_predictor_training.py --device cpu --rows 20000 --hidden 256 --ffn 1024 \\
                     --heads 8 --kv-heads 2 --D 256 --epochs 3 --ref-epochs 1 --out out/bench_cpu
-All layers:     python scripts/bench_predictor_training.py --layers 28 --link-layers --kinds all --generate-only \\
+All layers:     python scripts/bench/bench_predictor_training.py --layers 28 --link-layers --kinds all --generate-only \\
                     --data-dir data/synthetic-3b_c4
                 then: DATA_DIR=data/synthetic-3b_c4 bash sparse_predictor/run_c4_mlp_llama.sh (and the other run_c4)
 """
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/bench_predictor_training.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/bench/bench_predictor_training.py` run
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -44,9 +44,11 @@ from Decentralized_FM_alpha.utils.activation_store import (ActivationStore, Acti
                                                             activation_file)
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, peak_rss_bytes, rss_breakdown,  # noqa: E402
                                                    write_json_atomic)
-from sparse_predictor.trainer import (DEFAULT_INPUT, MLP_LABELS, NEGATIVE_WEIGHT_FLOOR, WEIGHT_DECAY,  # noqa: E402
-                                      LabelSpec, TrainConfig, document_split, load_layer, make_label_spec,
-                                      make_predictor, resolve_device, resolve_input, train_predictor)
+from scripts.bench.common import matmul_peak, synchronize, training_flops_per_row  # noqa: E402
+from sparse_predictor.trainer.cli import resolve_device  # noqa: E402
+from sparse_predictor.trainer.labels import DEFAULT_INPUT, MLP_LABELS, LabelSpec, make_label_spec, resolve_input  # noqa: E402
+from sparse_predictor.trainer.model import NEGATIVE_WEIGHT_FLOOR, WEIGHT_DECAY, TrainConfig, make_predictor, train_predictor  # noqa: E402
+from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
 
 ALL_KINDS = ("att_x", "att_label", "mlp_x", "mlp_label")
 BATCH_TOKENS = 16384  # tokens (with padding) generated per writer batch
@@ -124,29 +126,8 @@ def write_synthetic_store(data_dir: str | os.PathLike, dims: ModelDims, rows: in
 
 
 # ------------------------------------------------------------------------------------- measurements
-def matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Measured FLOP/s of a large square matmul in the dtype the trainer's matmuls use on this device."""
-    cuda = device.type == "cuda"
-    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 5)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    synchronize(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - start), str(dtype).replace("torch.", "")
 
 
-def training_flops_per_row(d: int, D: int, out: int) -> int:
-    """Forward 2(dD + D out); backward: grad of W2 and of the hidden 4 D out, grad of W1 2 dD (x needs none)."""
-    return 4 * d * D + 6 * D * out
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------- the two variants

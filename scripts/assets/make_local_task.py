@@ -17,8 +17,8 @@ Two tasks over the same examples, both reading the JSONL through the harness's l
 Writes into --out-dir (a folder for the harness's --include_path / task_sweep.py --include-path):
 wikitext2_lastword.jsonl, one YAML per task (the data file's absolute path inside), task_manifest.json.
 
-    python scripts/make_local_task.py --out-dir out/lm_eval_tasks
-    python scripts/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR --include_path out/lm_eval_tasks \\
+    python scripts/assets/make_local_task.py --out-dir out/lm_eval_tasks
+    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR --include_path out/lm_eval_tasks \\
         --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256, write_json_atomic  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEXT = REPO / "data/samples/wikitext2_test_joined.txt"
 DATA_FILE = "wikitext2_lastword.jsonl"
 LASTWORD, MULTIPLE_CHOICE = "dejavu_wikitext2_lastword", "dejavu_wikitext2_lastword_mc"

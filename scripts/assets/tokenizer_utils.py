@@ -1,7 +1,7 @@
 """The project's OPT-style byte-level BPE tokenizer, trained with `tokenizers` on given texts.
 
 One builder for the test fixture (tests/helpers_tokenizer.py, 40 C4 documents, vocab 512) and
-the tiny trained models (scripts/train_tiny_models.py, 1,000 C4 documents, vocab 4096).
+the tiny trained models (scripts/assets/train_tiny_models.py, 1,000 C4 documents, vocab 4096).
 Special tokens get OPT's ids (<s>=0, <pad>=1, </s>=2, <unk>=3), and "</s>" is added at the
 start of every encoding as OPT's BOS, so `tokenizer(text)` gives [2, ...text tokens]. Offsets
 are not trimmed (trim_offsets=False, as GPT-2/OPT and Llama 3), so a token "Ġword" covers its

@@ -3,7 +3,7 @@
 Reads the JSONs written by drift.py, lookahead.py and sparsity_stats.py (recognised by their "analysis" key),
 and predictor summaries / perplexity and task sweeps when report.py hands them over; report.py calls the same functions.
 
-    python scripts/plots.py out/drift/*/drift.json out/lookahead/*/lookahead_mlp.json \\
+    python scripts/report/plots.py out/drift/*/drift.json out/lookahead/*/lookahead_mlp.json \\
         out/sparsity/*/sparsity_stats.json out/sparsity/*/label_sweep.json --out-dir out/plots
 Writes one PNG per figure into --out-dir and prints their paths.
 """
@@ -16,11 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/plots.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/report/plots.py` run
 
 import numpy as np  # noqa: E402
 
-from scripts.analysis_common import LINE_STYLES, model_colors, new_figure, save_figure  # noqa: E402
+from scripts.analysis.common import LINE_STYLES, model_colors, new_figure, save_figure  # noqa: E402
 
 ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summary")
 MARKERS = ("o", "s", "^", "v", "D", "x", "*", "+")

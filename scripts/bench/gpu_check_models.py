@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
 from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint, dist_inference_runner  # noqa: E402
-from Decentralized_FM_alpha.task_datasets.request_files import make_echo_request, write_requests  # noqa: E402
+from scripts.bench.common import write_c4_requests  # noqa: E402
 from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
 
 OPT_SHAPES = {"1.3b": dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32),
@@ -51,12 +51,6 @@ def build_hf_model(family: str, shape: str, dtype: torch.dtype, seed: int):
                 p.data.add_(0.1 * torch.randn_like(p))
     return model
 
-
-def write_c4_requests(path: Path, n_docs: int, max_chars: int) -> None:
-    """Echo requests (the getdata format) for the first documents of the bundled C4 train sample, cut to max_chars."""
-    with open(REPO / "data/samples/c4_train_1k.jsonl", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"][:max_chars] for line, _ in zip(f, range(n_docs))]
-    write_requests(path, [make_echo_request(t) for t in texts])
 
 
 def run_runner(args: list[str]) -> dict:

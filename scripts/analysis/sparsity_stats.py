@@ -5,10 +5,10 @@ zeros (OPT's ReLU sparsity), near-zero fractions |y| < t, the share of |SiLU(g)*
 each token's top neurons, the fraction of negative gate pre-activations (Llama, needs mlp_gate; reported as
 absent otherwise) and the share of head-norm magnitude held by the top heads. Then, unless --no-label-sweep,
 the label sweep: one MLP predictor per layer of --sweep-layers and label of --labels, trained and evaluated
-with the project's trainer (sparse_predictor/trainer.py, SPEC §7), so that the sensitivity of Recall,
+with the project's trainer (sparse_predictor/trainer/, SPEC §7), so that the sensitivity of Recall,
 Recall@K, Precision and the sparsities to the label definition can be read side by side.
 
-    python scripts/sparsity_stats.py --data-dir data/llama-3.2-3b_c4 --out-dir out/sparsity/llama-3.2-3b
+    python scripts/analysis/sparsity_stats.py --data-dir data/llama-3.2-3b_c4 --out-dir out/sparsity/llama-3.2-3b
 Writes <out-dir>/sparsity_stats.json/.csv and, with the sweep, label_sweep.json/.csv (each with provenance).
 """
 from __future__ import annotations
@@ -17,17 +17,17 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/sparsity_stats.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/sparsity_stats.py` run
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from sparse_predictor.trainer import (LabelSpec, add_training_arguments, make_label_spec,  # noqa: E402
-                                      split_config, train_config)
+from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
+from sparse_predictor.trainer.labels import LabelSpec, make_label_spec  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
-from scripts.analysis_common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
+from scripts.analysis.common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
                                      iter_row_chunks, open_collection, parse_fractions, read_rows,
                                      rows_per_chunk, sample_rows, train_and_evaluate,
                                      write_results)

@@ -1,6 +1,6 @@
 """Recall@K on identical definitions for every model: the numbers of the report's summary.
 
-For each layer, predictors are trained with the project's trainer (sparse_predictor/trainer.py: DejaVu's model,
+For each layer, predictors are trained with the project's trainer (sparse_predictor/trainer/: DejaVu's model,
 loss, document split and metrics) on one label definition shared by all models, "top-K by |activation|" (OPT: the
 ReLU output; Llama: |SiLU(g) * u|), at each K of --fractions, next to the architecture's own label (OPT: relu,
 y > 0; Llama: gate, g > 0, when mlp_gate was collected). Each is trained from the same layer's input and from
@@ -15,7 +15,7 @@ for Llama with mlp_gate collected, the gate alone is scored against the same top
 by g, and the share of the true top-K that sign(g) > 0 covers. Every record keeps its held-out per-document counts,
 so that report.py can bootstrap intervals over documents; chance levels are recorded beside the metrics.
 
-    python scripts/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
+    python scripts/analysis/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
 Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each
 finished layer is kept in <out-dir>/recall_summary.partial/, so an interrupted run resumes at the next layer.
 """
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/recall_summary.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/recall_summary.py` run
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,11 +36,13 @@ from tqdm import tqdm  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
-from scripts.analysis_common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
+from scripts.analysis.common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
                                      open_collection, parse_fractions, read_rows, rows_per_chunk, write_results)
 from sparse_predictor import main_att, main_mlp  # noqa: E402
-from sparse_predictor.trainer import (LabelSpec, add_training_arguments, document_split, load_layer,  # noqa: E402
-                                      make_label_spec, split_config, topk_mask, train_config, train_stacked)
+from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
+from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mask  # noqa: E402
+from sparse_predictor.trainer.model import train_stacked  # noqa: E402
+from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
 
 METRICS = ("Recall@K", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
 CSV_COLUMNS = ("model", "block", "layer", "input", "input_flag", "input_kind", "input_layer", "label", "k", "seed",

@@ -14,7 +14,7 @@ tokens (SPEC §6), and reports the mean and the 5/25/50/75/95th percentiles, in 
 (normalisation first, over all dims, as the model does; the dims are dropped before the cosine), so a reader
 can see whether a handful of dimensions drive the similarity.
 
-    python scripts/drift.py --data-dir data/llama-3.2-3b_c4 --out-dir out/drift/llama-3.2-3b \\
+    python scripts/analysis/drift.py --data-dir data/llama-3.2-3b_c4 --out-dir out/drift/llama-3.2-3b \\
         --model-dir pretrained_models/llama-3.2-3b --max-distance 8 --exclude-first-token --exclude-massive-dims 4
 Writes <out-dir>/drift.json (settings, chosen massive dims, per-layer records, provenance) and drift.csv.
 """
@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/drift.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/drift.py` run
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +36,7 @@ from Decentralized_FM_alpha.modules.checkpoint import read_state_dict  # noqa: E
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
-from scripts.analysis_common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
+from scripts.analysis.common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
                                      iter_row_chunks, model_family, open_collection, read_rows, rows_per_chunk,
                                      rowwise_cosine, sample_rows, summarize_values, write_results)
 

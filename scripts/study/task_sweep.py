@@ -1,6 +1,6 @@
 """Downstream accuracy of DejaVu's sparse simulation with lm-evaluation-harness: tasks x modes x budgets, one table.
 
-For every setting (the dense baseline, then each mode x budget, as scripts/sparse_sweep.py pairs them) builds the
+For every setting (the dense baseline, then each mode x budget, as scripts/study/sparse_sweep.py pairs them) builds the
 harness model `dejavu` (Decentralized_FM_alpha/lm_eval_model.py: the runner's model and sparse modules) once and
 evaluates every task of --tasks with the harness, one call per task. Each (setting, task) writes
 <out-dir>/runs/<setting>/<task>.json (the harness's metrics and sample counts, the model's sparsity and weights, the
@@ -10,12 +10,12 @@ and tasks.md, one row per (mode, budget, task) with the harness's acc / acc_norm
 tasks.manifest.json.
 
 Default tasks: the seven of DejaVu's accuracy table, by their harness names (they download from the hub). Offline,
-make a local task (scripts/make_local_task.py) and give its folder to --include-path:
-    python scripts/make_local_task.py --out-dir out/lm_eval_tasks
-    python scripts/task_sweep.py --model-name pretrained_models/tiny-llama-converted --include-path out/lm_eval_tasks \\
+make a local task (scripts/assets/make_local_task.py) and give its folder to --include-path:
+    python scripts/assets/make_local_task.py --out-dir out/lm_eval_tasks
+    python scripts/study/task_sweep.py --model-name pretrained_models/tiny-llama-converted --include-path out/lm_eval_tasks \\
         --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword --modes oracle random \\
         --mlp-topk 0.1 0.25 0.5 --att-topk 2 4 6 --limit 100 --out-dir out/tasks_tiny
-    python scripts/task_sweep.py --model-name pretrained_models/llama-3.2-3b --dtype bf16 --use-cuda true --batch 32 \\
+    python scripts/study/task_sweep.py --model-name pretrained_models/llama-3.2-3b --dtype bf16 --use-cuda true --batch 32 \\
         --predictor-dir data/llama-3.2-3b_c4_sparse_predictor --mlp-topk 0.25 0.5 --att-topk 12 18 \
         --out-dir out/tasks_3b
 """
@@ -27,14 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, weights_provenance,  # noqa: E402
                                                    write_json_atomic)
-from scripts.analysis_common import write_csv_atomic  # noqa: E402
-from scripts.sparse_sweep import add_sweep_arguments, budget_pairs, setting_name, settings  # noqa: E402
+from scripts.analysis.common import write_csv_atomic  # noqa: E402
+from scripts.study.sparse_sweep import add_sweep_arguments, budget_pairs, setting_name, settings  # noqa: E402
 
 DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
 METRICS = ("acc", "acc_norm")
@@ -181,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=DEJAVU_TASKS,
                    help="comma-separated harness task (or group) names (default: DejaVu's seven, %(default)s)")
     p.add_argument("--include-path", action="append", default=[],
-                   help="a folder of task YAMLs to add (repeat), e.g. the one scripts/make_local_task.py writes")
+                   help="a folder of task YAMLs to add (repeat), e.g. the one scripts/assets/make_local_task.py writes")
     add_sweep_arguments(p)
     p.add_argument("--sparse-layers", default=None, help="layers made sparse, e.g. 0,7,15-22 (default: all)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")

@@ -6,7 +6,7 @@ process, world size 1), and writes <out-dir>/sweep.csv and sweep.md with one row
 model, dataset, mode, mlp_topk, att_topk, perplexity, tokens, output_manifest. A setting whose
 output manifest already holds a perplexity is not run again, so an interrupted sweep resumes.
 
-  python scripts/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \
+  python scripts/study/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \
       --predictor-dir data/llama-3.2-3b_c4_sparse_predictor --data c4=Decentralized_FM_alpha/c4_val/c4_valid.jsonl \
       --data wikitext2=data/wikitext2_requests.jsonl --mlp-topk 0.25 0.5 --att-topk 12 18 --out-dir out/sweep_llama
 """
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tqdm import tqdm  # noqa: E402
 
@@ -104,7 +104,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """Modes, budgets and the model's compute flags, as this sweep and scripts/task_sweep.py share them."""
+    """Modes, budgets and the model's compute flags, as this sweep and scripts/study/task_sweep.py share them."""
     p.add_argument("--modes", nargs="+", choices=MODES, default=["oracle", "predictor", "random"],
                    help="sparse modes to run besides the dense baseline (default: oracle predictor random)")
     p.add_argument("--mlp-topk", nargs="*", default=[], help="MLP budgets: counts or fractions < 1")

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from Decentralized_FM_alpha.utils.intervals import Interval, bootstrap, ratio, seed_spread
-from scripts.analysis_common import model_colors, new_figure, save_figure
+from scripts.analysis.common import model_colors, new_figure, save_figure
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
 ATT_INPUTS = ("same", "lookahead", "l-2")

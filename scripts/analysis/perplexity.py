@@ -1,7 +1,7 @@
 """Perplexity of a results JSONL (SPEC §4), the original DejaVu convention.
 
-    python scripts/perplexity.py Decentralized_FM_alpha/c4_val/output_c4_val_llama-3.2-3b.jsonl
-    python scripts/perplexity.py RESULTS --json --output RESULTS.ppl.json
+    python scripts/analysis/perplexity.py Decentralized_FM_alpha/c4_val/output_c4_val_llama-3.2-3b.jsonl
+    python scripts/analysis/perplexity.py RESULTS --json --output RESULTS.ppl.json
 
 perplexity = exp(-mean of token_logprobs[1:] over all lines); the computation is
 Decentralized_FM_alpha/task_datasets/results.py perplexity_of_results.
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from Decentralized_FM_alpha.task_datasets.results import perplexity_of_results  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic  # noqa: E402

@@ -2,12 +2,12 @@
 
 For each layer l and distance j = 0..J (within the model), a predictor for layer l's labels is trained from
 att_x_{l-j}, the residual stream entering layer l-j (trainer input `from:{l-j}`, SPEC §7), with the project's
-trainer (sparse_predictor/trainer.py: same model, loss, split and metrics as the mains). The result is a matrix
+trainer (sparse_predictor/trainer/: same model, loss, split and metrics as the mains). The result is a matrix
 per model, layers x distances, of held-out Recall@K (predictor's top-K vs the true top-K at equal budget), with
 Recall, Precision, True / Classifier Sparsity kept beside it. j = 0 for the MLP is att_x_l, DejaVu's own
 inference-time input of the MLP predictor; for attention DejaVu uses j = 1.
 
-    python scripts/lookahead.py --data-dir data/llama-3.2-3b_c4 --out-dir out/lookahead/llama-3.2-3b --block mlp
+    python scripts/analysis/lookahead.py --data-dir data/llama-3.2-3b_c4 --out-dir out/lookahead/llama-3.2-3b --block mlp
 Labels default to the mains' defaults (sparse_predictor/main_*.py DEFAULTS: OPT relu, Llama topk; attention topk).
 Writes <out-dir>/lookahead_{block}.json (records, matrix, provenance) and lookahead_{block}.csv.
 """
@@ -17,16 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python scripts/lookahead.py` run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/lookahead.py` run
 
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from sparse_predictor.trainer import (BLOCKS, MLP_LABELS, LabelSpec, add_training_arguments,  # noqa: E402
-                                      make_label_spec, split_config, train_config)
+from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
+from sparse_predictor.trainer.labels import BLOCKS, MLP_LABELS, LabelSpec, make_label_spec  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
-from scripts.analysis_common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, RUN_SCRIPT_LR,  # noqa: E402
+from scripts.analysis.common import (DEFAULT_ATT_K, DEFAULT_MLP_LABEL, RUN_SCRIPT_LR,  # noqa: E402
                                      collection_source, device_from_args, open_collection,
                                      train_and_evaluate, write_results)
 

@@ -2,7 +2,7 @@
 
 Reading a collection (SPEC §6) in row chunks of a deterministic sample, per-row cosine, percentile summaries,
 predictor training through sparse_predictor.trainer (SPEC §7), result files with their provenance, and the plot
-style (one colour per model). Scripts import it as `scripts.analysis_common` after putting the repo root on sys.path.
+style (one colour per model). Scripts import it as `scripts.analysis.common` after putting the repo root on sys.path.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import torch
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import now, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
-from sparse_predictor.trainer import (LabelSpec, SplitConfig, TrainConfig, load_layer, require_complete,
-                                      resolve_device, train_predictor)
+from sparse_predictor.trainer.cli import require_complete, resolve_device
+from sparse_predictor.trainer.labels import LabelSpec
+from sparse_predictor.trainer.model import TrainConfig, train_predictor
+from sparse_predictor.trainer.rows import SplitConfig, load_layer
 
 PERCENTILES = (5, 25, 50, 75, 95)
 CHUNK_BYTES = 256 << 20  # float32 bytes of activations held at once while streaming a sample

@@ -1,0 +1,1 @@
+"""Analyses of a collection: drift, lookahead, sparsity statistics, the summary's predictors, perplexity, and what they share (common.py)."""

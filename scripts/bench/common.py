@@ -1,0 +1,111 @@
+"""What the benchmarks share: real model shapes with random weights, their FLOPs, the measured matmul peak, and
+echo requests from the bundled C4 sample. Every floor a benchmark prints divides these FLOPs by that peak."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from Decentralized_FM_alpha import convert_llama_checkpoint
+from Decentralized_FM_alpha.task_datasets.request_files import make_echo_request, write_requests
+from tests.helpers_tokenizer import build_test_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+CONFIG = REPO / "tests/fixtures/llama-3.2-3b-config.json"
+
+
+def bench_config(args: argparse.Namespace) -> LlamaConfig:
+    values = json.loads(CONFIG.read_text())
+    values.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                  head_dim=args.hidden // args.heads)
+    return LlamaConfig(**values)
+
+
+def build_model(args: argparse.Namespace, work: Path, device: torch.device, dtype: torch.dtype) -> Path:
+    """Random weights at the configured shape, saved as HF and converted (SPEC §3); returns the converted dir."""
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(bench_config(args)).to(dtype).eval()
+        for name, p in model.named_parameters():  # norms start at 1: perturb them, as gpu_check_models does
+            if "norm" in name:
+                p.data.add_(0.1 * torch.randn_like(p))
+    hf_dir, converted = work / "hf", work / "converted"
+    model.save_pretrained(hf_dir)
+    AutoTokenizer.from_pretrained(build_test_tokenizer(work / "tokenizer")).save_pretrained(hf_dir)
+    del model
+    free_device_memory(device)
+    convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
+    shutil.rmtree(hf_dir)
+    return converted
+
+
+def free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def forward_flops(config: LlamaConfig, doc_lengths: list[int], with_lm_head: bool) -> int:
+    """Matmul FLOPs of one causal forward pass over the documents: 2 x weights per token, plus attention
+    (q k^T and the weighted sum: 4 x heads x head_dim per key a query attends to), plus the LM head if run."""
+    d, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    per_token = 2 * (d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * ffn)
+    tokens = sum(doc_lengths)
+    attended = sum(n * (n + 1) // 2 for n in doc_lengths)
+    flops = config.num_hidden_layers * (per_token * tokens + 4 * heads * hd * attended)
+    return flops + (2 * d * config.vocab_size * tokens if with_lm_head else 0)
+
+
+def doc_lengths(requests: Path, model_dir: Path, rows: int, max_seq_len: int) -> list[int]:
+    """Tokens of each document, as collection takes them: truncated to max_seq_len, cut at `rows` in total."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths, total = [], 0
+    with open(requests, encoding="utf-8") as f:
+        for line in f:
+            n = min(len(tokenizer(json.loads(line)["prompt"])["input_ids"]), max_seq_len)
+            lengths.append(min(n, rows - total))
+            total += lengths[-1]
+            if total >= rows:
+                break
+    return lengths
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Measured FLOP/s of a large square matmul in the dtype the trainer's matmuls use on this device."""
+    cuda = device.type == "cuda"
+    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start), str(dtype).replace("torch.", "")
+
+
+def training_flops_per_row(d: int, D: int, out: int) -> int:
+    """Forward 2(dD + D out); backward: grad of W2 and of the hidden 4 D out, grad of W1 2 dD (x needs none)."""
+    return 4 * d * D + 6 * D * out
+
+
+def write_c4_requests(path: Path, n_docs: int, max_chars: int) -> None:
+    """Echo requests (the getdata format) for the first documents of the bundled C4 train sample, cut to max_chars."""
+    with open(REPO / "data/samples/c4_train_1k.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"][:max_chars] for line, _ in zip(f, range(n_docs))]
+    write_requests(path, [make_echo_request(t) for t in texts])

@@ -1,0 +1,139 @@
+"""The report's inputs, recognised by content, and the sources every number names (file, command, commit, manifest)."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from scripts.analysis.common import model_label
+from scripts.report.plots import ANALYSES
+
+PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
+SEED_DIR = re.compile(r"seed\d+")
+SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
+TASKS_REQUIRED = ("model", "task", "mode", "acc", "acc_stderr")
+
+
+# ------------------------------------------------------------------------------------- sources
+@dataclass
+class Sources:
+    """Every file a number comes from, with its command, commit and manifest, under a short id."""
+    rows: list[dict[str, str]] = field(default_factory=list)
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def add(self, path: Path | str, provenance: dict | None, manifest: str | None) -> str:
+        key = str(path)
+        if key not in self.ids:
+            provenance = provenance or {}
+            self.ids[key] = f"S{len(self.rows) + 1}"
+            self.rows.append({"id": self.ids[key], "file": key,
+                              "command": provenance.get("command") or "missing (no provenance block)",
+                              "commit": provenance.get("git_commit") or "missing",
+                              "manifest": manifest or "missing"})
+        return self.ids[key]
+
+
+# ------------------------------------------------------------------------------------- finding the inputs
+@dataclass
+class PredictorSet:
+    directory: Path
+    block: str
+    records: list[tuple[Path, dict]]
+    summary_csv: Path | None
+
+    @property
+    def model(self) -> str:
+        """The collection's model (as in the other sections), not the run name the trainer was given."""
+        return model_label(self.records[0][1]["data"])
+
+    @property
+    def run_name(self) -> str:
+        return self.records[0][1]["model"]
+
+
+@dataclass
+class Inputs:
+    collections: list[tuple[Path, dict]] = field(default_factory=list)
+    results: dict[str, list[tuple[Path, dict]]] = field(default_factory=lambda: defaultdict(list))
+    predictors: list[PredictorSet] = field(default_factory=list)
+    sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    task_sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    studies: list[tuple[Path, dict]] = field(default_factory=list)  # run_study.py manifests: stage wall times
+    missing: list[str] = field(default_factory=list)
+    unrecognised: list[str] = field(default_factory=list)
+
+
+def read_json_file(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_csv(path: Path) -> tuple[set[str], list[dict]]:
+    """A CSV's column names and rows."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return set(reader.fieldnames or ()), list(reader)
+
+
+def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, str], list[Path]]) -> bool:
+    """Record a file the report knows; False when it is none of them."""
+    if path.name == "manifest.json":
+        manifest = read_json_file(path)
+        if isinstance(manifest, dict) and "kinds" in manifest and "rows_written" in manifest:
+            inputs.collections.append((path.parent, manifest))
+            return True
+        return False
+    if PREDICTOR_JSON.fullmatch(path.name):
+        if not SEED_DIR.fullmatch(path.parent.name):  # other seeds: their spread is in the canonical JSON
+            predictor_files[(path.parent, PREDICTOR_JSON.fullmatch(path.name).group(1))].append(path)
+        return True
+    if path.suffix == ".json":
+        payload = read_json_file(path)
+        if isinstance(payload, dict) and payload.get("study") is True and "stages" in payload:
+            inputs.studies.append((path, payload))
+            return True
+        if isinstance(payload, dict) and payload.get("analysis") in ANALYSES:
+            inputs.results[payload["analysis"]].append((path, payload))
+            return True
+        return False
+    if path.suffix == ".csv":
+        columns, rows = read_csv(path)
+        for required, found in ((SWEEP_REQUIRED, inputs.sweeps), (TASKS_REQUIRED, inputs.task_sweeps)):
+            if set(required) <= columns:
+                found.append((path, rows))
+                return True
+    return False
+
+
+def discover(paths: Sequence[Path]) -> Inputs:
+    """Recognise every input file; folders are searched recursively."""
+    inputs = Inputs()
+    predictor_files: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    for path in paths:
+        if not path.exists():
+            inputs.missing.append(f"input path does not exist: {path}")
+            continue
+        files = ([path] if not path.is_dir() else
+                 sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".csv")))
+        recognised = [f for f in files if classify_file(f, inputs, predictor_files)]
+        if not recognised:
+            inputs.unrecognised.append(str(path))
+    for (directory, block), files in sorted(predictor_files.items()):
+        records = sorted(((f, read_json_file(f)) for f in files), key=lambda item: item[1]["layer"])
+        summary = directory / f"{block}_summary.csv"
+        inputs.predictors.append(PredictorSet(directory, block, records, summary if summary.is_file() else None))
+    return inputs
+
+
+def all_models(inputs: Inputs) -> list[str]:
+    models = [model_label(m) for _, m in inputs.collections]
+    models += [r["source"]["model"] for results in inputs.results.values() for _, r in results]
+    models += [s.model for s in inputs.predictors]
+    models += [row["model"] for _, rows in inputs.sweeps for row in rows]
+    models += [row["model"] for _, rows in inputs.task_sweeps for row in rows]
+    return list(dict.fromkeys(models))
