@@ -98,7 +98,12 @@ class DistInferenceMaskTokenPipeSync:
         self.hidden_size = self.config.hidden_size
         self.max_seq_len = args.max_seq_len or self.config.max_position_embeddings
         self._load_model(block_kwargs(self) if block_kwargs else {})
-        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.generator = torch.Generator(device=device)
+        self.reset_run_counters(args.seed)
+
+    def reset_run_counters(self, seed: int) -> None:
+        """What one run reports starts afresh: the sampling generator, truncation count and batch padding."""
+        self.generator.manual_seed(seed)
         self.truncated_prompts = 0
         self.batch_positions = {"real_tokens": 0, "padding": 0}  # echo batches: what sorting by length saves
 
