@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
     p.add_argument("--model-type", required=True, choices=sorted(MODEL_TYPES),
-                   help="architecture and variant: plain, -save (collect activations), -ml-att-sparse")
+                   help="module family and variant: plain, -save (collect activations), -ml-att-sparse; the llama "
+                        "family runs Llama and Qwen2 checkpoints")
     p.add_argument("--infer-data", required=True, help="request JSONL (SPEC section 4)")
     p.add_argument("--output-path", default=None, help="result JSONL (default: <infer-data stem>_output.jsonl)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling and random sparsity")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect = p.add_argument_group("collection (model types *-save)")
     collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
     collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
-    collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (Llama, optional)")
+    collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (llama family, optional)")
     collect.add_argument("--collect-writer", choices=ROW_FILE_WRITERS, default="async",
                          help="async: device -> pinned host copies and file writes in background threads, so the "
                               "forward pass does not wait on the disk; sync: copy and write each layer's rows in "
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "$SPARSE_ATT=1); omitted = dense attention")
     sparse.add_argument("--sparse-layers", default=None, help="layers made sparse: a comma list of layers and inclusive ranges, e.g. 0,7,15-22 (default: all)")
     sparse.add_argument("--gqa-groups", action="store_true",
-                        help="Llama: keep whole key/value groups (scores summed over each group's query heads); a "
+                        help="llama family: keep whole key/value groups (scores summed over each group's query heads); a "
                              "fractional --att-topk then counts groups")
     sparse.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
                         help="layers kept dense in every sparse mode, a layer list or 'none' (default %(default)s: "

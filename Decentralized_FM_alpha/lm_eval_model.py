@@ -8,10 +8,11 @@ modules and SparsityController (SPEC section 8), at world size 1. Nothing here d
         --model_args pretrained=DIR,dtype=bf16,sparse_mode=predictor,predictor_dir=P,mlp_topk=0.5
 
 Model arguments -> runner flags: pretrained -> --model-name; sparse_mode -> --sparse-mode with model type
-<family>-ml-att-sparse (absent: the dense model type <family>, the sweeps' baseline); predictor_dir, mlp_topk,
-att_topk, sparse_layers, dense_layers, predictor_input, dtype, max_seq_len, seed, budget -> --predictor-dir,
---mlp-topk, ... (same meaning); gqa_groups=true -> --gqa-groups, allow_predictor_mismatch=true ->
---allow-predictor-mismatch. The harness's batch_size is --token-micro-batch-size ('auto': max_batch_size, default
+<family>-ml-att-sparse (absent: the dense model type <family>, the sweeps' baseline; <family> is the module family of
+the checkpoint's model_type: opt, or llama for llama and qwen2); predictor_dir, mlp_topk, att_topk, sparse_layers,
+dense_layers, predictor_input, dtype, max_seq_len, seed, budget -> --predictor-dir, --mlp-topk, ... (same meaning);
+gqa_groups=true -> --gqa-groups, allow_predictor_mismatch=true -> --allow-predictor-mismatch. The harness's batch_size
+is --token-micro-batch-size ('auto': max_batch_size, default
 64, with --budget bounding the padded tokens); device is cpu, cuda or cuda:N. A value with commas (sparse_layers=0,7)
 needs the JSON form of --model_args. Any other argument is an error.
 
@@ -21,8 +22,6 @@ requests are batched longest first by the runner's own batching, and log-softmax
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -35,6 +34,7 @@ from Decentralized_FM_alpha import dist_inference_runner
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import Encoded
 from Decentralized_FM_alpha.task_datasets.inference_data import parse_request
 from Decentralized_FM_alpha.utils.manifest import weights_provenance
+from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint
 
 RUNNER_FLAGS = {"predictor_dir": "--predictor-dir", "mlp_topk": "--mlp-topk", "att_topk": "--att-topk",
                 "sparse_layers": "--sparse-layers", "dense_layers": "--dense-layers",
@@ -45,16 +45,6 @@ DTYPE_NAMES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32":
 GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 AUTO_BATCH = 64
 NOT_A_FILE = "(requests from lm-evaluation-harness)"  # the runner's --infer-data; the harness sends the requests
-
-
-def model_family(pretrained: str) -> str:
-    config = Path(pretrained) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"pretrained={pretrained}: no config.json (a converted checkpoint, SPEC section 3)")
-    family = json.loads(config.read_text())["model_type"]
-    if family not in ("opt", "llama"):
-        raise ValueError(f"pretrained={pretrained}: model_type {family!r} is neither opt nor llama")
-    return family
 
 
 def device_flags(device: Optional[str]) -> list[str]:
@@ -88,7 +78,7 @@ def runner_argv(pretrained: str, sparse_mode: Optional[str] = None, gqa_groups: 
     for name, value in (("gqa_groups", gqa_groups), ("allow_predictor_mismatch", allow_predictor_mismatch)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
-    family = model_family(pretrained)
+    family = family_of_checkpoint(pretrained)
     model_type = family if sparse_mode is None else f"{family}-ml-att-sparse"
     argv = ["--model-name", str(pretrained), "--model-type", model_type, "--infer-data", NOT_A_FILE,
             "--token-micro-batch-size", str(micro_batch(batch_size, max_batch_size)), *device_flags(device)]

@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, parse_budget  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
+                                                       require_local_path_or_hub_id)
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
@@ -61,14 +63,11 @@ def parse_model(text: str) -> ModelSpec:
         name, source = Path(text.rstrip("/")).stem if text.endswith(".gguf") else Path(text.rstrip("/")).name, text
     if not name or not source:
         raise argparse.ArgumentTypeError(f"model must be SOURCE or NAME=SOURCE, got {text!r}")
+    try:
+        require_local_path_or_hub_id(source, "MODEL")
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
     return ModelSpec(name, source)
-
-
-def family_of(converted: Path) -> str:
-    model_type = read_json(converted / "config.json")["model_type"]
-    if model_type not in ("opt", "llama"):
-        raise ValueError(f"{converted}: model_type {model_type!r} is neither opt nor llama")
-    return model_type
 
 
 class Study:
@@ -174,7 +173,7 @@ def convert(study: Study, model) -> Path:
     else:
         from transformers import AutoConfig
 
-        family = AutoConfig.from_pretrained(model.source).model_type
+        family = module_family(AutoConfig.from_pretrained(model.source).model_type, model.source)
         command = python(f"Decentralized_FM_alpha/convert_{family}_checkpoint.py", "--model-name", model.source)
     study.run(model.name, "convert", [command + ["--save-path", target]],
               done=(target / "conversion_manifest.json").is_file())
@@ -207,7 +206,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     """Every per-model stage; returns what the report reads."""
     a = study.args
     converted = convert(study, model)
-    family = family_of(converted)
+    family = family_of_checkpoint(converted)
     wiki = wikitext_requests(study, model.name, converted)
     data = study.out / "data" / f"{model.name}_c4"
     runner = ["--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",

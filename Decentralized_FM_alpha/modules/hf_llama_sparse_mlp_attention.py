@@ -6,16 +6,15 @@ Modes, budgets and what the simulation does not model: modules/sparsity.py (SPEC
 """
 from __future__ import annotations
 
-from transformers import LlamaConfig
-
 from Decentralized_FM_alpha.modules import hf_llama_module as dense
+from Decentralized_FM_alpha.modules.hf_llama_module import LlamaFamilyConfig
 from Decentralized_FM_alpha.modules.hf_llama_module import GPTEmbeddings, GPTLMHead  # noqa: F401  (the runner's pieces)
 from Decentralized_FM_alpha.modules.hf_llama_module_save import collection_dims as model_dims  # noqa: F401
 from Decentralized_FM_alpha.modules.sparsity import SparsityController
 
 
 class GPTBlock(dense.GPTBlock):
-    def __init__(self, config: LlamaConfig, layer_index: int, sparsity: SparsityController):
+    def __init__(self, config: LlamaFamilyConfig, layer_index: int, sparsity: SparsityController):
         super().__init__(config, layer_index)
         self.sparsity = sparsity
 
