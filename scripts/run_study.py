@@ -37,7 +37,8 @@ from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, parse_
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
-from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name  # noqa: E402
+from scripts.study.plan import check_disk, free_disk, gib, measured_rates, model_facts, plan_model  # noqa: E402
+from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
 STUDY_MANIFEST = "study_manifest.json"
@@ -340,6 +341,35 @@ def sweep_flags(a: argparse.Namespace, budgets: BudgetFolders, converted: Path) 
             "--predictor-input", a.predictor_input, "--dense-layers", a.dense_layers]
 
 
+def source_config(model: ModelSpec):
+    """The model's transformers config before any conversion (converted or HF directory, GGUF file or hub id)."""
+    from transformers import AutoConfig
+
+    if model.is_gguf:
+        return AutoConfig.from_pretrained(Path(model.source).parent, gguf_file=Path(model.source).name)
+    return AutoConfig.from_pretrained(model.source)
+
+
+def study_plan(args: argparse.Namespace) -> list:
+    """Print what the study needs per model and in total (scripts/study/plan.py); returns the per-model plans."""
+    fractions = [float(b) for b in args.mlp_budgets if isinstance(parse_budget(b), float)]
+    rates = measured_rates()
+    plans = []
+    for model in args.models:
+        config = source_config(model)
+        facts = model_facts(model.name, config)
+        gated = module_family(config.model_type, model.source) == "llama"
+        settings = 2 * len(plan_settings(args.modes, args.mlp_budgets, args.att_budgets, args.blocks,
+                                         ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads
+                                         else ["heads"], gated))
+        plans.append(plan_model(facts, args, fractions, settings, rates))
+    print("\n".join(line for p in plans for line in p.lines))
+    free = free_disk(args.out_dir)
+    print(f"total: mmap path {gib(sum(p.mmap_bytes for p in plans))}, online path "
+          f"{gib(sum(p.online_bytes for p in plans))} of disk; {gib(free)} free under {args.out_dir}")
+    return plans
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=parse_model, metavar="MODEL", help="SOURCE or NAME=SOURCE (see above)")
@@ -405,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analysis commands at once, predictor jobs per GPU (or on the CPU) and summary workers "
                         "(default %(default)s)")
     p.add_argument("--note", action="append", default=[], help="a sentence for the top of the report (repeat)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the study needs (disk for the mmap and online paths, GPU memory per online layer "
+                        "group and forward passes, host RAM, estimated time per stage from measured rates) and stop; "
+                        "the plan is also checked before any collection: an mmap study the free disk cannot hold is "
+                        "refused")
+    p.add_argument("--memory-budget-gb", type=float, default=70.0,
+                   help="GPU memory the plan gives the online path's rows (default %(default)s: an 80 GB card)")
     p.add_argument("--stages", type=stage_list, default=list(STAGES),
                    help=f"comma list of the stages to run, of {','.join(STAGES)} (default all); the others are "
                         "skipped, and a stage whose inputs an unrun stage makes fails naming the missing file")
@@ -439,6 +476,12 @@ def run_all(args: argparse.Namespace) -> Path:
     args.att_budgets = args.att_budgets or list(args.mlp_budgets)
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
+    if args.plan or "collect" in args.stages:
+        plans = study_plan(args)
+        if args.plan:
+            return args.out_dir
+        if any(not complete(args.out_dir / "data" / f"{m.name}_c4" / "manifest.json") for m in args.models):
+            check_disk(plans, args.out_dir)
     study = Study(args)
     train, val = study_requests(study)
     tasks = local_tasks(study)
