@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from Decentralized_FM_alpha.comm.comm_utils import BACKENDS, init_comm  # noqa: E402
+from Decentralized_FM_alpha.modules.sparse_decode import DECODE_CHOICES  # noqa: E402
 from Decentralized_FM_alpha.modules.sparsity import MODES, SparsityController, plan_from_args  # noqa: E402
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import (  # noqa: E402
     MODEL_TYPES, DistInferenceMaskTokenPipeSync)
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("--sparse-layers", default=None, help="layers made sparse: a comma list of layers and inclusive ranges, e.g. 0,7,15-22 (default: all)")
     sparse.add_argument("--gqa-groups", action="store_true",
                         help="Llama: keep whole key/value groups (scores summed over each group's query heads)")
+    sparse.add_argument("--sparse-decode", choices=DECODE_CHOICES, default="simulate",
+                        help="decode steps (generation, one new token on a cache): simulate = mask after the dense "
+                             "projections; kernels = compute only the kept neurons and heads (modules/sparse_decode.py), "
+                             "same masks, same results within rounding; modes dense, predictor, random, static only "
+                             "(default %(default)s)")
     return p
 
 
@@ -231,7 +237,7 @@ def block_kwargs_for(args):
         def sparsity(pipe):
             plan = plan_from_args(args, pipe.config.num_hidden_layers)
             dims = pipe.module.model_dims(pipe.config)
-            return {"sparsity": SparsityController(plan, dims, pipe.layers, pipe.device)}
+            return {"sparsity": SparsityController(plan, dims, pipe.layers, pipe.device), "decode": args.sparse_decode}
         return sparsity
     return None
 
