@@ -1,6 +1,7 @@
 """The sparse decode step (modules/sparse_decode.py) computes what the masked simulation computes, on fewer units."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -216,3 +217,35 @@ def test_triton_kernels_equal_the_torch_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_bench_smoke_writes_every_setting_next_to_its_floor(tmp_path, one_cpu_thread):
+    from scripts.bench import bench_sparse_decode
+
+    bench_sparse_decode.main(["--smoke", "--mlp-fractions", "0.25", "--att-fractions", "0.5", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_sparse_decode.json").read_text())
+    assert report["complete"] and set(report["models"]) == {"llama-3.2-3b", "opt-2.7b"}
+    assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["provenance"]["git_commit"]
+    budgets = {(0.25, None), (None, 0.5), (0.25, 0.5)}
+    for name, m in report["models"].items():
+        assert not m.get("errors"), m.get("errors")
+        for key, check in m["check"].items():
+            if key.startswith("decode"):
+                assert check["sparse_vs_simulation_rel_error"] < 1e-5, (name, key)
+        rows = {(r["batch"], r["mode"], r["masks"], r["mlp_fraction"], r["att_fraction"]): r for r in m["decode"]}
+        expected = {(b, "dense", "n/a", None, None) for b in (1, 2)}
+        expected |= {(1, mode, masks, *f) for f in budgets for mode, masks in (("given", "one"),
+                                                                              ("predictor", "predicted"))}
+        expected |= {(2, mode, masks, *f) for f in budgets for mode, masks in (("given", "independent"),
+                                                                              ("given", "shared"),
+                                                                              ("predictor", "predicted"))}
+        assert set(rows) == expected
+        for r in rows.values():
+            assert r["tokens_per_s"] > 0 and r["floor_us"] > 0 and r["floor_bytes"] > 0
+        assert all(r["predictor_share"] > 0 for r in rows.values() if r["mode"] == "predictor")
+        independent, shared = rows[(2, "given", "independent", 0.25, None)], rows[(2, "given", "shared", 0.25, None)]
+        kept = independent["mlp_kept"] / m["ffn"]
+        assert shared["mlp_union_fraction"] == pytest.approx(kept) and independent["mlp_union_fraction"] > kept
+        dense_bytes = rows[(1, "dense", "n/a", None, None)]["floor_bytes"]
+        assert rows[(1, "given", "one", 0.25, None)]["floor_bytes"] < dense_bytes
+        assert {r["batch"] for r in m["kernel"]} == {1, 2} and {r["batch"] for r in m["hf_generate"]} == {1, 2}

@@ -16,12 +16,14 @@ Where masks come from:
   PredictorMasks   low-rank predictors on the device, top-k of their scores (the bench)
   GivenMasks       fixed selections (the bench's kernel-alone timing, tests)
 Entry points: `runner_step` (a sparse block of the runner, concatenated cache; `--sparse-decode kernels`) and
-`StaticDecoder` (a whole model with a preallocated cache, same shapes every step, for CUDA graphs). The kernels are in
+`StaticDecoder` (a whole model with a preallocated cache, same shapes every step, for CUDA graphs; its `Glue` can be
+compiled, so that a norm or the rotary embedding is one kernel instead of a dozen). The kernels are in
 sparse_kernels.py.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,7 @@ class PredictorMasks:
     def __init__(self, predictors: dict[tuple[str, int], nn.Module], mlp_k: dict[int, int], att_k: dict[int, int]):
         self.predictors, self.mlp_k, self.att_k = predictors, mlp_k, att_k
         self.att_x: dict[int, torch.Tensor] = {}
+        self.selected: dict[tuple[str, int], Selection] = {}  # the last step's, for reading the union sizes
 
     def heads(self, layer: int, att_x: torch.Tensor) -> Optional[Selection]:
         self.att_x[layer] = att_x
@@ -102,13 +105,15 @@ class PredictorMasks:
             return None
         source = self.att_x.get(layer - 1, att_x)
         scores = self.predictors[("att", layer)](source[:, 0])
-        return select_top_k(scores, self.att_k[layer], att_x.dtype)
+        self.selected[("att", layer)] = select_top_k(scores, self.att_k[layer], att_x.dtype)
+        return self.selected[("att", layer)]
 
     def neurons(self, layer: int, mlp_x: torch.Tensor) -> Optional[Selection]:
         if layer not in self.mlp_k:
             return None
         scores = self.predictors[("mlp", layer)](self.att_x[layer][:, 0])
-        return select_top_k(scores, self.mlp_k[layer], mlp_x.dtype)
+        self.selected[("mlp", layer)] = select_top_k(scores, self.mlp_k[layer], mlp_x.dtype)
+        return self.selected[("mlp", layer)]
 
 
 class GivenMasks:
@@ -204,6 +209,32 @@ def rotation(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# ------------------------------------------------------------------------------------------------------ glue
+def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of q and k, as hf_llama_module's LlamaAttention.rotate computes it."""
+    rotate_half = hf_llama_module.rotate_half
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@dataclass(frozen=True)
+class Glue:
+    """The elementwise steps between the matrix products: the blocks' own code (eager), or the same functions
+    through torch.compile (`Glue.compiled()`), fused into one kernel each on a GPU."""
+    norm: Callable = apply_norm
+    rotate: Callable = rotate
+
+    @staticmethod
+    def compiled() -> "Glue":
+        return Glue(torch.compile(apply_norm, dynamic=False), torch.compile(rotate, dynamic=False))
+
+
+EAGER = Glue()
+
+
 # ------------------------------------------------------------------------------------------------- one layer
 def query_heads(h: torch.Tensor, q_proj: nn.Linear, chosen: Optional[Selection], heads: int, hd: int,
                 backend: Optional[str]) -> torch.Tensor:
@@ -229,26 +260,24 @@ def output_heads(out: torch.Tensor, o_proj: nn.Linear, chosen: Optional[Selectio
 
 
 def llama_layer(block: hf_llama_module.GPTBlock, x: torch.Tensor, kv, masks: Masks,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, glue: Glue = EAGER) -> torch.Tensor:
     """One Llama decoder layer on x (B, 1, d); what hf_llama_module.GPTBlock.forward computes, sparse."""
     att, mlp, layer = block.self_attn, block.mlp, block.layer_index
     b, hd, heads, kv_heads = x.shape[0], att.head_dim, att.num_heads, att.num_kv_heads
     block.record("att_x", lambda: x)
     chosen = masks.heads(layer, x)
-    h = block.input_layernorm(x)[:, 0]  # (B, d)
+    h = glue.norm(block.input_layernorm, x)[:, 0]  # (B, d)
     q = query_heads(h, att.q_proj, chosen, heads, hd, backend)  # (B, H, hd)
     k = att.k_proj(h).view(b, kv_heads, 1, hd)
     v = att.v_proj(h).view(b, kv_heads, 1, hd)
-    cos, sin = kv.rotation(att.inv_freq, x.dtype)
-    q = q * cos + hf_llama_module.rotate_half(q) * sin
-    k = k * cos + hf_llama_module.rotate_half(k) * sin
+    q, k = glue.rotate(q, k, *kv.rotation(att.inv_freq, x.dtype))
     keys, values, bias = kv.update(k, v)
     # A key/value head's group of query heads as SDPA's query axis: the cache is read once per key/value head.
     out = F.scaled_dot_product_attention(q.view(b, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=bias)
     x = x + output_heads(out.reshape(b, heads, hd), att.o_proj, chosen, hd, backend)[:, None]
     block.record("mlp_x", lambda: x)
     chosen = masks.neurons(layer, x)
-    h = block.post_attention_layernorm(x)[:, 0]
+    h = glue.norm(block.post_attention_layernorm, x)[:, 0]
     if chosen is None:
         y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
     else:
@@ -260,13 +289,13 @@ def llama_layer(block: hf_llama_module.GPTBlock, x: torch.Tensor, kv, masks: Mas
 
 
 def opt_layer(block: hf_opt_module.GPTBlock, x: torch.Tensor, kv, masks: Masks,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, glue: Glue = EAGER) -> torch.Tensor:
     """One OPT decoder layer on x (B, 1, d); what hf_opt_module.GPTBlock.forward computes, sparse."""
     att, layer = block.self_attn, block.layer_index
     b, hd, heads = x.shape[0], att.head_dim, att.num_heads
     block.record("att_x", lambda: x)
     chosen = masks.heads(layer, x)
-    h = block.self_attn_layer_norm(x)[:, 0]  # (B, d)
+    h = glue.norm(block.self_attn_layer_norm, x)[:, 0]  # (B, d)
     q = query_heads(h, att.q_proj, chosen, heads, hd, backend)  # (B, H, hd)
     k = att.k_proj(h).view(b, heads, 1, hd)
     v = att.v_proj(h).view(b, heads, 1, hd)
@@ -275,7 +304,7 @@ def opt_layer(block: hf_opt_module.GPTBlock, x: torch.Tensor, kv, masks: Masks,
     x = x + output_heads(out.reshape(b, heads, hd), att.out_proj, chosen, hd, backend)[:, None]
     block.record("mlp_x", lambda: x)
     chosen = masks.neurons(layer, x)
-    h = block.final_layer_norm(x)[:, 0]
+    h = glue.norm(block.final_layer_norm, x)[:, 0]
     if chosen is None:
         y = block.fc2(F.relu(block.fc1(h)))
     else:
@@ -285,11 +314,12 @@ def opt_layer(block: hf_opt_module.GPTBlock, x: torch.Tensor, kv, masks: Masks,
     return x + y[:, None]
 
 
-def decode_layer(block: nn.Module, x: torch.Tensor, kv, masks: Masks, backend: Optional[str] = None) -> torch.Tensor:
+def decode_layer(block: nn.Module, x: torch.Tensor, kv, masks: Masks, backend: Optional[str] = None,
+                 glue: Glue = EAGER) -> torch.Tensor:
     if isinstance(block, hf_llama_module.GPTBlock):
-        return llama_layer(block, x, kv, masks, backend)
+        return llama_layer(block, x, kv, masks, backend, glue)
     if isinstance(block, hf_opt_module.GPTBlock):
-        return opt_layer(block, x, kv, masks, backend)
+        return opt_layer(block, x, kv, masks, backend, glue)
     raise TypeError(f"sparse decode: no decode step for {type(block).__name__}")
 
 
@@ -320,9 +350,9 @@ class StaticDecoder:
     every position (a CUDA graph can capture it)."""
 
     def __init__(self, embeddings: nn.Module, blocks, lm_head: nn.Module, masks: Masks, cache: StaticCache,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, glue: Glue = EAGER):
         self.embeddings, self.blocks, self.lm_head = embeddings, list(blocks), lm_head
-        self.masks, self.cache, self.backend = masks, cache, backend
+        self.masks, self.cache, self.backend, self.glue = masks, cache, backend, glue
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embeddings.embed_tokens(ids)
@@ -332,11 +362,16 @@ class StaticDecoder:
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = decode_layer(block, x, self.cache.layer(i), self.masks, self.backend)
+            x = decode_layer(block, x, self.cache.layer(i), self.masks, self.backend, self.glue)
         return x
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) of the next token after ids (B, 1), written to the cache at its position."""
         self.cache.begin_step()
-        return self.lm_head(self.layers(self.embed(ids)))[:, 0]
+        return self.head(self.layers(self.embed(ids)))[:, 0]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        opt = isinstance(self.lm_head, hf_opt_module.GPTLMHead)
+        norm = self.lm_head.final_layer_norm if opt else self.lm_head.norm
+        return self.lm_head.lm_head(self.glue.norm(norm, x))

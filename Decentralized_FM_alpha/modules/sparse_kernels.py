@@ -16,7 +16,7 @@ Backends: "triton" on CUDA tensors (an error if Triton is missing), "torch" else
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -40,12 +40,16 @@ class Selection:
     index: torch.Tensor  # (C,) int64
     count: torch.Tensor  # (1,) int32, on the device of index
     keep: Optional[torch.Tensor] = None  # (B, C) in the compute dtype
+    _rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     def rows(self, width: int) -> "Selection":
-        """The same selection over rows of `width` per unit (a head's head_dim rows of q or columns of o)."""
-        index = (self.index[:, None] * width + torch.arange(width, device=self.index.device)).flatten()
-        keep = None if self.keep is None else self.keep.repeat_interleave(width, dim=1)
-        return Selection(index, self.count * width, keep)
+        """The same selection over rows of `width` per unit (a head's head_dim rows of q or columns of o); made once
+        per selection and width."""
+        if width not in self._rows:
+            index = (self.index[:, None] * width + torch.arange(width, device=self.index.device)).flatten()
+            keep = None if self.keep is None else self.keep.repeat_interleave(width, dim=1)
+            self._rows[width] = Selection(index, self.count * width, keep)
+        return self._rows[width]
 
 
 def pick_backend(t: torch.Tensor, backend: Optional[str]) -> str:
