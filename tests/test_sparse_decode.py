@@ -16,6 +16,7 @@ from Decentralized_FM_alpha.modules import (hf_llama_sparse_mlp_attention, hf_op
                                             sparse_kernels)
 from Decentralized_FM_alpha.modules.sparse_kernels import Selection, columns_times, rows_times
 from Decentralized_FM_alpha.modules.sparsity import SparsityController, SparsityPlan
+from Decentralized_FM_alpha.utils.selection import fraction_count
 from tests.helpers_models import make_llama, make_opt
 from tests.runner_helpers import REPO, c4_texts, read_results, run_one_rank, write_requests
 from tests.test_sparse_inference import write_predictors
@@ -219,11 +220,18 @@ def test_triton_kernels_equal_the_torch_kernels_in_the_interpreter():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-def test_bench_smoke_writes_every_setting_next_to_its_floor(tmp_path, one_cpu_thread):
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory, one_cpu_thread) -> dict:
+    """bench_sparse_decode.py --smoke at one MLP and one head fraction, as its JSON."""
     from scripts.bench import bench_sparse_decode
 
-    bench_sparse_decode.main(["--smoke", "--mlp-fractions", "0.25", "--att-fractions", "0.5", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "bench_sparse_decode.json").read_text())
+    out = tmp_path_factory.mktemp("bench")
+    bench_sparse_decode.main(["--smoke", "--mlp-fractions", "0.25", "--att-fractions", "0.5", "--out", str(out)])
+    return json.loads((out / "bench_sparse_decode.json").read_text())
+
+
+def test_bench_smoke_writes_every_setting_next_to_its_floor(smoke_bench):
+    report = smoke_bench
     assert report["complete"] and set(report["models"]) == {"llama-3.2-3b", "opt-2.7b"}
     assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["provenance"]["git_commit"]
     budgets = {(0.25, None), (None, 0.5), (0.25, 0.5)}
@@ -249,3 +257,32 @@ def test_bench_smoke_writes_every_setting_next_to_its_floor(tmp_path, one_cpu_th
         dense_bytes = rows[(1, "dense", "n/a", None, None)]["floor_bytes"]
         assert rows[(1, "given", "one", 0.25, None)]["floor_bytes"] < dense_bytes
         assert {r["batch"] for r in m["kernel"]} == {1, 2} and {r["batch"] for r in m["hf_generate"]} == {1, 2}
+
+
+def test_speed_section_prices_each_sweep_row_with_its_bench_row(smoke_bench, tmp_path):
+    from scripts.report.speed import speed_section
+
+    llama = smoke_bench["models"]["llama-3.2-3b"]
+    mlp_kept, att_kept = fraction_count(0.25, llama["ffn"]), fraction_count(0.5, llama["heads"])
+    row = dict(dataset="c4", att_unit="heads", predictor_input="lookahead", output_manifest="")
+    sweep = [dict(row, model="meta-llama/Llama-3.2-3B", mode="dense", block="none", mlp_topk="dense", att_topk="dense",
+                  mlp_kept="n/a", att_kept="n/a", perplexity="10.0"),
+             dict(row, model="meta-llama/Llama-3.2-3B", mode="predictor", block="mlp", mlp_topk="0.25",
+                  att_topk="dense", mlp_kept=str(mlp_kept), att_kept="n/a", perplexity="13.0"),
+             dict(row, model="meta-llama/Llama-3.2-3B", mode="oracle", block="both", mlp_topk=str(mlp_kept),
+                  att_topk="0.5", mlp_kept=str(mlp_kept), att_kept=str(att_kept), perplexity="11.0"),
+             dict(row, model="smollm2-135m", mode="dense", block="none", mlp_topk="dense", att_topk="dense",
+                  mlp_kept="n/a", att_kept="n/a", perplexity="20.0")]
+    lines = speed_section(sweep, smoke_bench, tmp_path / "figures", tmp_path, source="[S1]")
+    text = "\n".join(lines)
+    assert "random weights at the real shapes" in text and "union" in text
+    assert (tmp_path / "figures" / "speed_vs_perplexity.png").is_file() and "figures/speed_vs_perplexity.png" in text
+    bench = {(r["batch"], r["mode"], r["masks"], r["mlp_kept"], r["att_kept"]): r for r in llama["decode"]}
+    cells = {tuple(line.split(" | ")[2:4]): line.split(" | ") for line in lines if line.startswith("| meta-llama")}
+    predictor = cells[("predictor", "mlp")]
+    assert predictor[6] == f"{13.0 / 10.0:.2f}"
+    assert predictor[7] == f"{bench[(1, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
+    assert predictor[8] == f"{bench[(2, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
+    oracle = cells[("oracle", "both")]
+    assert oracle[7] == f"{bench[(1, 'given', 'one', mlp_kept, att_kept)]['speedup_vs_dense']:.2f}"
+    assert "a bound" in oracle[9] and "smollm2-135m" in text  # no bench at its shape, said so
