@@ -212,6 +212,29 @@ def test_triton_kernels_equal_the_torch_kernels_in_the_interpreter():
             a = torch.randn(b, sel.index.numel(), generator=gen) * (1 if sel.keep is None else sel.keep)
             got, want = (columns_times(a, linear, sel, backend=be) for be in ("triton", "torch"))
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (b, (got - want).abs().max())
+        # whole decode steps of both architectures, given masks and predictors, batch 1 and 3
+        from scripts.bench import bench_sparse_decode as bench
+        cpu = torch.device("cpu")
+        for name in ("llama-3.2-3b", "opt-2.7b"):
+            model = bench.build_model(name, True, cpu, torch.float32, 0)
+            k, h = bench.fraction_count(0.25, model.ffn), bench.fraction_count(0.5, model.attention.num_heads)
+            for batch in (1, 3):
+                given = bench.given_selections(model, batch, k, h, False, gen, torch.float32, cpu)
+                predictors = bench.random_predictors(model, 16, torch.float32, cpu)
+                for masks in (sparse_decode.GivenMasks(given),
+                              sparse_decode.PredictorMasks(predictors, {0: k, 1: k}, {0: h, 1: h})):
+                    logits = []
+                    for backend in ("triton", "torch"):
+                        cache = sparse_decode.StaticCache(2, batch, model.kv_heads, 16, model.attention.head_dim,
+                                                          torch.float32, cpu)
+                        cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(3)))
+                        cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(4)))
+                        cache.set_position(9)
+                        decoder = sparse_decode.StaticDecoder(model.embeddings, model.blocks, model.lm_head, masks,
+                                                              cache, backend)
+                        with torch.no_grad():
+                            logits.append(decoder.step(torch.full((batch, 1), 7)))
+                    assert torch.allclose(*logits, rtol=1e-4, atol=1e-4), (name, batch, type(masks).__name__)
         print("ok")
     """)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

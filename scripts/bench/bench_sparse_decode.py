@@ -59,7 +59,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 MODELS = {"llama-3.2-3b": ("llama", FIXTURES / "llama-3.2-3b-config.json"),
           "opt-2.7b": ("opt", FIXTURES / "opt-2.7b-config.json")}
 SMOKE_SHAPES = {"llama": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=16, vocab_size=512),
+                              num_key_value_heads=2, head_dim=16, vocab_size=512, bos_token_id=1, eos_token_id=2),
                 "opt": dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                             word_embed_proj_dim=64, vocab_size=512)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
