@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 from Decentralized_FM_alpha.comm.comm_utils import BACKENDS, init_comm  # noqa: E402
+from Decentralized_FM_alpha.modules.sparse_decode import DECODE_CHOICES  # noqa: E402
 from Decentralized_FM_alpha.modules.sparsity import (DEFAULT_DENSE_LAYERS, MODES, SparsityController,  # noqa: E402
                                                      plan_from_args)
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import (  # noqa: E402
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("--allow-predictor-mismatch", action="store_true",
                         help="run predictor or static files made for another input or budget (a top-K label trained "
                              "for another K) anyway; the manifest lists every difference")
+    sparse.add_argument("--sparse-decode", choices=DECODE_CHOICES, default="simulate",
+                        help="decode steps (generation, one new token on a cache): simulate = mask after the dense "
+                             "projections; kernels = compute only the kept neurons and heads (modules/sparse_decode.py), "
+                             "same masks, same results within rounding; modes dense, predictor, random, static only "
+                             "(default %(default)s)")
     return p
 
 
@@ -251,7 +257,7 @@ def block_kwargs_for(args):
     if args.model_type.endswith("-save"):
         return lambda pipe: {"writer": make_writer(args, pipe)}
     if args.model_type.endswith("-ml-att-sparse"):
-        return lambda pipe: {"sparsity": sparsity_controller(args, pipe)}
+        return lambda pipe: {"sparsity": sparsity_controller(args, pipe), "decode": args.sparse_decode}
     return None
 
 
