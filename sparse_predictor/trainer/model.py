@@ -45,9 +45,10 @@ def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.d
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int], Ks: Sequence[int],
              weight_floor: float, batch_size: int, amp_dtype: torch.dtype | None,
-             documents: np.ndarray | None = None) -> list[dict]:
+             documents: np.ndarray | None = None, magnitudes: Sequence[bool] | None = None) -> list[dict]:
     """Held-out metrics of each stacked predictor (predictor p is scored on label labels_of[p]), in eval batches of
-    batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts."""
+    batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts.
+    magnitudes[l]: label l ranks by |value| (LabelSpec.ranks_by_magnitude), so its Captured Mass is defined."""
     model.eval()
     batches: list[list[dict]] = [[] for _ in labels_of]
     for s in iter_row_chunks(test.n, batch_size):
@@ -57,7 +58,7 @@ def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int],
             batches[p].append(batch_statistics(logits[p], test.label_rows(l, s), test.scores[l, s], Ks[l], weight_floor,
                                                top))
     model.train()
-    metrics = [aggregate_statistics(b, Ks[l]) for b, l in zip(batches, labels_of)]
+    metrics = [aggregate_statistics(b, Ks[l], magnitudes is None or magnitudes[l]) for b, l in zip(batches, labels_of)]
     if documents is not None:
         for m, b in zip(metrics, batches):
             m["per_document"] = per_document_counts(b, documents)
@@ -219,7 +220,8 @@ def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence
     label_index = torch.tensor(labels_of, device=device)[:, None]  # (P, 1): which label rows each predictor reads
 
     def held_out(documents: np.ndarray | None = None) -> list[dict]:
-        return evaluate(model, data.test, labels_of, data.Ks, floor, cfg.batch_size, amp_dtype, documents)
+        return evaluate(model, data.test, labels_of, data.Ks, floor, cfg.batch_size, amp_dtype, documents,
+                        [label.ranks_by_magnitude for label in data.labels])
 
     best = held_out()
     log(f"[Start] {format_metrics(best[0])}" + (f" (and {P - 1} more predictors)" if P > 1 else ""))

@@ -1,0 +1,93 @@
+"""Baselines and controls (issue 19): static top-K, captured mass, gate-computed ranking, cross-token and centred
+drift, capacity and data curves, fold spread."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ModelDims
+from sparse_predictor import static_topk
+from sparse_predictor.trainer.metrics import ranking_statistics, true_top_k
+from sparse_predictor.trainer.rows import document_split
+from sparse_predictor.trainer.static import read_static, static_ranking, static_scores
+from tests.analysis_fixtures import write_collection
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+DOC_LENGTHS = [12, 9, 15, 10, 8, 14, 11, 13, 10, 12]
+
+
+def unit3_collection(path, family: str = "llama"):
+    """MLP and attention labels whose unit 3 is the largest in every row; the rest random."""
+    dims = ModelDims(hidden_size=8, ffn_dim=16, num_heads=6, num_kv_heads=2, num_layers=2)
+    rng = np.random.default_rng(3)
+    rows = sum(DOC_LENGTHS)
+    values = {}
+    for layer in range(dims.num_layers):
+        x = rng.standard_normal((rows, dims.hidden_size)).astype(np.float32)
+        values[("att_x", layer)] = values[("mlp_x", layer)] = x
+        for kind, width in (("mlp_label", dims.ffn_dim), ("att_label", dims.num_heads)):
+            v = rng.uniform(0.0, 1.0, (rows, width)).astype(np.float32)
+            v[:, 3] = 5.0
+            values[(kind, layer)] = v if kind == "att_label" else v * rng.choice([-1, 1], v.shape).astype(np.float32)
+        if family == "llama":
+            values[("mlp_gate", layer)] = rng.standard_normal((rows, dims.ffn_dim)).astype(np.float32)
+    name, model_type = (("meta-llama/unit3", "llama-save") if family == "llama" else ("facebook/unit3", "opt-save"))
+    return write_collection(path, dims, DOC_LENGTHS, values, name, model_type)
+
+
+@pytest.fixture(scope="module")
+def unit3(tmp_path_factory):
+    return unit3_collection(tmp_path_factory.mktemp("unit3") / "llama_c4")
+
+
+@pytest.mark.parametrize("block", ["mlp", "att"])
+def test_static_topk_file_ranks_the_always_largest_unit_first_from_training_rows_only(unit3, tmp_path, block):
+    k = "0.0625" if block == "mlp" else "0.15"  # K = 1 of 16 neurons, of 6 heads
+    paths = static_topk.main(["--data-dir", str(unit3), "--out-dir", str(tmp_path), "--block", block, "--k", k,
+                              "--test-docs", "3", "--device", "cpu"])
+    assert [p.name for p in paths] == [f"static_{block}_layer0.json", f"static_{block}_layer1.json"]
+    record = read_static(tmp_path, block, 1, width=16 if block == "mlp" else 6)
+    store = ActivationStore(unit3)
+    is_test = document_split(store.document_ids(), test_docs=3)
+    assert record["K"] == 1 and record["rows_train"] == int((~is_test).sum()) and record["documents_train"] == 7
+    assert record["counts"][3] == record["rows_train"] and sum(record["counts"]) == record["rows_train"]
+    assert record["input"] == "static (no input)" and record["data"]["model_name"] == "meta-llama/unit3"
+    assert record["provenance"]["kind"] == "static_topk" and len(record["test_documents"]) == 3
+    assert static_ranking(torch.tensor(record["counts"]))[0] == 3
+
+
+def test_static_ranking_breaks_ties_by_lower_unit_index_and_its_scores_pick_the_same_set():
+    counts = torch.tensor([5, 9, 5, 9, 0, 5])
+    assert static_ranking(counts).tolist() == [1, 3, 0, 2, 5, 4]
+    scores = static_scores(counts)
+    for K in range(1, 7):
+        assert sorted(scores.topk(K).indices.tolist()) == sorted(static_ranking(counts)[:K].tolist())
+
+
+def test_a_static_file_for_another_layer_or_width_is_an_error_naming_it(unit3, tmp_path):
+    static_topk.main(["--data-dir", str(unit3), "--out-dir", str(tmp_path), "--block", "att", "--k", "0.5",
+                      "--L", "0", "--test-docs", "3", "--device", "cpu"])
+    with pytest.raises(ValueError, match="static_att_layer0.json: 6 counts, the model's layer has 8"):
+        read_static(tmp_path, "att", 0, width=8)
+    with pytest.raises(FileNotFoundError, match="static_att_layer1.json"):
+        read_static(tmp_path, "att", 1)
+    record = json.loads((tmp_path / "static_att_layer0.json").read_text())
+    (tmp_path / "static_att_layer1.json").write_text(json.dumps(record))  # layer 0's counts under layer 1's name
+    with pytest.raises(ValueError, match="layer = 0"):
+        read_static(tmp_path, "att", 1)
+
+
+def test_captured_mass_is_one_for_the_oracle_and_the_picked_share_otherwise():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 5.0]])
+    oracle = ranking_statistics(scores, scores, 2)
+    assert torch.equal(oracle["topk_hits"], torch.tensor([2, 2]))
+    assert torch.allclose(oracle["mass_predicted"], oracle["mass_true"])
+    assert torch.allclose(oracle["mass_true"], torch.tensor([7.0, 6.0]))  # a tie at the K-th counts its score once
+    worst = ranking_statistics(-scores, scores, 2)
+    assert torch.allclose(worst["mass_predicted"], torch.tensor([3.0, 2.0]))
+    assert worst["topk_hits"].tolist() == [0, 1]  # row 2: a unit tied with the true K-th still has room
+    kth, room = true_top_k(scores, 2)
+    assert torch.equal(ranking_statistics(-scores, scores, 2, (kth, room))["topk_hits"], worst["topk_hits"])
