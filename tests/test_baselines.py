@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ModelDims
+from scripts.analysis import recall_summary
 from sparse_predictor import static_topk
 from sparse_predictor.trainer.metrics import ranking_statistics, true_top_k
 from sparse_predictor.trainer.rows import document_split
@@ -91,3 +92,48 @@ def test_captured_mass_is_one_for_the_oracle_and_the_picked_share_otherwise():
     assert worst["topk_hits"].tolist() == [0, 1]  # row 2: a unit tied with the true K-th still has room
     kth, room = true_top_k(scores, 2)
     assert torch.equal(ranking_statistics(-scores, scores, 2, (kth, room))["topk_hits"], worst["topk_hits"])
+
+
+def baseline(collection, fractions, test_docs=3):
+    store = ActivationStore(collection)
+    family = "opt" if store.manifest["model_type"].startswith("opt") else "llama"
+    is_test = document_split(store.document_ids(), test_docs=test_docs)
+    records = recall_summary.baseline_records(store, "m", family, 1, fractions, is_test, torch.device("cpu"), 0)
+    return {(r["block"], r["ranking"], r["k"]): r for r in records}
+
+
+def test_static_recall_at_k_is_one_at_k_1_when_unit_3_is_always_largest_and_the_oracle_mass_is_one(unit3):
+    records = baseline(unit3, [0.0625, 0.15])  # K = 1 of 16 neurons; K = 1 of 6 heads (K = 2 of 16 neurons)
+    for block, k in (("mlp", 0.0625), ("att", 0.15)):
+        static = records[(block, "static", k)]
+        assert static["K"] == 1 and static["Recall@K"] == 1.0 and static["train Recall@K"] == 1.0
+        assert static["rows_train"] > 0 and sum(static["per_document"]["topk_hits"]) == static["rows_test"]
+        oracle = records[(block, "oracle", k)]
+        assert oracle["Recall@K"] == 1.0 and oracle["Captured Mass"] == pytest.approx(1.0)
+        assert oracle["per_document"]["mass_predicted"] == pytest.approx(oracle["per_document"]["mass_true"])
+    random = records[("mlp", "random", 0.15)]
+    assert random["K"] == 2 and 0 < random["Recall@K"] < 1 and 0 < random["Captured Mass"] < 1
+    assert records[("att", "static", 0.15)]["chance Recall@K"] == pytest.approx(1 / 6)
+
+
+def test_gate_ranking_is_top_k_of_abs_silu_g_and_opt_says_n_a(tmp_path):
+    """mlp_label = SiLU(g) * 1: the gate-computed top-K is the true top-K; OPT has no gate."""
+    dims = ModelDims(hidden_size=8, ffn_dim=16, num_heads=4, num_kv_heads=2, num_layers=2)
+    rng = np.random.default_rng(5)
+    rows, values = sum(DOC_LENGTHS), {}
+    for layer in range(2):
+        g = rng.standard_normal((rows, 16)).astype(np.float32) * 3
+        values[("mlp_gate", layer)], values[("mlp_label", layer)] = g, g / (1 + np.exp(-g))
+        values[("att_label", layer)] = rng.uniform(0, 1, (rows, 4)).astype(np.float32)
+        values[("att_x", layer)] = values[("mlp_x", layer)] = rng.standard_normal((rows, 8)).astype(np.float32)
+    llama = write_collection(tmp_path / "llama", dims, DOC_LENGTHS, values, "meta-llama/g", "llama-save")
+    records = baseline(llama, [0.25, 0.5])
+    for k in (0.25, 0.5):
+        gate = records[("mlp", "|SiLU(g)|", k)]
+        assert gate["Recall@K"] == 1.0 and gate["Captured Mass"] == pytest.approx(1.0)
+        assert records[("mlp", "|g|", k)]["Recall@K"] < 1.0  # large negative g: large |g|, small |SiLU(g)|
+    assert ("att", "|SiLU(g)|", 0.25) not in records  # the gate ranks MLP neurons only
+    opt = baseline(unit3_collection(tmp_path / "opt", family="opt"), [0.25])
+    gate = opt[("mlp", "|SiLU(g)|", 0.25)]
+    assert gate["Recall@K"] is None and gate["Captured Mass"] is None and "no gate" in gate["n/a"]
+    assert ("mlp", "|g|", 0.25) not in opt and opt[("mlp", "static", 0.25)]["Recall@K"] > 0

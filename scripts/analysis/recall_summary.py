@@ -10,10 +10,14 @@ DejaVu's lookahead input, and at --distance-fraction also from further back:
   MLP    mlp_x_l      att_x_l                       att_x_{l-1}  att_x_{l-2}
   att    att_x_l      att_x_{l-1} (= l-1)           -            att_x_{l-2}
 
-Every (layer, input) trains its labels x --seeds together (stacked, trainer.train_stacked). Without any training,
-for Llama with mlp_gate collected, the gate alone is scored against the same top-K: Recall@K of the top-K by |g| and
-by g, and the share of the true top-K that sign(g) > 0 covers. Every record keeps its held-out per-document counts,
-so that report.py can bootstrap intervals over documents; chance levels are recorded beside the metrics.
+Every (layer, input) trains its labels x --seeds together (stacked, trainer.train_stacked). Next to them, at every
+fraction and with the same metrics (Recall@K and Captured Mass, trainer/metrics.py), rankings that need no trained
+predictor (trainer/baselines.py): the static top-K (the K units most often in the true top-K over the training
+documents, trainer/static.py), a seeded random K-subset per token, the oracle (the label itself), and for Llama with
+mlp_gate collected the gate: top-K by |SiLU(g)| (CATS-style, the sparse mode `gate`), by |g| and by g, and the share
+of the true top-K that sign(g) > 0 covers; OPT has no gate, so its gate records say n/a with the reason. Every record
+keeps its held-out per-document sums, so that report.py can bootstrap intervals over documents; uniform chance
+(K / units) is recorded beside the metrics.
 
     python scripts/analysis/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
 Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
@@ -42,10 +47,13 @@ from sparse_predictor import main_att, main_mlp  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mask  # noqa: E402
 from sparse_predictor.trainer.model import train_stacked  # noqa: E402
+from sparse_predictor.trainer.baselines import (fixed_ranker, kind_ranker, oracle_ranker,  # noqa: E402
+                                                random_ranker, score_rankers)
 from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
+from sparse_predictor.trainer.static import static_counts, static_ranking, static_scores  # noqa: E402
 
-METRICS = ("Recall@K", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
-CSV_COLUMNS = ("model", "block", "layer", "input", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
+METRICS = ("Recall@K", "Captured Mass", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
+CSV_COLUMNS = ("model", "block", "layer", "input", "ranking", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
                *METRICS, "chance Recall@K", "chance Precision", "rows_test", "documents_test", "best_epoch")
 BLOCK_LR = {"mlp": main_mlp.DEFAULTS["lr"], "att": main_att.DEFAULTS["lr"]}
 
@@ -111,13 +119,89 @@ def predictor_records(store: ActivationStore, model: str, family: str, layer: in
     return records
 
 
-def gate_records(store: ActivationStore, model: str, layer: int, fractions: list[float], is_test: np.ndarray,
-                 documents: np.ndarray) -> list[dict]:
-    """The gate alone against the true top-K of |SiLU(g) * u| on the held-out rows: no predictor."""
+GATE_INPUT = "gate (no predictor)"
+BASELINE_INPUTS = {"static": "static (no input)", "random": "random (no input)", "oracle": "oracle (the label)",
+                   "|SiLU(g)|": GATE_INPUT, "|g|": GATE_INPUT, "g": GATE_INPUT}
+BASELINE_DEFINITIONS = {
+    "static": "the K units most often in the true top-K over the training documents, the same for every token "
+              "(count desc, ties by lower unit index; sparse_predictor/trainer/static.py)",
+    "random": "a uniform random K-subset per token, drawn (torch.rand, seeded: random_seed), not its expectation",
+    "oracle": "the true top-K itself: Recall@K and Captured Mass 1 by construction (a check of the metrics)",
+    "|SiLU(g)|": "top-K by |SiLU(g)| with g the exact gate pre-activation (CATS-style, training-free): what the "
+                 "sparse mode `gate` keeps; it saves the up and down projections of the other units, not the gate",
+    "|g|": "top-K by |g| (the gate pre-activation)",
+    "g": "top-K by g",
+}
+
+
+def gate_unavailable(family: str, store: ActivationStore) -> str | None:
+    """Why the gate-computed ranking is n/a for this model, or None when it can be computed."""
+    if family != "llama":
+        return "n/a: OPT's MLP has no gate (fc1 -> ReLU -> fc2)"
+    if "mlp_gate" not in store.kinds:
+        return "n/a: mlp_gate was not collected (--collect-mlp-gate)"
+    return None
+
+
+def block_rankers(block: str, counts: list[torch.Tensor], gate: bool, seed: int, layer: int) -> dict:
+    """name -> one ranker per fraction: static, random, oracle, and for the Llama MLP the gate's three."""
+    rankers = {"static": [fixed_ranker(static_scores(c)) for c in counts],
+               "random": [random_ranker(random_seed(seed, layer, block, i)) for i in range(len(counts))],
+               "oracle": [oracle_ranker] * len(counts)}
+    if gate:
+        for name, transform in (("|SiLU(g)|", lambda g: F.silu(g).abs()), ("|g|", torch.abs), ("g", lambda g: g)):
+            rankers[name] = [kind_ranker("mlp_gate", transform)] * len(counts)
+    return rankers
+
+
+def random_seed(seed: int, layer: int, block: str, fraction_index: int) -> int:
+    return int(np.random.SeedSequence([seed, layer, ("mlp", "att").index(block), fraction_index]).generate_state(1)[0])
+
+
+def baseline_records(store: ActivationStore, model: str, family: str, layer: int, fractions: list[float],
+                     is_test: np.ndarray, device: torch.device, seed: int) -> list[dict]:
+    """Static, random, oracle and (Llama MLP) gate-computed top-K of the layer, scored on the held-out documents
+    against the true top-K at every fraction, with the predictors' metrics; the gate is n/a (with the reason) where
+    the model has none."""
+    documents = store.document_ids()
+    train_docs, test_docs = len(np.unique(documents[~is_test])), len(np.unique(documents[is_test]))
+    no_gate = gate_unavailable(family, store)
+    records = []
+    for block in ("mlp", "att"):
+        width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
+        labels = [make_label_spec(block, "topk", f, None, width) for f in fractions]
+        counts = static_counts(store, block, layer, labels, ~is_test, device)
+        gate = block == "mlp" and no_gate is None
+        rankers = block_rankers(block, counts, gate, seed, layer)
+        stats = score_rankers(store, layer, labels, is_test, rankers, ["mlp_gate"] if gate else [], device)
+        for (name, i), st in stats.items():
+            record = {"model": model, "block": block, "layer": layer, "input": BASELINE_INPUTS[name], "ranking": name,
+                      "label": "topk", "k": fractions[i], "label_definition": labels[i].definition(),
+                      "Recall@K": st["Recall@K"], "Captured Mass": st["Captured Mass"], "K": st["K"],
+                      "chance Recall@K": st["K"] / width, "definition": BASELINE_DEFINITIONS[name],
+                      "rows_test": int(is_test.sum()), "documents_test": test_docs, "per_document": st["per_document"]}
+            if name == "static":
+                top = static_ranking(counts[i])[: st["K"]]
+                record.update(rows_train=int((~is_test).sum()), documents_train=train_docs,
+                              **{"train Recall@K": float(counts[i][top].sum()) / (st["K"] * int((~is_test).sum()))})
+            if name == "random":
+                record["random_seed"] = random_seed(seed, layer, block, i)
+            records.append(record)
+        if block == "mlp" and no_gate is not None:
+            records += [{"model": model, "block": "mlp", "layer": layer, "input": GATE_INPUT, "ranking": "|SiLU(g)|",
+                         "label": "topk", "k": f, "K": fraction_count(f, width), "Recall@K": None,
+                         "Captured Mass": None, "chance Recall@K": fraction_count(f, width) / width,
+                         "definition": BASELINE_DEFINITIONS["|SiLU(g)|"], "n/a": no_gate} for f in fractions]
+    return records
+
+
+def gate_coverage_records(store: ActivationStore, model: str, layer: int, fractions: list[float],
+                          is_test: np.ndarray, documents: np.ndarray) -> list[dict]:
+    """The share of the true top-K of |SiLU(g) * u| on the held-out rows that sign(g) > 0 covers: no predictor."""
     rows = np.flatnonzero(is_test)
     ids, inverse = np.unique(documents[rows], return_inverse=True)
     ffn = store.dims.ffn_dim
-    hits = {(name, f): np.zeros(len(ids)) for name in ("|g|", "g", "sign(g)") for f in fractions}
+    hits = {f: np.zeros(len(ids)) for f in fractions}
     positive = np.zeros(len(ids))
     label_mm, gate_mm = store.open("mlp_label", layer), store.open("mlp_gate", layer)
     for part, chunk in iter_row_chunks(rows, rows_per_chunk(3 * ffn)):
@@ -125,19 +209,16 @@ def gate_records(store: ActivationStore, model: str, layer: int, fractions: list
         doc = inverse[part]
         positive += np.bincount(doc, weights=(g > 0).sum(dim=1).numpy(), minlength=len(ids))
         for f in fractions:
-            K = fraction_count(f, ffn)
-            true = topk_mask(y.abs(), K)
-            for name, chosen in (("|g|", topk_mask(g.abs(), K)), ("g", topk_mask(g, K)), ("sign(g)", g > 0)):
-                hits[(name, f)] += np.bincount(doc, weights=(chosen & true).sum(dim=1).numpy(), minlength=len(ids))
+            true = topk_mask(y.abs(), fraction_count(f, ffn))
+            hits[f] += np.bincount(doc, weights=((g > 0) & true).sum(dim=1).numpy(), minlength=len(ids))
     tokens = np.bincount(inverse, minlength=len(ids))
     records = []
-    for (name, f), h in hits.items():
+    for f, h in hits.items():
         K = fraction_count(f, ffn)
-        what = ("share of the true top-K units with g > 0 (a set of varying size, not K units)" if name == "sign(g)"
-                else f"top-K by {name} vs the true top-K by |mlp_label|")
-        records.append({"model": model, "block": "mlp", "layer": layer, "input": "gate (no predictor)",
-                        "ranking": name, "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
-                        "chance Recall@K": K / ffn, "definition": what,
+        records.append({"model": model, "block": "mlp", "layer": layer, "input": GATE_INPUT, "ranking": "sign(g)",
+                        "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
+                        "Captured Mass": None, "chance Recall@K": K / ffn,
+                        "definition": "share of the true top-K units with g > 0 (a set of varying size, not K units)",
                         "gate_positive_share": float(positive.sum() / (ffn * len(rows))),
                         "per_document": {"documents": ids.tolist(), "tokens": tokens.tolist(),
                                          "topk_hits": h.astype(np.int64).tolist()}})
@@ -213,8 +294,10 @@ def main(argv: list[str] | None = None) -> Path:
             records += stored
             continue
         layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
-        if "mlp_gate" in store.kinds and source["family"] == "llama":
-            layer_records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
+        layer_records += baseline_records(store, source["model"], source["family"], layer, args.fractions, is_test,
+                                          device, args.seed)
+        if gate_unavailable(source["family"], store) is None:
+            layer_records += gate_coverage_records(store, source["model"], layer, args.fractions, is_test, documents)
         write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, "records": layer_records})
         records += layer_records
     if args.partial_only:

@@ -146,7 +146,7 @@ class ModelSummary:
 
 
 def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    records = [r for r in payload["records"] if "per_document" in r and r["input"] != "gate (no predictor)"]
+    records = [r for r in payload["records"] if "per_document" in r and "ranking" not in r]  # predictors only
     for block, inputs in (("mlp", ("same", "lookahead")), ("att", ("same", "lookahead"))):
         for k in payload["fractions"]:
             for name in inputs:
@@ -174,7 +174,8 @@ def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
 
 
 def gate_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    gate = [r for r in payload["records"] if r["input"] == "gate (no predictor)"]
+    gate = [r for r in payload["records"] if r["input"] == "gate (no predictor)"
+            and r["ranking"] in ("|g|", "g", "sign(g)")]
     for k in payload["fractions"] if gate else []:
         for ranking in ("|g|", "g", "sign(g)"):
             chosen = [r for r in gate if r["k"] == k and r["ranking"] == ranking]

@@ -11,6 +11,7 @@ mode `static` reads) and for the summary (scripts/analysis/recall_summary.py, wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,20 +31,29 @@ def static_unit_counts(store: ActivationStore, block: str, layer: int, label: La
                        device: torch.device) -> torch.Tensor:
     """(units,) int64 on the CPU: in how many of the rows selected by `is_train` each unit is active under `label`
     (its true top-K for a topk label), streamed chunk by chunk from the label's collected file."""
-    if label.source_kind != BLOCK_LABEL_KIND[block] and not (block == "mlp" and label.source_kind == "mlp_gate"):
-        raise ValueError(f"label {label.name} ({label.source_kind}) is not a {block} label")
-    file = open_rows(store, label.source_kind, layer)
+    return static_counts(store, block, layer, [label], is_train, device)[0]
+
+
+def static_counts(store: ActivationStore, block: str, layer: int, labels: Sequence[LabelSpec], is_train: np.ndarray,
+                  device: torch.device) -> list[torch.Tensor]:
+    """static_unit_counts of several labels of one collected kind (e.g. top-K at several fractions), one read."""
+    kinds = {label.source_kind for label in labels}
+    allowed = {BLOCK_LABEL_KIND[block]} | ({"mlp_gate"} if block == "mlp" else set())
+    if len(kinds) != 1 or not kinds <= allowed:
+        raise ValueError(f"labels {[l.name for l in labels]} ({sorted(kinds)}): need {block} labels of one kind")
+    file = open_rows(store, kinds.pop(), layer)
     if len(is_train) != file.rows:
         raise ValueError(f"is_train has {len(is_train)} rows, {file.path} has {file.rows}")
-    counts = torch.zeros(file.width, dtype=torch.int64, device=device)
+    counts = torch.zeros((len(labels), file.width), dtype=torch.int64, device=device)
     slices = [s for s in chunk_slices(file.rows, [file.width]) if is_train[s].any()]
     for rows, (values,) in tqdm(stream_chunks([file], slices, device), total=len(slices), unit="chunk", leave=False,
                                 desc=f"{block} layer {layer} static counts"):
         local = np.flatnonzero(is_train[rows])
         if len(local) < rows.stop - rows.start:
             values = values[torch.from_numpy(local).to(device)]
-        counts += label.labels(label.scores(values.float())).sum(dim=0)
-    return counts.cpu()
+        for i, label in enumerate(labels):
+            counts[i] += label.labels(label.scores(values.float())).sum(dim=0)
+    return list(counts.cpu())
 
 
 def static_ranking(counts: torch.Tensor) -> torch.Tensor:
