@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, ModelDims
-from scripts.analysis import recall_summary
+from scripts.analysis import drift, recall_summary
 from sparse_predictor import static_topk
 from sparse_predictor.trainer.metrics import ranking_statistics, true_top_k
 from sparse_predictor.trainer.rows import document_split
@@ -137,3 +137,40 @@ def test_gate_ranking_is_top_k_of_abs_silu_g_and_opt_says_n_a(tmp_path):
     gate = opt[("mlp", "|SiLU(g)|", 0.25)]
     assert gate["Recall@K"] is None and gate["Captured Mass"] is None and "no gate" in gate["n/a"]
     assert ("mlp", "|g|", 0.25) not in opt and opt[("mlp", "static", 0.25)]["Recall@K"] > 0
+
+
+# ------------------------------------------------------------------------------------- drift baselines
+def stream_collection(path, shift: float) -> dict:
+    """x_1 = x_0 + small noise, x_0 i.i.d. isotropic plus `shift` times a direction every token shares; through
+    drift.py with cross-token pairs and centring."""
+    dims, lengths = ModelDims(hidden_size=64, ffn_dim=8, num_heads=2, num_kv_heads=1, num_layers=2), [10] * 40
+    rng = np.random.default_rng(11)
+    direction = rng.standard_normal(64)
+    x0 = rng.standard_normal((400, 64)) + shift * direction / np.linalg.norm(direction) * 8  # |noise| ~ 8
+    x1 = x0 + 0.3 * rng.standard_normal(x0.shape)
+    values = {("att_x", 0): x0.astype(np.float32), ("att_x", 1): x1.astype(np.float32)}
+    data = write_collection(path / "data", dims, lengths, values, "meta-llama/stream", "llama-save")
+    drift.main(["--data-dir", str(data), "--out-dir", str(path / "out"), "--kinds", "att_x", "--max-distance", "1"])
+    result = json.loads((path / "out" / "drift.json").read_text())
+    return {r["space"]: r for r in result["records"]} | {("k1", x["space"]): x for x in result["k1_intervals"]}
+
+
+def test_cross_token_cosine_is_zero_for_isotropic_rows_and_high_for_a_shared_direction_until_centred(tmp_path):
+    isotropic = stream_collection(tmp_path / "iso", shift=0.0)
+    assert abs(isotropic["raw"]["cross_token_mean"]) < 0.03 and isotropic["raw"]["mean"] > 0.9
+    shared = stream_collection(tmp_path / "shared", shift=1.0)  # |shared direction| = |noise|: cosine about 0.5
+    assert 0.35 < shared["raw"]["cross_token_mean"] < 0.65
+    assert abs(shared["raw centred"]["cross_token_mean"]) < 0.03  # the mean direction removed
+    assert shared["raw centred"]["mean"] > 0.9  # the token's own signal stays
+    assert shared["raw"]["same_minus_cross"] == pytest.approx(shared["raw"]["mean"] - shared["raw"]["cross_token_mean"])
+    k1 = shared[("k1", "raw")]
+    assert k1["cross_token"]["low"] <= shared["raw"]["cross_token_mean"] <= k1["cross_token"]["high"]
+    assert k1["same_minus_cross"]["value"] == pytest.approx(shared["raw"]["same_minus_cross"], abs=1e-6)
+
+
+def test_cross_token_partners_come_from_other_documents():
+    documents = np.repeat(np.arange(5), [30, 1, 1, 1, 1])  # one large document: many redraws
+    partners = drift.cross_token_partners(documents, seed=0)
+    assert (documents[partners] != documents).all()
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        drift.cross_token_partners(np.zeros(4, dtype=int), seed=0)
