@@ -14,7 +14,7 @@ from sparse_predictor import static_topk
 from sparse_predictor.trainer.metrics import ranking_statistics, true_top_k
 from sparse_predictor.trainer.rows import document_split
 from sparse_predictor.trainer.static import read_static, static_ranking, static_scores
-from tests.analysis_fixtures import write_collection
+from tests.analysis_fixtures import drifting_model, write_collection
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 DOC_LENGTHS = [12, 9, 15, 10, 8, 14, 11, 13, 10, 12]
@@ -174,3 +174,52 @@ def test_cross_token_partners_come_from_other_documents():
     assert (documents[partners] != documents).all()
     with pytest.raises(ValueError, match="at least 2 documents"):
         drift.cross_token_partners(np.zeros(4, dtype=int), seed=0)
+
+
+# ------------------------------------------------------------------------------------- capacity, data, folds
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory):
+    """recall_summary on one layer with a width curve (4, full), a data curve (1/2, all) and 2 folds."""
+    root = tmp_path_factory.mktemp("curves")
+    data = drifting_model(root / "data", "llama", seed=2, drift=0.3, with_gate=False,
+                          doc_lengths=tuple([12, 9, 15, 10, 8, 14, 11, 13, 10, 12, 9, 16] * 2))
+    recall_summary.main(["--data-dir", str(data), "--out-dir", str(root / "out"), "--layers", "1", "--D", "8",
+                         "--epochs", "1", "--batch_size", "32", "--device", "cpu", "--fractions", "0.25,0.5",
+                         "--distance-fraction", "0.25", "--test-docs", "6", "--capacity-layers", "1",
+                         "--capacity-widths", "4,full", "--capacity-rows", "0.5,1", "--folds", "2",
+                         "--fold-layers", "1"])
+    return json.loads((root / "out" / "recall_summary.json").read_text())
+
+
+def test_capacity_curve_has_one_record_per_width_and_rows_fraction_for_both_predictor_kinds(curves):
+    records = curves["capacity"]
+    keys = sorted((r["block"], r["curve"], r["D"] if r["curve"] == "D" else r["rows_fraction"], r["predictor"])
+                  for r in records)
+    expected = sorted((block, curve, value, kind) for block, full in (("mlp", 16), ("att", 4))
+                      for curve, values in (("D", (4, full)), ("rows", (0.5, 1.0)))
+                      for value in dict.fromkeys(values) for kind in ("linear", "nonlinear (relu)"))
+    assert keys == expected  # attention: full rank min(16, 4 heads) = 4 = the other width, kept once
+    by = {(r["block"], r["curve"], r["D"], r["rows_fraction"], r["predictor"]): r for r in records}
+    half, full = by[("mlp", "rows", 8, 0.5, "linear")], by[("mlp", "rows", 8, 1.0, "linear")]
+    assert 0.3 < half["rows_train"] / full["rows_train"] < 0.75 and half["documents_train"] < full["documents_train"]
+    assert by[("mlp", "D", 16, 1.0, "linear")]["D_is_full_rank"] and not by[("mlp", "D", 4, 1.0, "linear")]["D_is_full_rank"]
+    assert all(r["input"] == "lookahead" and r["k"] == 0.25 and 0 <= r["Recall@K"] <= 1 and r["Captured Mass"] > 0
+               for r in records)
+    assert all(r["per_document"]["documents"] == records[0]["per_document"]["documents"] for r in records)
+
+
+def test_fold_spread_is_computed_per_fold_on_the_same_held_out_documents(curves):
+    folds = curves["folds"]
+    assert sorted({(r["block"], r["k"], r["fold"]) for r in folds}) == [
+        (b, k, f) for b in ("att", "mlp") for k in (0.25, 0.5) for f in (0, 1)]
+    rows = {r["fold"]: r["rows_train"] for r in folds if r["block"] == "mlp" and r["k"] == 0.25}
+    [full] = [r for r in curves["capacity"] if (r["block"], r["curve"], r["rows_fraction"], r["predictor"]) ==
+              ("mlp", "rows", 1.0, "linear")]
+    assert rows[0] + rows[1] == full["rows_train"] and rows[0] > 0 and rows[1] > 0  # 2 folds: each trains on the other
+    assert all(r["per_document"]["documents"] == full["per_document"]["documents"] for r in folds)
+    [spread] = [s for s in curves["fold_spread"] if (s["block"], s["k"]) == ("mlp", 0.25)]
+    for fold, value in enumerate(spread["Recall@K per fold"]):
+        [r] = [r for r in folds if (r["block"], r["k"], r["fold"]) == ("mlp", 0.25, fold)]
+        assert value == pytest.approx(r["Recall@K"])  # one layer: the pooled value is the fold's own
+    assert spread["Recall@K"]["min"] == min(spread["Recall@K per fold"]) and spread["layers"] == [1]
+    assert "full data bootstrap" in spread and spread["full data bootstrap"]["documents"] == 6

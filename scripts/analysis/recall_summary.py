@@ -41,12 +41,14 @@ from tqdm import tqdm  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
+from scripts.analysis import capacity  # noqa: E402
 from scripts.analysis.common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
-                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_results)
+                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_csv_atomic,
+                                     write_results)
 from sparse_predictor import main_att, main_mlp  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mask  # noqa: E402
-from sparse_predictor.trainer.model import train_stacked  # noqa: E402
+from sparse_predictor.trainer.model import TrainConfig, train_stacked  # noqa: E402
 from sparse_predictor.trainer.baselines import (fixed_ranker, kind_ranker, oracle_ranker,  # noqa: E402
                                                 random_ranker, score_rankers)
 from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
@@ -55,6 +57,9 @@ from sparse_predictor.trainer.static import static_counts, static_ranking, stati
 METRICS = ("Recall@K", "Captured Mass", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
 CSV_COLUMNS = ("model", "block", "layer", "input", "ranking", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
                *METRICS, "chance Recall@K", "chance Precision", "rows_test", "documents_test", "best_epoch")
+CURVE_COLUMNS = ("model", "block", "layer", "curve", "fold", "predictor", "D", "full_rank", "D_is_full_rank",
+                 "parameters", "rows_fraction", "rows_train", "documents_train", "input_kind", "input_layer", "k", "K",
+                 "seed", "Recall@K", "Captured Mass", "chance Recall@K", "best_epoch")
 BLOCK_LR = {"mlp": main_mlp.DEFAULTS["lr"], "att": main_att.DEFAULTS["lr"]}
 
 
@@ -94,13 +99,17 @@ def chance_levels(metrics: dict, width: int) -> dict:
     return {"chance Recall@K": metrics["K"] / width, "chance Precision": metrics["True Sparsity"] / width}
 
 
+def block_config(args: argparse.Namespace, block: str) -> TrainConfig:
+    return train_config(argparse.Namespace(**{**vars(args), "lr": args.lr or BLOCK_LR[block]}))
+
+
 def predictor_records(store: ActivationStore, model: str, family: str, layer: int, args: argparse.Namespace,
                       device: torch.device, max_bytes: int | None) -> list[dict]:
     arch, _ = architecture_label(family, store)
     records = []
     for block in ("mlp", "att"):
         width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
-        cfg = train_config(argparse.Namespace(**{**vars(args), "lr": args.lr or BLOCK_LR[block]}))
+        cfg = block_config(args, block)
         for variant, flag in input_variants(block, layer):
             labels = labels_for(block, variant, args.fractions, args.distance_fraction, arch, width)
             specs = [(i, args.seed + s) for i in range(len(labels)) for s in range(args.seeds)]
@@ -239,11 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of both blocks (default: each block's main default, "
                         + ", ".join(f"{b} {lr:g}" for b, lr in BLOCK_LR.items()) + ")")
     p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
+    capacity.add_arguments(p)
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, each training a share of the layers (on a GPU they share it: small "
                         "predictors leave it mostly idle); results do not depend on it (default %(default)s)")
     p.add_argument("--partial-only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs
     return p
+
+
+def layer_results(store: ActivationStore, source: dict, layer: int, args: argparse.Namespace, device: torch.device,
+                  max_bytes: int | None, is_test: np.ndarray, documents: np.ndarray, split, curves: bool,
+                  folds: bool) -> dict:
+    """Everything the summary trains and scores for one layer: predictors and baselines ("records"), the capacity
+    and data curves ("capacity") and the fold predictors ("folds") where the layer is in their subsets."""
+    model, family = source["model"], source["family"]
+    records = predictor_records(store, model, family, layer, args, device, max_bytes)
+    records += baseline_records(store, model, family, layer, args.fractions, is_test, device, args.seed)
+    if gate_unavailable(family, store) is None:
+        records += gate_coverage_records(store, model, layer, args.fractions, is_test, documents)
+    config = lambda block: block_config(args, block)  # noqa: E731
+    return {"records": records,
+            "capacity": capacity.capacity_records(store, model, layer, args, config, device, max_bytes, split)
+            if curves else [],
+            "folds": capacity.fold_records(store, model, layer, args, config, device, max_bytes, split) if folds else []}
 
 
 RUN_ONLY = ("out_dir", "device", "layers", "jobs", "partial_only")  # flags that do not change a layer's records
@@ -278,28 +305,29 @@ def main(argv: list[str] | None = None) -> Path:
     partial.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
 
-    def stored_records(layer: int) -> list[dict] | None:
+    capacity_layers = capacity.curve_layers(args.capacity_layers, store.num_layers)
+    fold_layers = capacity.curve_layers(args.fold_layers, store.num_layers) if args.folds else []
+
+    def stored(layer: int) -> dict | None:
         """The layer's records from its partial file, if one was written with these settings."""
         done = partial / f"layer{layer}.json"
-        stored = read_json(done) if done.is_file() else None
-        return stored["records"] if stored and stored["settings"] == settings else None
+        found = read_json(done) if done.is_file() else None
+        return found if found and found["settings"] == settings else None
 
     if args.jobs > 1:
-        todo = [layer for layer in layers if stored_records(layer) is None]
+        todo = [layer for layer in layers if stored(layer) is None]
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
+    curves, folds = [], []
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
-        stored = stored_records(layer)
-        if stored is not None:
-            records += stored
-            continue
-        layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
-        layer_records += baseline_records(store, source["model"], source["family"], layer, args.fractions, is_test,
-                                          device, args.seed)
-        if gate_unavailable(source["family"], store) is None:
-            layer_records += gate_coverage_records(store, source["model"], layer, args.fractions, is_test, documents)
-        write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, "records": layer_records})
-        records += layer_records
+        found = stored(layer)
+        if found is None:
+            found = layer_results(store, source, layer, args, device, max_bytes, is_test, documents, split,
+                                  layer in capacity_layers, layer in fold_layers)
+            write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, **found})
+        records += found["records"]
+        curves += found["capacity"]
+        folds += found["folds"]
     if args.partial_only:
         return partial
     payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
@@ -309,8 +337,13 @@ def main(argv: list[str] | None = None) -> Path:
                "inputs": {"mlp": {"same": "mlp_x_l", "lookahead": "att_x_l", "l-1": "att_x_{l-1}",
                                   "l-2": "att_x_{l-2}"},
                           "att": {"same": "att_x_l", "lookahead": "att_x_{l-1} (l >= 1)", "l-2": "att_x_{l-2}"}},
+               "baselines": BASELINE_DEFINITIONS,
+               "capacity": curves, "capacity_layers": capacity_layers, "folds": folds, "fold_layers": fold_layers,
+               "fold_spread": capacity.fold_spread(folds, records),
                "seconds": time.perf_counter() - started}
     json_path, csv_path = write_results(args.out_dir, "recall_summary", payload, records, CSV_COLUMNS, provenance)
+    write_csv_atomic(Path(args.out_dir) / "recall_capacity.csv", curves, CURVE_COLUMNS)
+    write_csv_atomic(Path(args.out_dir) / "recall_folds.csv", folds, CURVE_COLUMNS)
     print(f"wrote {json_path} and {csv_path}: {len(records)} records of {source['model']} (layers {layers[0]}.."
           f"{layers[-1]}, {args.seeds} seed(s), {payload['seconds']:.0f} s)")
     return json_path

@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     selection: str = "original"  # or "last": see SELECTIONS
     cuda_graphs: bool = True  # replay each training step from a captured CUDA graph (CUDA only)
+    activation: str | None = None  # None: DejaVu's linear low-rank predictor; relu / gelu: one hidden nonlinearity
 
 
 @dataclass
@@ -87,9 +88,20 @@ class TrainResult:
     label_index: int
 
 
-def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
+ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+
+
+def make_predictor(d: int, D: int, out: int, seed: int, activation: str | None = None) -> torch.nn.Sequential:
+    """DejaVu's Linear(d, D) -> Linear(D, out) without bias; with `activation`, that nonlinearity in between (the
+    upper-bound variant of the capacity curves: the same width, one hidden nonlinearity)."""
     torch.manual_seed(seed)  # built on the CPU so that a seed gives the same weights on any device
-    return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
+    first, second = torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False)
+    return torch.nn.Sequential(first, *([ACTIVATIONS[activation]()] if activation else []), second)
+
+
+def predictor_layers(activation: str | None) -> list[str]:
+    return ["Linear(d, D, bias=False)", *([f"{ACTIVATIONS[activation].__name__}()"] if activation else []),
+            "Linear(D, out, bias=False)"]
 
 
 class StackedPredictors(torch.nn.Module):
@@ -98,28 +110,34 @@ class StackedPredictors(torch.nn.Module):
     Each one is initialised exactly as make_predictor(d, D, out, seed) and AdamW updates every weight on its own, so
     stacking changes nothing but the kernels: one batched matmul instead of P small ones (at DejaVu's sizes a
     training step is bound by kernel launches, not arithmetic, so seeds and label variants come almost for free).
+    With `activation`, every predictor has that nonlinearity between its two layers (make_predictor's variant).
     """
 
-    def __init__(self, d: int, D: int, out: int, seeds: Sequence[int]):
+    def __init__(self, d: int, D: int, out: int, seeds: Sequence[int], activation: str | None = None):
         super().__init__()
-        singles = [make_predictor(d, D, out, seed) for seed in seeds]
+        singles = [make_predictor(d, D, out, seed, activation) for seed in seeds]
         self.w1 = torch.nn.Parameter(torch.stack([m[0].weight.detach() for m in singles]))  # (P, D, d)
-        self.w2 = torch.nn.Parameter(torch.stack([m[1].weight.detach() for m in singles]))  # (P, out, D)
+        self.w2 = torch.nn.Parameter(torch.stack([m[-1].weight.detach() for m in singles]))  # (P, out, D)
+        self.activation = ACTIVATIONS[activation]() if activation else None
+        self.second = len(singles[0]) - 1  # index of the second Linear in make_predictor's Sequential
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x, self.w1.transpose(1, 2))  # (P, B, D)
+        if self.activation is not None:
+            h = self.activation(h)
         return torch.matmul(h, self.w2.transpose(1, 2))  # (P, B, out)
 
     def state_of(self, p: int) -> dict[str, torch.Tensor]:
-        """Predictor p as the state dict of the Sequential the sparse runner loads (keys 0.weight, 1.weight)."""
+        """Predictor p as the state dict of make_predictor's Sequential (the sparse runner loads the linear one:
+        keys 0.weight, 1.weight)."""
         return {"0.weight": self.w1[p].detach().to("cpu", copy=True),
-                "1.weight": self.w2[p].detach().to("cpu", copy=True)}
+                f"{self.second}.weight": self.w2[p].detach().to("cpu", copy=True)}
 
     @torch.no_grad()
     def load_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
         for p, state in enumerate(states):
             self.w1[p].copy_(state["0.weight"])
-            self.w2[p].copy_(state["1.weight"])
+            self.w2[p].copy_(state[f"{self.second}.weight"])
 
 
 def stacked_bce(logits: torch.Tensor, y: torch.Tensor, weight_floor: float) -> torch.Tensor:
@@ -211,7 +229,7 @@ def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence
     floor = NEGATIVE_WEIGHT_FLOOR[block]
     labels_of, seeds = [l for l, _ in specs], [seed for _, seed in specs]
     P = len(specs)
-    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds).to(device)
+    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds, cfg.activation).to(device)
     graphs = cfg.cuda_graphs and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda",
                                   capturable=graphs)
