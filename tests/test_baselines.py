@@ -223,3 +223,30 @@ def test_fold_spread_is_computed_per_fold_on_the_same_held_out_documents(curves)
         assert value == pytest.approx(r["Recall@K"])  # one layer: the pooled value is the fold's own
     assert spread["Recall@K"]["min"] == min(spread["Recall@K per fold"]) and spread["layers"] == [1]
     assert "full data bootstrap" in spread and spread["full data bootstrap"]["documents"] == 6
+
+
+# ------------------------------------------------------------------------------------- WikiText-2 by article
+def test_wikitext_windows_get_the_article_of_their_middle_and_perplexity_intervals_resample_articles(tmp_path):
+    from Decentralized_FM_alpha.task_datasets.request_files import TextWindow, window_articles
+    from Decentralized_FM_alpha.task_datasets.results import perplexity_of_results
+    from scripts.report.summary import perplexity_ratio_cell
+
+    text = "\n\n = One = \n\n aaaa \n\n = = Part = = \n\n bbbb \n\n = Two = \n\n cccc \n"
+    two = text.index(" = Two")
+    windows = [TextWindow(0, 10, ()), TextWindow(10, two + 2, ()), TextWindow(two + 2, len(text), ())]
+    assert window_articles(text, windows) == [0, 0, 1]  # the section line starts no article; the middle decides
+    rng = np.random.default_rng(0)
+    articles = np.repeat(np.arange(6), 4)  # 24 windows of 6 articles
+    manifests = []
+    for name, shift in (("dense", 0.0), ("run", -0.2)):
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w") as f:
+            for article in articles:
+                logprobs = [None, *(rng.normal(-3 + shift, 0.5, 9)).tolist()]
+                f.write(json.dumps({"request": {"prompt": "x", "article": int(article)},
+                                    "result": {"choices": [{"logprobs": {"token_logprobs": logprobs}}]}}) + "\n")
+        manifests.append({"perplexity": perplexity_of_results(path), "output_path": str(path)})
+    assert manifests[0]["perplexity"]["per_request"]["articles"] == articles.tolist()
+    cell = perplexity_ratio_cell(manifests[1], manifests[0], ["S1"])
+    assert cell.interval.documents == 6 and "articles" in cell.interval.method
+    assert cell.interval.low < cell.interval.value < cell.interval.high

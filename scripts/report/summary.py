@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from Decentralized_FM_alpha.utils.intervals import Interval, bootstrap, ratio, seed_spread
+from Decentralized_FM_alpha.utils.intervals import METHOD, Interval, bootstrap, cluster_sums, ratio, seed_spread
 from scripts.analysis.common import model_colors, new_figure, save_figure
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
@@ -124,8 +124,11 @@ def perplexity_ratio_cell(run: dict, dense: dict, sources: list[str]) -> Cell:
     if a["tokens"] != b["tokens"]:
         raise ValueError(f"{run['output_path']} and {dense['output_path']} score different tokens: not comparable")
     columns = {"run": a["logprob_sums"], "dense": b["logprob_sums"], "tokens": a["tokens"]}
-    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["dense"]) / s["tokens"])), chance=None,
-                sources=sources)
+    method = METHOD.replace("documents", "requests")
+    if "articles" in a:  # WikiText-2 windows: resample whole articles (a cluster bootstrap)
+        columns, method = cluster_sums(columns, a["articles"]), METHOD.replace("documents", "articles (WikiText-2)")
+    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["dense"]) / s["tokens"]), method=method),
+                chance=None, sources=sources)
 
 
 def drift_cell(payload: dict, space: str, dims: str, source: str) -> Cell:
