@@ -2,6 +2,7 @@
 drift, capacity and data curves, fold spread."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -250,3 +251,20 @@ def test_wikitext_windows_get_the_article_of_their_middle_and_perplexity_interva
     cell = perplexity_ratio_cell(manifests[1], manifests[0], ["S1"])
     assert cell.interval.documents == 6 and "articles" in cell.interval.method
     assert cell.interval.low < cell.interval.value < cell.interval.high
+
+
+# ------------------------------------------------------------------------------------- the report
+def test_report_section_shows_every_ranking_the_curves_and_folds_in_narrow_tables(curves, tmp_path):
+    from scripts.report.baselines import baselines_section
+
+    lines, figures = baselines_section([("S1", curves)], [], tmp_path)
+    text = "\n".join(lines)
+    assert "static" in text and "gate abs(SiLU(g))" in text and "n/a (not collected)" in text
+    assert "D=4" in text and "D=16 (full rank)" in text and "0.5 of the rows" in text and "over folds" in text
+    widths = [line.count("|") - 1 for line in lines if line.startswith("| ")]
+    assert widths and max(widths) <= 10
+    assert [f.name for f in figures] == ["capacity.png"] and figures[0].is_file()
+    rows = list(csv.DictReader(open(tmp_path / "baselines.csv")))
+    static = [r for r in rows if r["column"] == "static Recall@K" and r["block"] == "mlp" and r["k"] == "0.25"]
+    [record] = [r for r in curves["records"] if (r["block"], r["k"], r.get("ranking")) == ("mlp", 0.25, "static")]
+    assert float(static[0]["value"]) == pytest.approx(record["Recall@K"])  # one layer: pooled = the layer's own

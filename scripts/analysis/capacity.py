@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
-from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio
+from Decentralized_FM_alpha.utils.intervals import Interval, bootstrap, ratio
 from Decentralized_FM_alpha.utils.selection import parse_layer_list
 from sparse_predictor.trainer.labels import make_label_spec
 from sparse_predictor.trainer.model import ACTIVATIONS, TrainConfig, TrainResult, train_stacked
@@ -166,17 +166,36 @@ def fold_records(store: ActivationStore, model: str, layer: int, args: argparse.
     return records
 
 
-def pooled(records: Sequence[dict], numerator: str, denominator) -> float | None:
-    """A metric pooled over records (layers): sum of the per-document numerators over sum of the denominators."""
-    num = sum(float(np.sum(r["per_document"][numerator])) for r in records)
-    den = sum(float(np.sum(denominator(r))) for r in records)
-    return num / den if den > 0 else None
+METRIC_SUMS = {  # metric -> (per-document numerator key, per-document denominator of a record)
+    "Recall@K": ("topk_hits", lambda r: r["K"] * np.asarray(r["per_document"]["tokens"], dtype=np.float64)),
+    "Captured Mass": ("mass_predicted", lambda r: np.asarray(r["per_document"]["mass_true"], dtype=np.float64)),
+}
 
 
-def recall_columns(records: Sequence[dict]) -> dict:
-    """Per held-out document: Recall@K hits and K * tokens summed over the records (the same documents each)."""
-    return {"num": np.sum([r["per_document"]["topk_hits"] for r in records], axis=0),
-            "den": np.sum([r["K"] * np.asarray(r["per_document"]["tokens"]) for r in records], axis=0)}
+def metric_columns(records: Sequence[dict], metric: str) -> dict[str, np.ndarray]:
+    """Per held-out document, summed over the records (layers, seeds): the metric's numerator ("num") and
+    denominator ("den"); the records must share their held-out documents."""
+    key, denominator = METRIC_SUMS[metric]
+    documents = records[0]["per_document"]["documents"]
+    if any(r["per_document"]["documents"] != documents for r in records):
+        raise ValueError(f"{records[0].get('model')}: records of different held-out documents cannot be pooled")
+    return {"num": np.sum([np.asarray(r["per_document"][key], dtype=np.float64) for r in records], axis=0),
+            "den": np.sum([denominator(r) for r in records], axis=0)}
+
+
+def pooled_value(records: Sequence[dict], metric: str) -> float | None:
+    """The metric pooled over the records (a ratio of sums; for Recall@K at one K, the mean over layers)."""
+    if not records or (metric == "Captured Mass" and any(r.get("Captured Mass") is None for r in records)):
+        return None
+    columns = metric_columns(records, metric)
+    return float(columns["num"].sum() / columns["den"].sum()) if columns["den"].sum() > 0 else None
+
+
+def pooled_interval(records: Sequence[dict], metric: str) -> Interval | None:
+    """pooled_value with its bootstrap interval over held-out documents."""
+    if pooled_value(records, metric) is None:
+        return None
+    return bootstrap(metric_columns(records, metric), ratio("num", "den"))
 
 
 def spread(values: Sequence[float]) -> dict:
@@ -194,9 +213,8 @@ def fold_spread(folds: Sequence[dict], headline: Sequence[dict]) -> list[dict]:
         chosen = [r for r in folds if (r["block"], r["k"]) == (block, k)]
         layers = sorted({r["layer"] for r in chosen})
         per_fold = {f: [r for r in chosen if r["fold"] == f] for f in sorted({r["fold"] for r in chosen})}
-        recall = [pooled(rs, "topk_hits", lambda r: r["K"] * np.asarray(r["per_document"]["tokens"]))
-                  for rs in per_fold.values()]
-        mass = [pooled(rs, "mass_predicted", lambda r: r["per_document"]["mass_true"]) for rs in per_fold.values()]
+        recall = [pooled_value(rs, "Recall@K") for rs in per_fold.values()]
+        mass = [pooled_value(rs, "Captured Mass") for rs in per_fold.values()]
         seed = chosen[0]["seed"]
         full = [r for r in headline if (r["block"], r["k"], r["input"], r.get("seed")) == (block, k, "lookahead", seed)
                 and r["label"] == "topk" and r["layer"] in layers and "ranking" not in r]
@@ -205,6 +223,6 @@ def fold_spread(folds: Sequence[dict], headline: Sequence[dict]) -> list[dict]:
                "Captured Mass per fold": mass, "Captured Mass": spread(mass) if None not in mass else None,
                "rows_train per fold": [rs[0]["rows_train"] for rs in per_fold.values()]}
         if {r["layer"] for r in full} == set(layers):
-            row["full data bootstrap"] = bootstrap(recall_columns(full), ratio("num", "den")).as_dict()
+            row["full data bootstrap"] = pooled_interval(full, "Recall@K").as_dict()
         out.append(row)
     return out
