@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> Path:
         return found if found and found["settings"] == settings else None
 
     if args.jobs > 1:
-        todo = [layer for layer in layers if stored(layer) is None]
+        heavy = set(capacity_layers) | set(fold_layers)  # dealt first, so the workers share the curves and folds
+        todo = sorted((layer for layer in layers if stored(layer) is None), key=lambda layer: layer not in heavy)
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
     curves, folds = [], []
