@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, what in (("--folds", "retrain the lookahead predictors without each of this many folds of the "
                                    "training documents; 0 = none"),
                        ("--fold-layers", "layers of the folds: 'ends' (layer 1, middle, last), 'all' or a list"),
-                       ("--capacity-layers", "layers of the capacity and data curves: 'ends', 'all', a list, or '' "
+                       ("--capacity-layers", "layers of the capacity and data curves: 'ends', 'last', 'all', a list, or '' "
                                              "for none"),
                        ("--capacity-widths", "predictor widths D of the capacity curve, 'full' = min(d, out)"),
                        ("--capacity-rows", "shares of the training rows of the data curve")):

@@ -35,9 +35,11 @@ LINEAR = "linear"
 
 def curve_layers(spec: str, num_layers: int) -> list[int]:
     """'ends': layer 1 (the first with a lookahead input for both blocks and past the embedding step), the middle
-    and the last layer; 'all'; or a layer list; '' = none."""
+    and the last layer; 'last'; 'all'; or a layer list; '' = none."""
     if not spec.strip():
         return []
+    if spec.strip() == "last":
+        return [num_layers - 1]
     if spec.strip() == "ends":
         return sorted({min(1, num_layers - 1), num_layers // 2, num_layers - 1})
     return parse_layer_list(spec, num_layers)
@@ -62,8 +64,8 @@ def parse_row_fractions(spec: str) -> list[float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the capacity and data curves and of the folds (recall_summary.py)."""
     p.add_argument("--capacity-layers", default="ends",
-                   help="layers of the capacity and data curves: 'ends' (layer 1, the middle and the last), 'all', a "
-                        "list such as 1,7,13, or '' for none (default %(default)s)")
+                   help="layers of the capacity and data curves: 'ends' (layer 1, the middle and the last), 'last', "
+                        "'all', a list such as 1,7,13, or '' for none (default %(default)s)")
     p.add_argument("--capacity-widths", type=parse_widths, default=parse_widths(DEFAULT_WIDTHS),
                    help="predictor widths D of the capacity curve; 'full' = min(d, out) (default %s)" % DEFAULT_WIDTHS)
     p.add_argument("--capacity-rows", type=parse_row_fractions, default=parse_row_fractions(DEFAULT_ROWS),

@@ -222,8 +222,9 @@ def fold_table(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
         return []
     return (["**Intervals over the training sample**: the training documents dealt into folds, the lookahead "
              "predictors retrained without each fold and scored on the same held-out documents (the spread due to "
-             "the training sample), beside the bootstrap interval over held-out documents of the full-data predictor "
-             "and the spread over training seeds, on the same layers", ""]
+             "the training sample; each fold trains on (k-1)/k of the training documents, so compare spreads, not "
+             "levels), beside the bootstrap interval over held-out documents of the full-data predictor and the "
+             "spread over training seeds, on the same layers", ""]
             + table(["model", "block", "K", "layers", "Recall@K over folds", "fold std", "full data [95%]",
                      "over seeds (n)", "src"], rows))
 
