@@ -185,7 +185,8 @@ def gate_cells(summary: ModelSummary, payload: dict, source: str) -> None:
             cell = Cell(bootstrap(document_columns(chosen, "topk_hits", lambda r: r["K"]), ratio("num", "den")),
                         chance=chosen[0]["chance Recall@K"], sources=[source])
             summary.cells[f"gate {ranking} Recall@K {k:g}"] = cell
-        summary.notes["gate positive share"] = f"{np.mean([r['gate_positive_share'] for r in gate]):.3f}"
+        share = [r["gate_positive_share"] for r in gate if "gate_positive_share" in r]  # the sign(g) records
+        summary.notes["gate positive share"] = f"{np.mean(share):.3f}"
 
 
 def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[str, dict]],
