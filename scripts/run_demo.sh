@@ -13,7 +13,11 @@
 #   FRACTIONS ("0.1 0.25 0.5": K of the summary), LOOKAHEAD_DISTANCE (0: the summary covers distances 0-2),
 #   SWEEP_LABELS (labels compared on the middle layer: "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu),
 #   TASKS (lm-evaluation-harness tasks: "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword", the offline local
-#   test task), TASK_LIMIT (50 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only).
+#   test task), TASK_LIMIT (50 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only),
+#   FOLDS (2: training-document folds of the summary), CAPACITY_LAYERS ("last": the layers of the capacity and data
+#   curves and of the folds; the GPU study's default is "ends": layer 1, middle, last),
+#   CAPACITY_WIDTHS ("32,128,full": the capacity curve's D; the GPU study's default goes to 1000),
+#   CAPACITY_ROWS ("0.5,1": shares of the training rows).
 # Rerunning resumes: finished stages are kept.
 [[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
@@ -52,7 +56,9 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --lookahead-distance "${LOOKAHEAD_DISTANCE:-0}" --drift-distance 2 \
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
   --tasks "${TASKS:-dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword}" --task-limit "${TASK_LIMIT:-50}" \
-  --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" \
+  --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" --folds "${FOLDS:-2}" --fold-layers "${CAPACITY_LAYERS:-last}" \
+  --capacity-layers "${CAPACITY_LAYERS:-last}" --capacity-widths "${CAPACITY_WIDTHS:-32,128,full}" \
+  --capacity-rows "${CAPACITY_ROWS:-0.5,1}" \
   --note "Small models: $MODELS_FACTS, run on ${COLLECT_ROWS:-20000} collected tokens with ${EPOCHS:-4}-epoch \
 predictors. This is evidence about mechanisms (OPT vs Llama architecture at equal size, data and steps), not a claim \
 about Llama 3.2 3B or any released model."
