@@ -321,10 +321,10 @@ def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: 
     commands += [launch("att", att_k, budgets.heads, [])] if att_k else []
     commands += [launch("att", att_k, budgets.groups, ["--gqa-groups"])] if att_k and groups else []
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
-    for block, ks, folder, extra in (("mlp", a.mlp_budgets, budgets.heads, []), ("att", a.att_budgets, budgets.heads, []),
-                                     *([("att", a.att_budgets, budgets.groups, ["--gqa-groups"])] if groups else [])):
+    for block, k, folder, extra in (("mlp", mlp_k, budgets.heads, []), ("att", att_k, budgets.heads, []),
+                                    *([("att", att_k, budgets.groups, ["--gqa-groups"])] if groups else [])):
         commands += [python("sparse_predictor/static_topk.py", "--data-dir", data, "--block", block, "--k", k, *extra,
-                            "--out-dir", folder.format(k=k), *device) for k in budgets.fractions(ks)]
+                            "--out-dir", folder, *device)] if k else []
     return commands
 
 

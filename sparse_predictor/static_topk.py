@@ -23,17 +23,17 @@ from tqdm import tqdm  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, parse_layer_list  # noqa: E402
-from sparse_predictor.trainer.cli import require_complete, resolve_device  # noqa: E402
-from sparse_predictor.trainer.labels import BLOCKS, LabelSpec, make_label_spec  # noqa: E402
+from sparse_predictor.trainer.cli import label_out_dirs, require_complete, resolve_device  # noqa: E402
+from sparse_predictor.trainer.labels import BLOCKS, LabelSpec, fraction_list, k_name, make_label_spec  # noqa: E402
 from sparse_predictor.trainer.records import collection_source  # noqa: E402
 from sparse_predictor.trainer.rows import MIN_TEST_DOCS, TEST_FRACTION, SplitConfig, document_split  # noqa: E402
-from sparse_predictor.trainer.static import (RANKING_RULE, STATIC_INPUT, static_path,  # noqa: E402
-                                             static_unit_counts)
+from sparse_predictor.trainer.static import RANKING_RULE, STATIC_INPUT, static_counts, static_path  # noqa: E402
 
 
-def block_label(store: ActivationStore, block: str, k: float) -> LabelSpec:
+def block_label(store: ActivationStore, block: str, k: float, gqa_groups: bool) -> LabelSpec:
     width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
-    return make_label_spec(block, "topk", k, None, width)
+    group = store.dims.num_heads // store.dims.num_kv_heads if gqa_groups else 1
+    return make_label_spec(block, "topk", k, None, width, group)
 
 
 def static_record(store: ActivationStore, block: str, layer: int, label: LabelSpec, split: SplitConfig,
@@ -42,7 +42,7 @@ def static_record(store: ActivationStore, block: str, layer: int, label: LabelSp
     docs = store.document_ids()
     source = collection_source(store)
     return {"block": block, "layer": layer, "label": label.name, "k": label.k, "K": label.top_count(len(counts)),
-            "width": len(counts), "counts": counts, "ranking": RANKING_RULE, "label_definition": label.definition(),
+            "width": len(counts), "label_group": label.group, "counts": counts, "ranking": RANKING_RULE, "label_definition": label.definition(),
             "count_rule": COUNT_RULE, "input": STATIC_INPUT,
             "rows_train": int((~is_test).sum()), "documents_train": len(np.unique(docs[~is_test])),
             "split": split.describe(), "test_documents": [int(d) for d in np.unique(docs[is_test])],
@@ -54,10 +54,16 @@ def static_record(store: ActivationStore, block: str, layer: int, label: LabelSp
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="a complete collection (SPEC §6)")
-    p.add_argument("--out-dir", required=True, help="where static_{block}_layer{L}.json go")
+    p.add_argument("--out-dir", required=True,
+                   help="where static_{block}_layer{L}.json go; with several --k a template holding {k} (e.g. "
+                        "predictors/b{k}), as the mains' --out-dir")
     p.add_argument("--block", choices=BLOCKS, required=True, help="mlp (neurons) or att (heads)")
-    p.add_argument("--k", type=float, required=True,
-                   help=f"fraction of the units in each row's true top-K ({COUNT_RULE}); the budget the runner keeps")
+    p.add_argument("--k", type=fraction_list, required=True,
+                   help=f"fraction of the units in each row's true top-K ({COUNT_RULE}); the budget the runner keeps. "
+                        f"A comma list counts every fraction in one read, each written to its own --out-dir ({{k}})")
+    p.add_argument("--gqa-groups", action="store_true",
+                   help="attention in whole key/value groups, as the runner's --gqa-groups keeps them (the label of "
+                        "main_att*.py --gqa-groups)")
     p.add_argument("--L", default="all", help="layer index, a list such as 0-13 or 0,4,8, or 'all' (default "
                                               "%(default)s)")
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
@@ -78,20 +84,24 @@ def main(argv: list[str] | None = None) -> list[Path]:
         layers = parse_layer_list(args.L, store.num_layers)
     except ValueError as e:
         raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
-    label = block_label(store, args.block, args.k)
+    if args.gqa_groups and args.block != "att":
+        raise ValueError("--gqa-groups counts whole key/value groups of attention heads: use it with --block att")
+    labels = [block_label(store, args.block, k, args.gqa_groups) for k in args.k]
+    out_dirs = label_out_dirs(args.out_dir, labels)
     split = SplitConfig(args.test_fraction, args.test_docs)
     is_test = document_split(store.document_ids(), split.test_fraction, split.test_docs)
     device = resolve_device(args.device)
     written = []
     for layer in tqdm(layers, desc=f"{args.block} static top-K", unit="layer"):
-        counts = static_unit_counts(store, args.block, layer, label, ~is_test, device)
-        record = static_record(store, args.block, layer, label, split, is_test, counts.tolist(), provenance)
-        path = static_path(args.out_dir, args.block, layer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
-        written.append(path)
-    print(f"wrote {len(written)} static top-K file(s) to {args.out_dir} ({args.block}, k {args.k}, K {record['K']} of "
-          f"{record['width']}, {record['rows_train']} training rows)")
+        for label, out_dir, counts in zip(labels, out_dirs,
+                                          static_counts(store, args.block, layer, labels, ~is_test, device)):
+            record = static_record(store, args.block, layer, label, split, is_test, counts.tolist(), provenance)
+            path = static_path(out_dir, args.block, layer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, record)
+            written.append(path)
+    print(f"wrote {len(written)} static top-K file(s) to {', '.join(map(str, out_dirs))} ({args.block}, k "
+          f"{','.join(k_name(k) for k in args.k)}, {record['rows_train']} training rows)")
     return written
 
 

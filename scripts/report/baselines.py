@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from Decentralized_FM_alpha.utils.intervals import Interval
 from scripts.analysis.capacity import pooled_interval, pooled_value
