@@ -14,7 +14,8 @@ from scripts.analysis import drift, recall_summary
 from sparse_predictor import static_topk
 from sparse_predictor.trainer.metrics import ranking_statistics, true_top_k
 from sparse_predictor.trainer.rows import document_split
-from sparse_predictor.trainer.static import read_static, static_ranking, static_scores
+from Decentralized_FM_alpha.utils.selection import static_ranking, static_scores
+from sparse_predictor.trainer.static import read_static
 from tests.analysis_fixtures import drifting_model, write_collection
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -31,7 +31,7 @@ from torch import nn
 
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.manifest import file_sha256
-from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_list
+from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_list, static_scores
 
 MODES = ("dense", "predictor", "oracle", "random", "static", "gate")
 FILE_MODES = ("predictor", "static")  # modes that read a file per sparse layer and block
@@ -139,10 +139,7 @@ def load_static(path: Path, layer: int, width: int, block: str, device: torch.de
     if not isinstance(counts, list) or len(counts) != width:
         raise ValueError(f"{path}: 'counts' must list one count per unit ({width}), found "
                          f"{len(counts) if isinstance(counts, list) else type(counts).__name__}")
-    order = sorted(range(width), key=lambda unit: (-counts[unit], unit))
-    scores = torch.empty(width, dtype=torch.float32)
-    scores[torch.tensor(order)] = torch.arange(width, 0, -1, dtype=torch.float32)
-    return scores.to(device), meta
+    return static_scores(counts).to(device), meta
 
 
 def file_info(path: Path, meta: dict) -> dict:

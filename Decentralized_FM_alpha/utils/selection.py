@@ -1,4 +1,4 @@
-"""Which units and which layers: the one fraction-to-count rule and the one layer-list syntax.
+"""Which units and which layers: the one fraction-to-count rule, the static ranking's order, the one layer-list syntax.
 
 Every part of the tool that turns a fraction of neurons or heads into a count (training labels, Recall@K, the
 sparsity statistics, the sparse runner's budgets) calls `fraction_count`, so that a predictor trained at
@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 COUNT_RULE = "count = floor(fraction * total + 0.5) (nearest, halves up), at least 1"
+STATIC_RANKING_RULE = "count desc, ties by lower unit index"
 
 
 def fraction_count(fraction: float, total: int) -> int:
@@ -39,3 +42,17 @@ def parse_layer_list(spec: str, num_layers: int) -> list[int]:
     if bad:
         raise ValueError(f"layer list {spec!r}: layers {bad} outside 0..{num_layers - 1}")
     return sorted(set(layers))
+
+
+def static_ranking(counts) -> torch.Tensor:
+    """(units,) unit indices of a static ranking, most counted first, ties by lower unit index (STATIC_RANKING_RULE)."""
+    return torch.sort(torch.as_tensor(counts), descending=True, stable=True).indices
+
+
+def static_scores(counts) -> torch.Tensor:
+    """(units,) float32 scores without ties whose top-K is the first K units of static_ranking: any top-K routine
+    (Recall@K, the sparse runner's masks) then picks exactly the static set."""
+    order = static_ranking(counts)
+    scores = torch.empty(len(order), dtype=torch.float32)
+    scores[order] = torch.arange(len(order), 0, -1, dtype=torch.float32)
+    return scores

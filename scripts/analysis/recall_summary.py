@@ -52,7 +52,8 @@ from sparse_predictor.trainer.model import TrainConfig, train_stacked  # noqa: E
 from sparse_predictor.trainer.baselines import (fixed_ranker, kind_ranker, oracle_ranker,  # noqa: E402
                                                 random_ranker, score_rankers)
 from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
-from sparse_predictor.trainer.static import static_counts, static_ranking, static_scores  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import static_ranking, static_scores  # noqa: E402
+from sparse_predictor.trainer.static import static_counts  # noqa: E402
 
 METRICS = ("Recall@K", "Captured Mass", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
 CSV_COLUMNS = ("model", "block", "layer", "input", "ranking", "input_flag", "input_kind", "input_layer", "label", "k", "seed",

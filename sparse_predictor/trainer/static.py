@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import read_json
+from Decentralized_FM_alpha.utils.selection import STATIC_RANKING_RULE
 from sparse_predictor.trainer.labels import LabelSpec
 from sparse_predictor.trainer.rows import chunk_slices, open_rows, stream_chunks
 
-RANKING_RULE = "count desc, ties by lower unit index"
+RANKING_RULE = STATIC_RANKING_RULE
 STATIC_INPUT = "static (no input)"
 BLOCK_LABEL_KIND = {"mlp": "mlp_label", "att": "att_label"}
 
@@ -54,20 +55,6 @@ def static_counts(store: ActivationStore, block: str, layer: int, labels: Sequen
         for i, label in enumerate(labels):
             counts[i] += label.labels(label.scores(values.float())).sum(dim=0)
     return list(counts.cpu())
-
-
-def static_ranking(counts: torch.Tensor) -> torch.Tensor:
-    """(units,) unit indices, most counted first, ties by lower unit index (RANKING_RULE)."""
-    return torch.sort(torch.as_tensor(counts), descending=True, stable=True).indices
-
-
-def static_scores(counts: torch.Tensor) -> torch.Tensor:
-    """(units,) float32 scores without ties whose top-K is the first K units of static_ranking: any top-K routine
-    (Recall@K, the sparse runner's masks) then picks exactly the static set."""
-    order = static_ranking(counts)
-    scores = torch.empty(len(order), dtype=torch.float32)
-    scores[order] = torch.arange(len(order), 0, -1, dtype=torch.float32)
-    return scores
 
 
 def static_path(directory: str | Path, block: str, layer: int) -> Path:
