@@ -7,13 +7,14 @@ from pathlib import Path
 
 import datasets
 import pytest
+from lm_eval import utils as harness_utils
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.evaluator import evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from Decentralized_FM_alpha import convert_llama_checkpoint
+from Decentralized_FM_alpha import convert_llama_checkpoint, lm_eval_model
 from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
 from scripts.assets import dejavu_tasks, make_local_task
 
@@ -61,11 +62,13 @@ def requests(task, limit: int = FIRST) -> list[tuple]:
 
 
 @pytest.mark.parametrize("name", dejavu_tasks.TASK_NAMES)
-def test_local_task_requests_equal_the_builtin_task_on_the_same_documents(local, name):
+def test_local_task_requests_equal_the_builtin_task_on_the_same_documents(local, name, monkeypatch):
+    """Local: through lm_eval_model's compiled-once templates; built-in: through the harness's own apply_template."""
     spec = dejavu_tasks.BY_NAME[name]
     documents = dejavu_tasks.hf_documents(spec)
     builtin = builtin_task(spec.builtin_yaml, documents)
     ours = requests(local[name])
+    monkeypatch.setattr(harness_utils, "apply_template", lm_eval_model.HARNESS_APPLY_TEMPLATE)
     assert ours == requests(builtin)
     assert len({args for *_, args in ours}) == len(ours)  # distinct pairs: a constant prompt would not pass
     assert local[name].OUTPUT_TYPE == builtin.OUTPUT_TYPE
