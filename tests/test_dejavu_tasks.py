@@ -173,3 +173,5 @@ def test_dense_accuracy_on_the_local_tasks_equals_the_harness_hf_model(folder, t
         for key, value in metrics.items():
             assert ours[task][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, key)
     assert ours["dejavu_lambada_openai"]["perplexity,none"] > 1  # a real score, compared above to 5 digits
+    accuracies = [ours[task]["acc,none"] for task in dejavu_tasks.TASK_NAMES]
+    assert ours[dejavu_tasks.GROUP]["acc,none"] == pytest.approx(sum(accuracies) / 7)  # the paper's unweighted mean

@@ -14,7 +14,7 @@ training split. The documents are written in the Hugging Face field layout that 
     dejavu_winogrande       winogrande (winogrande, xl)               validation     qID dropped, answer a string
     dejavu_piqa             piqa                                      validation     label from valid-labels.lst
     dejavu_openbookqa       openbookqa (main)                         test           question.stem -> question_stem,
-                                                                                     choices -> {text: [..], label: [..]}
+                                                                                     choices -> {text: [], label: []}
     dejavu_lambada_openai   lambada_openai                            test           as is
 
 and the group `dejavu_tasks` runs all seven (its acc is the unweighted mean over tasks, as the paper reports).

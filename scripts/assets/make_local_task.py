@@ -3,10 +3,10 @@ splits (scripts/assets/dejavu_tasks.py: cb, copa, rte, winogrande, piqa, openboo
 defines them, named dejavu_<task>, group dejavu_tasks) and a small test task from the bundled WikiText-2 text:
 predict a sentence's last word.
 
-The WikiText-2 task is a TEST TASK for exercising the harness without a hub, not LAMBADA: LAMBADA's passages were chosen so that humans need
-the whole passage to guess the word; these are plain WikiText-2 sentences, where the last word is often guessable from
-the sentence alone (or not at all). Use it to check the machinery and to compare modes and budgets on one model, not
-to compare with published numbers.
+The WikiText-2 task is a TEST TASK for exercising the harness without a hub, not LAMBADA: LAMBADA's passages were
+chosen so that humans need the whole passage to guess the word; these are plain WikiText-2 sentences, where the last
+word is often guessable from the sentence alone (or not at all). Use it to check the machinery and to compare modes
+and budgets on one model, not to compare with published numbers.
 
 Examples: body paragraphs of data/samples/wikitext2_test_joined.txt (headings and short lines skipped), in file order,
 at most one per paragraph: the paragraph's first sentences, as many as fit in --max-words words, must end with
@@ -22,10 +22,10 @@ wikitext2_lastword.jsonl and dejavu_<task>.jsonl (the documents), one YAML per t
 absolute path), task_manifest.json (the checksums of every source and written file).
 
     python scripts/assets/make_local_task.py --out-dir out/lm_eval_tasks
-    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR --include_path out/lm_eval_tasks \\
-        --tasks dejavu_tasks --limit 50
-    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR --include_path out/lm_eval_tasks \\
-        --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword
+    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR \\
+        --include_path out/lm_eval_tasks --tasks dejavu_tasks --limit 50
+    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR \\
+        --include_path out/lm_eval_tasks --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def main(argv=None) -> dict:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = base_manifest(kind="bench_lm_eval_model", settings={k: str(v) for k, v in vars(args).items()},
                            device_name=device_name, threads=torch.get_num_threads(), tasks=tasks,
-                           requests=len(instances), build_s=build_s, original_build_s=original_build_s, runs=runs, hf=hf,
+                           requests=len(instances), build_s=build_s, original_build_s=original_build_s, runs=runs,
+                           hf=hf,
                            weights=weights_provenance(args.model_name))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out_dir / "bench_lm_eval_model.json", result)
