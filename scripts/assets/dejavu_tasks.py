@@ -152,10 +152,11 @@ def checksums(data_dir: Path) -> dict[str, str]:
     if not sums.is_file():
         raise FileNotFoundError(f"{sums}: no checksum file (the committed data/tasks/{CHECKSUMS})")
     found = {}
-    for line in sums.read_text().splitlines():
+    for number, line in enumerate(sums.read_text().splitlines(), 1):
         digest, _, name = line.strip().partition("  ")
-        if line.strip():
-            found[os.path.normpath(name)] = digest
+        if len(digest) != 64 or not name:
+            raise ValueError(f"{sums}: line {number} is not '<sha256>  <path>': {line!r}")
+        found[os.path.normpath(name)] = digest
     return found
 
 
