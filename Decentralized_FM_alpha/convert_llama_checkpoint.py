@@ -1,14 +1,15 @@
-"""Convert a Hugging Face Llama checkpoint (hub id or local directory) to DejaVu's per-layer files.
+"""Convert a Hugging Face Llama or Qwen2 checkpoint (hub id or local directory) to DejaVu's per-layer files.
 
 Writes to --save-path: config.json, tokenizer files, pytorch_embs.pt (embed_tokens.weight),
 pytorch_{i}.pt (the HF `model.layers.{i}.` keys with the prefix stripped: self_attn.{q,k,v,o}_proj,
-mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm) and pytorch_lm_head.pt
-(norm.weight, lm_head.weight; the embedding is written as lm_head.weight when the model ties
+mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm; Qwen2 adds self_attn.{q,k,v}_proj.bias) and
+pytorch_lm_head.pt (norm.weight, lm_head.weight; the embedding is written as lm_head.weight when the model ties
 them, as Llama 3.2 does). Safetensors shards are read tensor by tensor. See SPEC section 3.
 
-GGUF input (llama.cpp's format, e.g. a 4-bit SmolLM2): --gguf-file NAME.gguf (in the --model-name directory or hub
-repository, or any path), or --model-name PATH.gguf. Config, tokenizer and tensors come from the file; quantized
-tensors are dequantized to float32 and the conversion manifest records the file, its sha256 and its tensor types.
+GGUF input (llama.cpp's format, e.g. a 4-bit SmolLM2 or Qwen2.5-Coder): --gguf-file NAME.gguf (in the --model-name
+directory or hub repository, or any path), or --model-name PATH.gguf. Config, tokenizer and tensors come from the
+file; quantized tensors are dequantized to float32 and the conversion manifest records the file, its sha256 and its
+tensor types.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import AutoConfig, LlamaConfig  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from Decentralized_FM_alpha.modules.hf_llama_module import check_supported  # noqa: E402
 from Decentralized_FM_alpha.utils.convert import (DTYPES, FilePlan, GGUFWeightReader, WeightReader,  # noqa: E402
-                                                  check_plan_covers, resolve_gguf_file, resolve_model_dir,
-                                                  save_config_and_tokenizer, write_converted,
+                                                  check_plan_covers, read_gguf, resolve_gguf_file,
+                                                  resolve_model_dir, save_config_and_tokenizer, write_converted,
                                                   write_conversion_manifest)
+from Decentralized_FM_alpha.utils.model_source import module_family  # noqa: E402
 
 
 def conversion_plan(names: set[str], num_layers: int, tie_word_embeddings: bool) -> FilePlan:
@@ -62,14 +64,16 @@ def main(argv=None) -> None:
     gguf_file = resolve_gguf_file(args.model_name, args.gguf_file, args.auth_token)
     if gguf_file is None:
         model_dir = resolve_model_dir(args.model_name, args.auth_token)
-        config = LlamaConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     else:
         model_dir = gguf_file.parent
+        gguf_tensors = read_gguf(gguf_file).tensors  # first: a truncated or corrupt file is an error naming it
         config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file.name)
-        if config.model_type != "llama":
-            raise ValueError(f"{gguf_file}: a {config.model_type!r} model, not a Llama")
+    source = gguf_file or model_dir
+    if module_family(config.model_type, source) != "llama":
+        raise ValueError(f"{source}: a {config.model_type!r} model, which the Llama modules do not run")
     check_supported(config)
-    reader = WeightReader(model_dir) if gguf_file is None else GGUFWeightReader(gguf_file, config)
+    reader = WeightReader(model_dir) if gguf_file is None else GGUFWeightReader(gguf_file, gguf_tensors, config)
     plan = conversion_plan(reader.names(), config.num_hidden_layers, config.tie_word_embeddings)
     check_plan_covers(reader, plan, ignorable=is_ignorable)
     save_path = Path(args.save_path)

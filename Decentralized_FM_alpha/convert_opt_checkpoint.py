@@ -12,12 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import OPTConfig  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from Decentralized_FM_alpha.modules.hf_opt_module import check_supported  # noqa: E402
 from Decentralized_FM_alpha.utils.convert import (DTYPES, FilePlan, WeightReader, check_plan_covers,  # noqa: E402
                                                   resolve_model_dir, save_config_and_tokenizer, write_converted,
                                                   write_conversion_manifest)
+from Decentralized_FM_alpha.utils.model_source import module_family  # noqa: E402
 
 
 def decoder_prefix(names: set[str]) -> str:
@@ -55,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model_dir = resolve_model_dir(args.model_name, args.auth_token)
-    config = OPTConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if module_family(config.model_type, model_dir) != "opt":
+        raise ValueError(f"{model_dir}: a {config.model_type!r} model, which the OPT modules do not run")
     check_supported(config)
     reader = WeightReader(model_dir)
     plan = conversion_plan(reader.names(), config.num_hidden_layers)

@@ -19,9 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
 
 from Decentralized_FM_alpha.comm.comm_utils import BACKENDS, init_comm  # noqa: E402
-from Decentralized_FM_alpha.modules.sparsity import MODES, SparsityController, plan_from_args  # noqa: E402
+from Decentralized_FM_alpha.modules.sparse_decode import DECODE_CHOICES  # noqa: E402
+from Decentralized_FM_alpha.modules.sparsity import (DEFAULT_DENSE_LAYERS, MODES, SparsityController,  # noqa: E402
+                                                     plan_from_args)
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import (  # noqa: E402
     MODEL_TYPES, DistInferenceMaskTokenPipeSync)
 from Decentralized_FM_alpha.task_datasets.inference_data import read_requests  # noqa: E402
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
     p.add_argument("--model-type", required=True, choices=sorted(MODEL_TYPES),
-                   help="architecture and variant: plain, -save (collect activations), -ml-att-sparse")
+                   help="module family and variant: plain, -save (collect activations), -ml-att-sparse; the llama "
+                        "family runs Llama and Qwen2 checkpoints")
     p.add_argument("--infer-data", required=True, help="request JSONL (SPEC section 4)")
     p.add_argument("--output-path", default=None, help="result JSONL (default: <infer-data stem>_output.jsonl)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling and random sparsity")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect = p.add_argument_group("collection (model types *-save)")
     collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
     collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
-    collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (Llama, optional)")
+    collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (llama family, optional)")
     collect.add_argument("--collect-writer", choices=ROW_FILE_WRITERS, default="async",
                          help="async: device -> pinned host copies and file writes in background threads, so the "
                               "forward pass does not wait on the disk; sync: copy and write each layer's rows in "
@@ -86,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sparse = p.add_argument_group("sparse inference (model types *-ml-att-sparse; SPEC section 8)")
     sparse.add_argument("--sparse-mode", choices=MODES, default=None,
                         help="what ranks neurons/heads: trained predictors (default), oracle = true |activation|, "
-                             "random, or dense")
+                             "random, static (the units most often in the training top-K, the same for every token: "
+                             "static_{block}_layer{L}.json in --predictor-dir), gate (MLP only, Llama: top-K of "
+                             "|SiLU(g)| with the exact gate), or dense")
     sparse.add_argument("--predictor-dir", default=None,
                         help="directory of mlp_layer{L}.pt / att_layer{L}.pt and their JSONs (alias: $SPRARSE_PATH)")
     sparse.add_argument("--mlp-topk", default=None,
@@ -97,7 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "$SPARSE_ATT=1); omitted = dense attention")
     sparse.add_argument("--sparse-layers", default=None, help="layers made sparse: a comma list of layers and inclusive ranges, e.g. 0,7,15-22 (default: all)")
     sparse.add_argument("--gqa-groups", action="store_true",
-                        help="Llama: keep whole key/value groups (scores summed over each group's query heads)")
+                        help="llama family: keep whole key/value groups (scores summed over each group's query heads); a "
+                             "fractional --att-topk then counts groups")
+    sparse.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
+                        help="layers kept dense in every sparse mode, a layer list or 'none' (default %(default)s: "
+                             "layer 0 has no earlier input for DejaVu's lookahead, as the original kept its first "
+                             "layers dense)")
+    sparse.add_argument("--predictor-input", default="lookahead",
+                        help="the input wiring the loaded predictors must have been trained on: lookahead (DejaVu's, "
+                             "default), same or from:J; a predictor trained otherwise is an error")
+    sparse.add_argument("--allow-predictor-mismatch", action="store_true",
+                        help="run predictor or static files made for another input or budget (a top-K label trained "
+                             "for another K) anyway; the manifest lists every difference")
+    sparse.add_argument("--sparse-decode", choices=DECODE_CHOICES, default="simulate",
+                        help="decode steps (generation, one new token on a cache): simulate = mask after the dense "
+                             "projections; kernels = compute only the kept neurons and heads (modules/sparse_decode.py), "
+                             "same masks, same results within rounding; modes dense, predictor, random, static only "
+                             "(default %(default)s)")
     return p
 
 
@@ -202,12 +224,20 @@ def build_pipeline(args: argparse.Namespace) -> DistInferenceMaskTokenPipeSync:
 
 def main(argv=None) -> None:
     args = resolve_args(argv)
+    pipe = build_pipeline(args)
+    score(args, pipe)
+    pipe.comm.close()
+
+
+def score(args: argparse.Namespace, pipe: DistInferenceMaskTokenPipeSync) -> None:
+    """Run --infer-data through a loaded pipeline (collect, or score and complete) and write the results with their
+    manifest. The sparse sweep calls it again on the same pipeline with another sparsity controller
+    (attach_sparsity), so every counter a run reports starts afresh here."""
     requests = read_requests(args.infer_data)[: args.num_iters]
     manifest = base_manifest(settings=vars(args), request_file_sha256=file_sha256(args.infer_data),
                              weights=weights_provenance(args.model_name))
-    pipe = build_pipeline(args)
-    comm = pipe.comm
     manifest["tokenizer"] = pipe.bos
+    pipe.reset_run_counters(args.seed)
     output_path = Path(args.output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -215,12 +245,11 @@ def main(argv=None) -> None:
         collect(args, pipe, requests, output_path)
     else:
         pipe.run(requests, output_path)
-    comm.barrier()
+    pipe.comm.barrier()
     if pipe.is_last:
         if args.model_type.endswith("-ml-att-sparse"):
             manifest["sparsity"] = pipe.blocks[0].sparsity.describe()
         finish_manifest(manifest, output_path, pipe, time.time() - started)
-    comm.close()
 
 
 def block_kwargs_for(args):
@@ -228,12 +257,23 @@ def block_kwargs_for(args):
     if args.model_type.endswith("-save"):
         return lambda pipe: {"writer": make_writer(args, pipe)}
     if args.model_type.endswith("-ml-att-sparse"):
-        def sparsity(pipe):
-            plan = plan_from_args(args, pipe.config.num_hidden_layers)
-            dims = pipe.module.model_dims(pipe.config)
-            return {"sparsity": SparsityController(plan, dims, pipe.layers, pipe.device)}
-        return sparsity
+        return lambda pipe: {"sparsity": sparsity_controller(args, pipe), "decode": args.sparse_decode}
     return None
+
+
+def sparsity_controller(args: argparse.Namespace, pipe: DistInferenceMaskTokenPipeSync) -> SparsityController:
+    plan = plan_from_args(args, pipe.config.num_hidden_layers)
+    dims = pipe.module.model_dims(pipe.config)
+    gate = ACT2FN[pipe.config.hidden_act] if pipe.family == "llama" else None  # OPT's MLP has no gate
+    return SparsityController(plan, dims, pipe.layers, pipe.device, gate_activation=gate)
+
+
+def attach_sparsity(args: argparse.Namespace, pipe: DistInferenceMaskTokenPipeSync) -> None:
+    """Give every block of a loaded *-ml-att-sparse pipeline a fresh controller for `args` (mode, budgets, files):
+    the sparse sweep loads the model once and runs each setting on it."""
+    controller = sparsity_controller(args, pipe)
+    for block in pipe.blocks:
+        block.sparsity = controller
 
 
 def finish_manifest(manifest: dict, output_path: Path, pipe: DistInferenceMaskTokenPipeSync, seconds: float) -> None:

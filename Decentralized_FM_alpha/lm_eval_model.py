@@ -8,9 +8,11 @@ modules and SparsityController (SPEC section 8), at world size 1. Nothing here d
         --model_args pretrained=DIR,dtype=bf16,sparse_mode=predictor,predictor_dir=P,mlp_topk=0.5
 
 Model arguments -> runner flags: pretrained -> --model-name; sparse_mode -> --sparse-mode with model type
-<family>-ml-att-sparse (absent: the dense model type <family>, the sweeps' baseline); predictor_dir, mlp_topk,
-att_topk, sparse_layers, dtype, max_seq_len, seed, budget -> --predictor-dir, --mlp-topk, ... (same meaning);
-gqa_groups=true -> --gqa-groups. The harness's batch_size is --token-micro-batch-size ('auto': max_batch_size, default
+<family>-ml-att-sparse (absent: the dense model type <family>, the sweeps' baseline; <family> is the module family of
+the checkpoint's model_type: opt, or llama for llama and qwen2); predictor_dir, mlp_topk, att_topk, sparse_layers,
+dense_layers, predictor_input, dtype, max_seq_len, seed, budget -> --predictor-dir, --mlp-topk, ... (same meaning);
+gqa_groups=true -> --gqa-groups, allow_predictor_mismatch=true -> --allow-predictor-mismatch. The harness's batch_size
+is --token-micro-batch-size ('auto': max_batch_size, default
 64, with --budget bounding the padded tokens); device is cpu, cuda or cuda:N. A value with commas (sparse_layers=0,7)
 needs the JSON form of --model_args. Any other argument is an error.
 
@@ -23,7 +25,6 @@ the host.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,10 +38,13 @@ from Decentralized_FM_alpha import dist_inference_runner
 from Decentralized_FM_alpha.pipeline_parallel.dist_pipeline_inference_mask_sample import Encoded
 from Decentralized_FM_alpha.task_datasets.inference_data import parse_request
 from Decentralized_FM_alpha.utils.manifest import weights_provenance
+from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint
 
 RUNNER_FLAGS = {"predictor_dir": "--predictor-dir", "mlp_topk": "--mlp-topk", "att_topk": "--att-topk",
-                "sparse_layers": "--sparse-layers", "dtype": "--dtype", "max_seq_len": "--max-seq-len",
+                "sparse_layers": "--sparse-layers", "dense_layers": "--dense-layers",
+                "predictor_input": "--predictor-input", "dtype": "--dtype", "max_seq_len": "--max-seq-len",
                 "seed": "--seed", "budget": "--budget"}
+SPARSITY_FLAGS = ("predictor_dir", "mlp_topk", "att_topk", "sparse_layers", "dense_layers", "predictor_input")
 DTYPE_NAMES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 AUTO_BATCH = 64
@@ -65,16 +69,6 @@ HARNESS_APPLY_TEMPLATE = harness_utils.apply_template
 harness_utils.apply_template = apply_template  # lm_eval.api.task calls utils.apply_template by attribute
 
 
-def model_family(pretrained: str) -> str:
-    config = Path(pretrained) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"pretrained={pretrained}: no config.json (a converted checkpoint, SPEC section 3)")
-    family = json.loads(config.read_text())["model_type"]
-    if family not in ("opt", "llama"):
-        raise ValueError(f"pretrained={pretrained}: model_type {family!r} is neither opt nor llama")
-    return family
-
-
 def device_flags(device: Optional[str]) -> list[str]:
     if device is None:
         return []  # the runner's default: the GPU when one is visible
@@ -94,23 +88,28 @@ def micro_batch(batch_size: Any, max_batch_size: Optional[int]) -> int:
     return int(batch_size)
 
 
-def runner_argv(pretrained: str, sparse_mode: Optional[str] = None, gqa_groups: bool = False, batch_size: Any = 1,
-                max_batch_size: Optional[int] = None, device: Optional[str] = None, **flags: Any) -> list[str]:
+def runner_argv(pretrained: str, sparse_mode: Optional[str] = None, gqa_groups: bool = False,
+                allow_predictor_mismatch: bool = False, batch_size: Any = 1, max_batch_size: Optional[int] = None,
+                device: Optional[str] = None, **flags: Any) -> list[str]:
     """The dist_inference_runner command line that builds the model these arguments describe."""
     unknown = sorted(set(flags) - set(RUNNER_FLAGS))
     if unknown:
         raise TypeError(f"dejavu model: unknown model arguments {unknown}; known: pretrained, sparse_mode, "
-                        f"gqa_groups, {', '.join(RUNNER_FLAGS)} (and the harness's batch_size, device)")
-    if not isinstance(gqa_groups, bool):
-        raise ValueError(f"gqa_groups must be true or false, got {gqa_groups!r}")
-    family = model_family(pretrained)
+                        f"gqa_groups, allow_predictor_mismatch, {', '.join(RUNNER_FLAGS)} (and the harness's "
+                        f"batch_size, device)")
+    for name, value in (("gqa_groups", gqa_groups), ("allow_predictor_mismatch", allow_predictor_mismatch)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    family = family_of_checkpoint(pretrained)
     model_type = family if sparse_mode is None else f"{family}-ml-att-sparse"
     argv = ["--model-name", str(pretrained), "--model-type", model_type, "--infer-data", NOT_A_FILE,
             "--token-micro-batch-size", str(micro_batch(batch_size, max_batch_size)), *device_flags(device)]
     if sparse_mode is not None:
         argv += ["--sparse-mode", str(sparse_mode)] + (["--gqa-groups"] if gqa_groups else [])
-    elif gqa_groups or any(k in flags for k in ("predictor_dir", "mlp_topk", "att_topk", "sparse_layers")):
-        raise ValueError("dejavu model: sparsity arguments without sparse_mode (dense, oracle, predictor or random)")
+        argv += ["--allow-predictor-mismatch"] if allow_predictor_mismatch else []
+    elif gqa_groups or allow_predictor_mismatch or any(k in flags for k in SPARSITY_FLAGS):
+        raise ValueError("dejavu model: sparsity arguments without sparse_mode (dense, oracle, predictor, random, "
+                         "static or gate)")
     for key, value in flags.items():
         if value is not None:
             value = DTYPE_NAMES.get(str(value), value) if key == "dtype" else value
@@ -131,6 +130,22 @@ class DejaVuLM(TemplateLM):
         self._device = self.pipe.device
         self.truncated_requests = 0  # scored sequences cut from the left to fit max_length
         self.encoded_pairs = ENCODED_PAIRS.setdefault(str(Path(pretrained).resolve()), {})
+
+    def use_sparsity(self, pretrained: str, **kwargs: Any) -> None:
+        """Another sparse setting on the loaded model (the task sweep loads a sparse model once for all its settings):
+        `kwargs` as for the constructor; what builds the model (checkpoint, model type, dtype, device, batch, length,
+        seed) must not change."""
+        argv = runner_argv(pretrained, **kwargs)
+        args = dist_inference_runner.resolve_args(argv)
+        fixed = ("model_name", "model_type", "dtype", "use_cuda", "cuda_id", "token_micro_batch_size", "max_seq_len",
+                 "seed", "budget")
+        changed = [k for k in fixed if getattr(args, k) != getattr(self.args, k)]
+        if changed or not args.model_type.endswith("-ml-att-sparse"):
+            raise ValueError(f"use_sparsity changes only the sparsity of a loaded sparse model; {changed or 'model_type'} "
+                             f"differ: build a new DejaVuLM")
+        dist_inference_runner.attach_sparsity(args, self.pipe)
+        self.argv, self.args = argv, args
+        self.truncated_requests = 0
 
     # ---------------------------------------------------------------------------- what the harness asks about
     @property

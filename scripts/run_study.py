@@ -33,8 +33,13 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, parse_budget  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
+                                                       require_local_path_or_hub_id)
 from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
+from scripts.study.plan import check_disk, free_disk, gib, measured_rates, model_facts, plan_model  # noqa: E402
+from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
 STUDY_MANIFEST = "study_manifest.json"
@@ -60,14 +65,11 @@ def parse_model(text: str) -> ModelSpec:
         name, source = Path(text.rstrip("/")).stem if text.endswith(".gguf") else Path(text.rstrip("/")).name, text
     if not name or not source:
         raise argparse.ArgumentTypeError(f"model must be SOURCE or NAME=SOURCE, got {text!r}")
+    try:
+        require_local_path_or_hub_id(source, "MODEL")
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
     return ModelSpec(name, source)
-
-
-def family_of(converted: Path) -> str:
-    model_type = read_json(converted / "config.json")["model_type"]
-    if model_type not in ("opt", "llama"):
-        raise ValueError(f"{converted}: model_type {model_type!r} is neither opt nor llama")
-    return model_type
 
 
 class Study:
@@ -175,7 +177,7 @@ def convert(study: Study, model) -> Path:
     else:
         from transformers import AutoConfig
 
-        family = AutoConfig.from_pretrained(model.source).model_type
+        family = module_family(AutoConfig.from_pretrained(model.source).model_type, model.source)
         command = python(f"Decentralized_FM_alpha/convert_{family}_checkpoint.py", "--model-name", model.source)
     study.run(model.name, "convert", [command + ["--save-path", target]],
               done=(target / "conversion_manifest.json").is_file())
@@ -209,7 +211,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     """Every per-model stage; returns what the report reads."""
     a = study.args
     converted = convert(study, model)
-    family = family_of(converted)
+    family = family_of_checkpoint(converted)
     wiki = wikitext_requests(study, model.name, converted)
     data = study.out / "data" / f"{model.name}_c4"
     runner = ["--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
@@ -220,37 +222,31 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
         "--collect-tokens", a.collect_tokens, *runner, *(["--collect-mlp-gate"] if family == "llama" else []))],
         done=complete(data / "manifest.json"))
 
-    predictors = study.out / "predictors" / model.name
-
     def layers() -> int:  # of the collection: read when a stage that needs it runs
         return read_json(data / "manifest.json")["config"]["num_layers"]
 
     training = ["--epochs", a.epochs, "--D", a.D, "--selection", a.selection]
-    suffix = "_llama" if family == "llama" else ""
-    study.run(model.name, "predictors", [["bash", str(REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh")]
-                                         for block in ("mlp", "att")],
-              done=all((predictors / f"{b}_summary.csv").is_file() for b in ("mlp", "att")),
-              env=lambda: {"DATA_DIR": str(data), "OUT_DIR": str(predictors), "MODEL": model.name,
-                           "SEEDS": str(a.seeds), "JOBS_PER_GPU": str(a.jobs),
-                           "LAYERS_PER_JOB": str(-(-layers() // a.jobs)),  # one process per job
-                           "EXTRA_ARGS": shlex.join(map(str, training))})
+    budgets = BudgetFolders(study.out / "predictors" / model.name, a)
+    study.run(model.name, "predictors", lambda: predictor_commands(a, family, data, budgets, training, layers()),
+              done=complete(data / "manifest.json") and budgets.complete(converted, layers()))
 
     sweep = study.out / "sweep" / model.name
     study.run(model.name, "sweep", [python(
-        "scripts/study/sparse_sweep.py", "--model-name", converted, "--family", family, "--predictor-dir", predictors,
-        "--data", f"c4={val}", "--data", f"wikitext2={wiki}", "--mlp-topk", *a.mlp_budgets, "--att-topk",
-        *a.att_budgets, "--max-seq-len", a.max_seq_len, "--use-cuda", "true" if a.device == "cuda" else "false",
-        "--dtype", a.dtype, "--batch", a.batch, "--out-dir", sweep)],
+        "scripts/study/sparse_sweep.py", "--model-name", converted, "--family", family, "--data", f"c4={val}",
+        "--data", f"wikitext2={wiki}", *sweep_flags(a, budgets, converted), "--max-seq-len", a.max_seq_len,
+        "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--batch", a.batch,
+        "--out-dir", sweep)],
         done=(sweep / "sweep.manifest.json").is_file())
 
     downstream = study.out / "tasks" / model.name
     if a.tasks:  # --tasks '' leaves the stage out (a node without lm-eval installed)
         study.run(model.name, "tasks", [python(
-            "scripts/study/task_sweep.py", "--model-name", converted, "--predictor-dir", predictors, "--include-path",
-            tasks, "--tasks", a.tasks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets, "--batch", a.batch,
+            "scripts/study/task_sweep.py", "--model-name", converted, "--include-path", tasks, "--tasks", a.tasks,
+            *sweep_flags(a, budgets, converted), "--batch", a.batch,
             "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
             a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
-            "--num-fewshot", a.num_fewshot, "--out-dir", downstream)], done=tasks_done(downstream / "tasks.manifest.json", a))
+            "--num-fewshot", a.num_fewshot, "--out-dir", downstream)],
+            done=tasks_done(downstream / "tasks.manifest.json", a))
 
     analysis = study.out / "analysis" / model.name
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
@@ -275,7 +271,108 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
         ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
         *device)],
         done=(analysis / "recall_summary.json").is_file())
-    return [data, predictors, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), analysis]
+    return [data, budgets.root, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), analysis]
+
+
+class BudgetFolders:
+    """Per-budget predictors (SPEC §7): for every fraction k of --mlp-budgets / --att-budgets, <root>/b{k}/ holds the
+    MLP predictors trained on the top-k label and the attention predictors trained on the top fraction_count(k, heads)
+    heads, both from --predictor-input, and the static rankings at k; <root>/groups_b{k}/ the attention predictors and
+    static rankings of whole key/value groups (models with GQA)."""
+
+    def __init__(self, root: Path, a: argparse.Namespace):
+        self.root, self.a = root, a
+        self.heads, self.groups = str(root / "b{k}"), str(root / "groups_b{k}")
+
+    def fractions(self, budgets: list[str]) -> list[str]:
+        """The fractions among the budgets, named as the trainer names its folders (counts get no predictors)."""
+        return [budget_name(b) for b in budgets if isinstance(parse_budget(b), float)]
+
+    def complete(self, converted: Path, num_layers: int) -> bool:
+        """Every folder has its blocks' summaries and the static ranking of the last layer (written last)."""
+        last = num_layers - 1
+        needed = [Path(self.heads.format(k=k)) / f"{f}" for k in self.fractions(self.a.mlp_budgets)
+                  for f in ("mlp_summary.csv", f"static_mlp_layer{last}.json")]
+        needed += [Path(self.heads.format(k=k)) / f for k in self.fractions(self.a.att_budgets)
+                   for f in ("att_summary.csv", f"static_att_layer{last}.json")]
+        if has_groups(converted):
+            needed += [Path(self.groups.format(k=k)) / f for k in self.fractions(self.a.att_budgets)
+                       for f in ("att_summary.csv", f"static_att_layer{last}.json")]
+        return all(path.is_file() for path in needed)
+
+
+def has_groups(converted: Path) -> bool:
+    config = read_json(converted / "config.json")
+    return config.get("num_key_value_heads", config["num_attention_heads"]) < config["num_attention_heads"]
+
+
+def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: BudgetFolders, training: list,
+                       layers: int) -> list[list[str]]:
+    """Every block's predictors at all budgets trained together (the run_c4_*.sh scripts: one pass over a layer's rows
+    for all fractions, layers spread over --jobs processes, a summary per folder), then the static rankings."""
+    suffix = "_llama" if family == "llama" else ""
+    mlp_k, att_k = ",".join(budgets.fractions(a.mlp_budgets)), ",".join(budgets.fractions(a.att_budgets))
+    groups = family == "llama" and has_groups_data(data)
+
+    def launch(block: str, k: str, folder: str, extra: list) -> list:
+        env = {"DATA_DIR": data, "OUT_DIR": folder, "LOG_DIR": budgets.root / "logs" / Path(folder).name,
+               "MODEL": data.name.removesuffix("_c4"), "SEEDS": 1, "LABEL": "topk", "JOBS_PER_GPU": a.jobs,
+               "LAYERS_PER_JOB": -(-layers // a.jobs),
+               "EXTRA_ARGS": shlex.join(map(str, ["--k", k, "--input", a.predictor_input, *training, *extra]))}
+        return ["env", *(f"{key}={value}" for key, value in env.items()), "bash",
+                REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh"]
+
+    commands = [launch("mlp", mlp_k, budgets.heads, [])] if mlp_k else []
+    commands += [launch("att", att_k, budgets.heads, [])] if att_k else []
+    commands += [launch("att", att_k, budgets.groups, ["--gqa-groups"])] if att_k and groups else []
+    device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
+    for block, ks, folder, extra in (("mlp", a.mlp_budgets, budgets.heads, []), ("att", a.att_budgets, budgets.heads, []),
+                                     *([("att", a.att_budgets, budgets.groups, ["--gqa-groups"])] if groups else [])):
+        commands += [python("sparse_predictor/static_topk.py", "--data-dir", data, "--block", block, "--k", k, *extra,
+                            "--out-dir", folder.format(k=k), *device) for k in budgets.fractions(ks)]
+    return commands
+
+
+def has_groups_data(data: Path) -> bool:
+    dims = read_json(data / "manifest.json")["config"]
+    return dims["num_kv_heads"] < dims["num_heads"]
+
+
+def sweep_flags(a: argparse.Namespace, budgets: BudgetFolders, converted: Path) -> list:
+    """The flags the perplexity and task sweeps share: modes, blocks, budgets, per-budget predictor folders, wiring."""
+    units = ["heads", "groups"] if has_groups(converted) else ["heads"]
+    return ["--modes", *a.modes, "--blocks", *a.blocks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets,
+            "--att-units", *units, "--predictor-dir", budgets.heads, "--group-predictor-dir", budgets.groups,
+            "--predictor-input", a.predictor_input, "--dense-layers", a.dense_layers]
+
+
+def source_config(model: ModelSpec):
+    """The model's transformers config before any conversion (converted or HF directory, GGUF file or hub id)."""
+    from transformers import AutoConfig
+
+    if model.is_gguf:
+        return AutoConfig.from_pretrained(Path(model.source).parent, gguf_file=Path(model.source).name)
+    return AutoConfig.from_pretrained(model.source)
+
+
+def study_plan(args: argparse.Namespace) -> list:
+    """Print what the study needs per model and in total (scripts/study/plan.py); returns the per-model plans."""
+    fractions = [float(b) for b in args.mlp_budgets if isinstance(parse_budget(b), float)]
+    rates = measured_rates()
+    plans = []
+    for model in args.models:
+        config = source_config(model)
+        facts = model_facts(model.name, config)
+        gated = module_family(config.model_type, model.source) == "llama"
+        settings = 2 * len(plan_settings(args.modes, args.mlp_budgets, args.att_budgets, args.blocks,
+                                         ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads
+                                         else ["heads"], gated))
+        plans.append(plan_model(facts, args, fractions, settings, rates))
+    print("\n".join(line for p in plans for line in p.lines))
+    free = free_disk(args.out_dir)
+    print(f"total: mmap path {gib(sum(p.mmap_bytes for p in plans))}, online path "
+          f"{gib(sum(p.online_bytes for p in plans))} of disk; {gib(free)} free under {args.out_dir}")
+    return plans
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,9 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which epoch is kept: last (default: nothing chosen on the held-out split) or original "
                         "(DejaVu's best held-out Recall, which favours predicting many units)")
     p.add_argument("--mlp-budgets", nargs="+", default=["0.1", "0.25", "0.5"],
-                   help="MLP budgets of the sweep (default 0.1 0.25 0.5)")
-    p.add_argument("--att-budgets", nargs="+", default=["3", "5", "7"],
-                   help="attention budgets, paired with --mlp-budgets (default 3 5 7 heads)")
+                   help="MLP budgets of the sweep and the tasks: fractions of the neurons (predictors are trained at "
+                        "each), or counts (default 0.1 0.25 0.5)")
+    p.add_argument("--att-budgets", nargs="+", default=None,
+                   help="attention budgets: fractions of each model's query heads, turned into counts by the one count "
+                        "rule (predictors trained at each), or counts; paired with --mlp-budgets in the 'both' rows "
+                        "(default: the MLP fractions)")
+    p.add_argument("--modes", nargs="+", choices=SPARSE_MODES, default=list(SPARSE_MODES),
+                   help="sparse modes of the sweep and the tasks (default all: %(default)s; gate runs on gated MLPs)")
+    p.add_argument("--blocks", nargs="+", choices=SWEEP_BLOCKS, default=list(SWEEP_BLOCKS),
+                   help="sweep rows: mlp only, att only, both paired (default all)")
+    p.add_argument("--predictor-input", default="lookahead", choices=("lookahead", "same"),
+                   help="the predictors' input: lookahead (DejaVu's deployed wiring: MLP of layer l from att_x_l, "
+                        "attention from att_x_{l-1}; default) or same (mlp_x_l, att_x_l)")
+    p.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
+                   help="layers kept dense in every sparse mode, or 'none' (default %(default)s: no earlier input "
+                        "exists for layer 0's lookahead)")
     p.add_argument("--tasks", default=",".join(DEJAVU_TASKS),
                    help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: DejaVu's seven "
                         "over the bundled splits, the harness's own task definitions: %(default)s; with hub access "
@@ -335,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analysis commands at once, predictor jobs per GPU (or on the CPU) and summary workers "
                         "(default %(default)s)")
     p.add_argument("--note", action="append", default=[], help="a sentence for the top of the report (repeat)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the study needs (disk for the mmap and online paths, GPU memory per online layer "
+                        "group and forward passes, host RAM, estimated time per stage from measured rates) and stop; "
+                        "the plan is also checked before any collection: an mmap study the free disk cannot hold is "
+                        "refused")
+    p.add_argument("--memory-budget-gb", type=float, default=70.0,
+                   help="GPU memory the plan gives the online path's rows (default %(default)s: an 80 GB card)")
     p.add_argument("--stages", type=stage_list, default=list(STAGES),
                    help=f"comma list of the stages to run, of {','.join(STAGES)} (default all); the others are "
                         "skipped, and a stage whose inputs an unrun stage makes fails naming the missing file")
@@ -366,8 +483,15 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_all(args: argparse.Namespace) -> Path:
+    args.att_budgets = args.att_budgets or list(args.mlp_budgets)
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
+    if args.plan or "collect" in args.stages:
+        plans = study_plan(args)
+        if args.plan:
+            return args.out_dir
+        if any(not complete(args.out_dir / "data" / f"{m.name}_c4" / "manifest.json") for m in args.models):
+            check_disk(plans, args.out_dir)
     study = Study(args)
     train, val = study_requests(study)
     tasks = local_tasks(study)

@@ -44,6 +44,7 @@ from Decentralized_FM_alpha.utils.manifest import (base_manifest, file_sha256, n
 from Decentralized_FM_alpha.utils.row_files import overflow_error  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama  # noqa: E402
+from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, resolve_device, split_config, train_and_write  # noqa: E402
 from sparse_predictor.trainer.labels import BLOCKS, DEFAULT_INPUT, MLP_LABELS, InputSpec, LabelSpec, label_bits, make_label_spec, packed_width, resolve_input  # noqa: E402
 from sparse_predictor.trainer.model import TrainConfig  # noqa: E402
@@ -382,10 +383,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    family = family_of_checkpoint(args.model_name)
     config = AutoConfig.from_pretrained(args.model_name)
-    family = config.model_type
-    if family not in ("opt", "llama"):
-        raise ValueError(f"{args.model_name} holds a {family!r} model; online training knows opt and llama")
     dims = model_module(f"{family}-save")[1].collection_dims(config)
     resolve_args(args, family, dims)
     out_dir = Path(args.out_dir)

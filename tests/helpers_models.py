@@ -1,4 +1,4 @@
-"""Tiny random OPT and Llama models in Hugging Face format, converted to SPEC section 3 files."""
+"""Tiny random OPT, Llama and Qwen2 models in Hugging Face format, converted to SPEC section 3 files."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint
 
@@ -31,6 +32,15 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
+def tiny_qwen2_config(vocab_size: int, **overrides) -> Qwen2Config:
+    """Qwen2's differences from the tiny Llama: q/k/v biases (by architecture), its own rope theta, untied output."""
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=2, rope_theta=1000000.0)
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
 def llama_3b_config(num_hidden_layers: int) -> LlamaConfig:
     """The real Llama-3.2-3B architecture (tests/fixtures/llama-3.2-3b-config.json), depth cut."""
     values = json.loads((FIXTURES / "llama-3.2-3b-config.json").read_text())
@@ -45,6 +55,15 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def randomize_biases(model: torch.nn.Module, seed: int) -> None:
+    """Biases start at 0: give them values, so that a bias lost or misplaced changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def save_hf_model(model, tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -73,6 +92,19 @@ def make_llama(tmp: Path, tokenizer_dir: Path, seed: int = 0, config: LlamaConfi
     randomize_norms(model, seed)
     hf_dir = save_hf_model(model, tokenizer_dir, tmp / "hf_llama")
     converted = tmp / "llama_converted"
+    convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
+    return model, hf_dir, converted
+
+
+def make_qwen2(tmp: Path, tokenizer_dir: Path, seed: int = 0, **overrides):
+    """(HF model, HF dir, converted dir) for a tiny random Qwen2 (q/k/v biases, GQA, untied output)."""
+    torch.manual_seed(seed)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    model = Qwen2ForCausalLM(tiny_qwen2_config(vocab, **overrides)).eval()
+    randomize_norms(model, seed)
+    randomize_biases(model, seed)
+    hf_dir = save_hf_model(model, tokenizer_dir, tmp / "hf_qwen2")
+    converted = tmp / "qwen2_converted"
     convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
     return model, hf_dir, converted
 

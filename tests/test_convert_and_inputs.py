@@ -118,10 +118,53 @@ def test_converter_rejects_unknown_tensors(tmp_path, tiny_tokenizer_dir):
         convert_opt_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(tmp_path / "out")])
 
 
-def test_converter_missing_model_directory_is_an_error(tmp_path):
+# ------------------------------------------------------------------ bad input fails before any work
+@pytest.mark.parametrize("converter", ["opt", "llama"])
+@pytest.mark.parametrize("name", ["nope", "nope.gguf"])
+def test_converter_given_a_missing_local_path_says_the_path_does_not_exist(tmp_path, converter, name):
+    from Decentralized_FM_alpha import convert_llama_checkpoint, convert_opt_checkpoint
+    main = (convert_opt_checkpoint if converter == "opt" else convert_llama_checkpoint).main
+    missing = tmp_path / "models" / name
+    with pytest.raises(FileNotFoundError, match=f"--model-name {missing}: the path does not exist"):
+        main(["--model-name", str(missing), "--save-path", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_llama_converter_given_a_missing_gguf_file_says_the_path_does_not_exist(llama_tied, tmp_path):
     from Decentralized_FM_alpha import convert_llama_checkpoint
-    with pytest.raises(FileNotFoundError, match="model directory not found"):
-        convert_llama_checkpoint.main(["--model-name", str(tmp_path / "nope"), "--save-path", str(tmp_path / "o")])
+    _, hf_dir, _ = llama_tied
+    with pytest.raises(FileNotFoundError, match="--gguf-file model.gguf: the path does not exist"):
+        convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--gguf-file", "model.gguf",
+                                       "--save-path", str(tmp_path / "o")])
+
+
+def test_runner_given_a_missing_model_directory_says_the_path_does_not_exist(tmp_path):
+    req = write_requests(tmp_path / "r.jsonl", c4_texts(1))
+    missing = tmp_path / "pretrained_models" / "nope"
+    with pytest.raises(FileNotFoundError, match=f"model directory {missing}: the path does not exist"):
+        run_one_rank(["--model-name", str(missing), "--model-type", "llama", "--infer-data", str(req),
+                      "--output-path", str(tmp_path / "o.jsonl")])
+
+
+def test_study_given_a_missing_model_path_says_the_path_does_not_exist(tmp_path, capsys):
+    from scripts import run_study
+    missing = tmp_path / "models" / "nope"
+    with pytest.raises(SystemExit):
+        run_study.build_parser().parse_args([f"tiny={missing}", "--out-dir", str(tmp_path / "study")])
+    assert f"MODEL {missing}: the path does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_truncated_layer_checkpoint_is_an_error_naming_the_file(llama_tied, tmp_path, cut):
+    import shutil
+    from transformers import AutoConfig
+    _, _, converted = llama_tied
+    work = shutil.copytree(converted, tmp_path / "m")
+    data = (work / "pytorch_1.pt").read_bytes()
+    (work / "pytorch_1.pt").write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match=f"{work / 'pytorch_1.pt'}: not a readable checkpoint file"):
+        hf_llama_module.GPTBlock.from_pretrained(str(work), AutoConfig.from_pretrained(work), 1)
 
 
 # ------------------------------------------------------------------ request files

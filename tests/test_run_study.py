@@ -39,3 +39,24 @@ def test_unknown_stage_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_study.main([TINY, "--out-dir", str(tmp_path), "--stages", "collect,trian"])
     assert "unknown stages ['trian']" in capsys.readouterr().err
+
+
+def test_plan_counts_the_bytes_a_collection_writes_and_refuses_a_disk_too_small(tmp_path, monkeypatch, capsys):
+    run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--collect-tokens", "150",
+                    "--stages", "requests,convert,collect"])
+    data = tmp_path / "data/tiny-llama_c4"
+    assert json.loads((data / "manifest.json").read_text())["rows_written"] == 150  # the capacity was filled
+    written = sum(f.stat().st_size for f in data.iterdir() if f.suffix in (".mmap", ".npy"))
+    run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--collect-tokens", "150", "--plan"])
+    out = capsys.readouterr().out
+    assert f"activations {written / 2**30:,.1f} GiB (exact: 150 rows x {written // 150:,} bytes)" in out
+    from scripts.study import plan
+    from transformers import AutoConfig
+
+    facts = plan.model_facts("tiny-llama", AutoConfig.from_pretrained(REPO / "pretrained_models/tiny-llama"))
+    assert plan.collection_bytes(facts.dims, 150, gated=True) == written
+    monkeypatch.setattr(plan, "free_disk", lambda path: written // 2)
+    with pytest.raises(SystemExit, match=rf"mmap path .* needs .* bytes: tiny-llama .* has .* free \({written // 2:,} bytes\)"):
+        run_study.main([TINY, "--out-dir", str(tmp_path / "other"), *SMALL, "--collect-tokens", "150", "--stages",
+                        "requests,convert,collect"])
+    assert not (tmp_path / "other" / "data").exists()

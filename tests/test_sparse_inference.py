@@ -38,10 +38,12 @@ def dims(model, name):
 
 
 def run_sparse(family, tag, *flags):
+    """A sparse run; every layer sparse unless the flags name --dense-layers (the HF references mask every layer)."""
     name, _, converted, req, _, _, tmp = family
     out = tmp / f"{tag}.jsonl"
+    dense_layers = [] if "--dense-layers" in flags else ["--dense-layers", "none"]
     run_one_rank(["--model-name", str(converted), "--model-type", f"{name}-ml-att-sparse", "--infer-data", str(req),
-                  "--output-path", str(out), *flags])
+                  "--output-path", str(out), *dense_layers, *flags])
     return read_results(out), json.loads((tmp / f"{tag}.jsonl.manifest.json").read_text())
 
 
@@ -159,7 +161,7 @@ def test_gqa_groups_keep_whole_kv_groups(tmp_path, tiny_tokenizer_dir):
     req = write_requests(tmp_path / "req.jsonl", prompts)
     run_one_rank(["--model-name", str(converted), "--model-type", "llama-ml-att-sparse", "--infer-data", str(req),
                   "--output-path", str(tmp_path / "o.jsonl"), "--sparse-mode", "oracle", "--att-topk", "2",
-                  "--gqa-groups"])
+                  "--gqa-groups", "--dense-layers", "none"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     oracle = lambda blk, i, true_scores, inputs: true_scores  # noqa: E731
     error = max_error(read_results(tmp_path / "o.jsonl"), prompts,
@@ -177,7 +179,8 @@ def test_predictor_mode_selects_what_the_predictor_ranks_highest(family, tiny_to
     _, ffn, heads, _ = dims(model, name)
     predictors = write_predictors(tmp / f"pred_{inputs[0]}", model, name, seed=3, inputs=inputs)
     results, manifest = run_sparse(family, f"pred_{inputs[0]}", "--sparse-mode", "predictor", "--predictor-dir",
-                                   str(tmp / f"pred_{inputs[0]}"), "--mlp-topk", "0.5", "--att-topk", "2")
+                                   str(tmp / f"pred_{inputs[0]}"), "--mlp-topk", "0.5", "--att-topk", "2",
+                                   "--predictor-input", inputs[0])
 
     def by_predictor(block, i, true_scores, seen):
         net, kind, src = predictors[(block, i)]

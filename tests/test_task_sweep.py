@@ -24,7 +24,8 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
     out = tmp_path / "sweep"
     argv = ["--model-name", str(converted), "--include-path", str(tasks),
             "--tasks", ",".join(make_local_task.LOCAL_TASKS),
-            "--modes", "oracle", "predictor", "random", "--mlp-topk", "0.25", "0.5", "--att-topk", "2", "3",
+            "--modes", "oracle", "predictor", "random", "--blocks", "both", "--mlp-topk", "0.25", "0.5",
+            "--att-topk", "2", "3",
             "--predictor-dir", str(tmp_path / "pred"), "--limit", "4", "--bootstrap-iters", "100", "--batch", "8",
             "--out-dir", str(out)]
     rows = task_sweep.main(argv)
@@ -42,13 +43,14 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
         info = result["model_info"]["dejavu"]
         assert info["model_type"] == ("opt" if row["mode"] == "dense" else "opt-ml-att-sparse")
         if row["mode"] != "dense":
-            assert info["sparsity"]["mode"] == row["mode"]
+            assert info["sparsity"]["mode"] == row["mode"] and row["block"] == "both"
             assert set(info["sparsity"]["mlp_budgets"].values()) == {float(row["mlp_topk"])}
+            assert row["att_kept"] == row["att_topk"] and row["dense_layers"] == "0"
     mc = [r for r in table if r["task"] == make_local_task.MULTIPLE_CHOICE]
     assert all(r["acc_norm"] != "" for r in mc) and "perplexity=" in table[1]["other_metrics"]
     lastword = [r["other_metrics"] for r in table if r["task"] == make_local_task.LASTWORD]
     assert len(set(lastword)) == len(settings)  # every setting changes the perplexity of the last words
-    assert "| dense | dense | dense |" in (out / "tasks.md").read_text()
+    assert "| dense | none | dense | dense |" in (out / "tasks.md").read_text()
 
     # resume: every result is reused, no model is built, the table is the same
     stamps = {r["result_json"]: Path(r["result_json"]).stat().st_mtime_ns for r in table}

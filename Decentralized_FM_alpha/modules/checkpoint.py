@@ -1,6 +1,7 @@
 """Strict loading of the converted per-layer checkpoint files (SPEC section 3)."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -15,7 +16,12 @@ def read_state_dict(model_path: str | Path, filename: str) -> dict[str, torch.Te
     path = Path(model_path) / filename
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # a truncated file fails as one of these
+        reason = str(e).split("\n", 1)[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint file (truncated or corrupt): "
+                              f"{type(e).__name__}: {reason}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state

@@ -2,8 +2,9 @@
 
 Computes what Hugging Face `LlamaForCausalLM` computes (SwiGLU MLP, RMSNorm, rotary
 positions with plain or `llama3` frequency scaling, grouped-query attention), loaded
-strictly from the converted per-layer files of SPEC section 3. Its OPT twin is
-hf_opt_module.py: same classes, same method names, only the architecture differs.
+strictly from the converted per-layer files of SPEC section 3. The same pieces run Qwen2
+(`Qwen2ForCausalLM`): Llama with biases on the q, k and v projections (not o), full attention only.
+Its OPT twin is hf_opt_module.py: same classes, same method names, only the architecture differs.
 """
 from __future__ import annotations
 
@@ -13,21 +14,36 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config
 from transformers.activations import ACT2FN
 
 from Decentralized_FM_alpha.modules.checkpoint import build_and_load
 
 LayerPast = Optional[tuple[torch.Tensor, torch.Tensor]]
+LlamaFamilyConfig = LlamaConfig | Qwen2Config
+QKV_BIAS = {"llama": False, "qwen2": True}  # model_type -> biases on q_proj, k_proj, v_proj (never on o_proj)
 
 
-def check_supported(config: LlamaConfig) -> None:
+def check_supported(config: LlamaFamilyConfig) -> None:
+    if config.model_type not in QKV_BIAS:
+        raise NotImplementedError(f"model_type {config.model_type!r}: the Llama modules run {sorted(QKV_BIAS)}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise NotImplementedError("Llama with attention_bias or mlp_bias is not supported")
+    check_full_attention(config)
     rope_config(config)
 
 
-def rope_config(config: LlamaConfig) -> tuple[float, dict]:
+def check_full_attention(config: LlamaFamilyConfig) -> None:
+    """Every layer attends to every earlier token: Qwen2's sliding-window attention is not implemented."""
+    if getattr(config, "use_sliding_window", False):
+        raise NotImplementedError(f"use_sliding_window=True (sliding_window {config.sliding_window}, "
+                                  f"max_window_layers {config.max_window_layers}) is not supported: full attention only")
+    other = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention"})
+    if other:
+        raise NotImplementedError(f"layer_types {other} are not supported: full attention only")
+
+
+def rope_config(config: LlamaFamilyConfig) -> tuple[float, dict]:
     """(theta, scaling) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     scaling = dict(getattr(config, "rope_scaling", None) or params)
@@ -39,11 +55,11 @@ def rope_config(config: LlamaConfig) -> tuple[float, dict]:
     return theta, scaling
 
 
-def head_dim_of(config: LlamaConfig) -> int:
+def head_dim_of(config: LlamaFamilyConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+def rope_inv_freq(config: LlamaFamilyConfig) -> torch.Tensor:
     """Rotary inverse frequencies (hd/2,), float32, with Llama 3's long-context rescaling if configured."""
     theta, scaling = rope_config(config)
     dim = head_dim_of(config)
@@ -69,14 +85,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class GPTEmbeddings(nn.Module):
     """Token embeddings only: positions enter each attention layer as rotations."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaFamilyConfig):
         super().__init__()
         check_supported(config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
 
     @classmethod
-    def from_pretrained(cls, model_path: str, config: LlamaConfig) -> "GPTEmbeddings":
+    def from_pretrained(cls, model_path: str, config: LlamaFamilyConfig) -> "GPTEmbeddings":
         return build_and_load(cls, model_path, "pytorch_embs.pt", config)
 
     def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
@@ -97,15 +113,15 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaFamilyConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        d, qkv_bias = config.hidden_size, QKV_BIAS[config.model_type]
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.inv_freq = rope_inv_freq(config)  # a plain attribute: not a weight, rebuilt from config
 
@@ -133,7 +149,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaFamilyConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -149,7 +165,7 @@ class GPTBlock(nn.Module):
     they record nothing and keep everything.
     """
 
-    def __init__(self, config: LlamaConfig, layer_index: int):
+    def __init__(self, config: LlamaFamilyConfig, layer_index: int):
         super().__init__()
         check_supported(config)
         self.config, self.layer_index = config, layer_index
@@ -159,7 +175,7 @@ class GPTBlock(nn.Module):
         self.mlp = LlamaMLP(config)
 
     @classmethod
-    def from_pretrained(cls, model_path: str, config: LlamaConfig, layer_index: int, **kwargs) -> "GPTBlock":
+    def from_pretrained(cls, model_path: str, config: LlamaFamilyConfig, layer_index: int, **kwargs) -> "GPTBlock":
         return build_and_load(cls, model_path, f"pytorch_{layer_index}.pt", config, layer_index, **kwargs)
 
     def mlp_intermediate(self, h: torch.Tensor) -> torch.Tensor:
@@ -192,7 +208,7 @@ class GPTBlock(nn.Module):
 
 
 class GPTLMHead(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaFamilyConfig):
         super().__init__()
         check_supported(config)
         self.config = config
@@ -200,7 +216,7 @@ class GPTLMHead(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
-    def from_pretrained(cls, model_path: str, config: LlamaConfig) -> "GPTLMHead":
+    def from_pretrained(cls, model_path: str, config: LlamaFamilyConfig) -> "GPTLMHead":
         return build_and_load(cls, model_path, "pytorch_lm_head.pt", config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

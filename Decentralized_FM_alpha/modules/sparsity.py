@@ -6,6 +6,14 @@ token; the others contribute zero. What ranks them is the mode:
   predictor  the layer's trained predictor, fed exactly the input it was trained on
   oracle     the true |activation| (MLP) / head output norm (attention): the best any predictor could do
   random     uniform random scores, seeded: the floor
+  static     the K units most often in the true top-K over the training documents, the same for every token
+             (static_{block}_layer{L}.json of sparse_predictor/static_topk.py): the input-independent baseline
+  gate       MLP only, gated MLPs (Llama): the top-K of |act(g)| with g the exact gate pre-activation (CATS-style,
+             no predictor; it would save the up and down projections, not the gate)
+Layers in the plan's dense set (--dense-layers, layer 0 by default: no earlier input exists for its lookahead)
+stay dense in every mode. A predictor or static file must have been made for the run: its recorded input must be
+the wiring asked for (--predictor-input) and a top-K label's K the count the run keeps, else loading fails naming the
+file and both values (--allow-predictor-mismatch runs it anyway; the manifest lists every mismatch).
 This is an accuracy simulation, as in the original: the masks are applied after the dense
 projections, and a skipped head still leaves its keys/values for later tokens.
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -24,7 +33,9 @@ from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.manifest import file_sha256
 from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_list
 
-MODES = ("dense", "predictor", "oracle", "random")
+MODES = ("dense", "predictor", "oracle", "random", "static", "gate")
+FILE_MODES = ("predictor", "static")  # modes that read a file per sparse layer and block
+DEFAULT_DENSE_LAYERS = "0"
 Budget = Union[int, float]
 
 
@@ -58,12 +69,20 @@ class SparsityPlan:
     predictor_dir: Optional[Path] = None
     gqa_groups: bool = False
     seed: int = 42
+    predictor_input: str = "lookahead"  # the wiring a predictor must have been trained on (SPEC section 7)
+    allow_mismatch: bool = False  # run predictors made for another budget or input (recorded)
+    dense_layers: tuple[int, ...] = ()  # kept dense in every mode
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"--sparse-mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "predictor" and (self.mlp_budgets or self.att_budgets) and self.predictor_dir is None:
-            raise ValueError("--sparse-mode predictor needs --predictor-dir")
+        if self.mode in FILE_MODES and (self.mlp_budgets or self.att_budgets) and self.predictor_dir is None:
+            raise ValueError(f"--sparse-mode {self.mode} needs --predictor-dir")
+        if self.mode == "gate" and self.att_budgets:
+            raise ValueError("--sparse-mode gate ranks MLP neurons only: give no attention budget (run attention "
+                             "budgets with another mode)")
+        if self.predictor_input not in ("lookahead", "same") and not re.fullmatch(r"from:\d+", self.predictor_input):
+            raise ValueError(f"--predictor-input must be lookahead, same or from:J, got {self.predictor_input!r}")
 
 
 @dataclass
@@ -72,15 +91,32 @@ class PredictorInput:
     layer: int
 
 
-def load_predictor(path: Path, layer: int, d: int, out: int, block: str, device: torch.device):
-    """The trained Sequential(Linear(d, D), Linear(D, out)) and the input it was trained on, strictly."""
-    meta_path = path.with_suffix(".json")
-    for p in (path, meta_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"missing predictor file for {block} layer {layer}: {p}")
-    meta = json.loads(meta_path.read_text())
+def read_meta(path: Path, block: str, layer: int) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file for {block} layer {layer}: {path}")
+    meta = json.loads(path.read_text())
     if meta.get("layer") != layer:
-        raise ValueError(f"{meta_path}: trained for layer {meta.get('layer')}, needed for layer {layer}")
+        raise ValueError(f"{path}: made for layer {meta.get('layer')}, needed for layer {layer}")
+    return meta
+
+
+def made_for_run(meta: dict, kept: int, predictor_input: str | None) -> list[str]:
+    """How a predictor (or static) file differs from the run that loads it: its input wiring, and for a top-K label
+    the count it was trained to pick (a label without a budget, such as OPT's relu, fits any budget)."""
+    differences = []
+    if predictor_input is not None and meta.get("input") != predictor_input:
+        differences.append(f"trained on input {meta.get('input')!r}, the run asks for {predictor_input!r}")
+    if meta.get("label") == "topk" and meta.get("K") != kept:
+        differences.append(f"trained for K={meta.get('K')} (k={meta.get('k')}), the run keeps {kept}")
+    return differences
+
+
+def load_predictor(path: Path, layer: int, d: int, out: int, block: str, device: torch.device):
+    """The trained Sequential(Linear(d, D), Linear(D, out)), the input it was trained on and its JSON, strictly."""
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"missing predictor file for {block} layer {layer}: {path}")
+    meta = read_meta(meta_path, block, layer)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if set(state) != {"0.weight", "1.weight"}:
         raise ValueError(f"{path}: expected keys 0.weight and 1.weight, found {sorted(state)}")
@@ -93,49 +129,89 @@ def load_predictor(path: Path, layer: int, d: int, out: int, block: str, device:
     source = PredictorInput(meta["input_kind"], int(meta["input_layer"]))
     if source.kind not in ("att_x", "mlp_x") or source.layer > layer:
         raise ValueError(f"{meta_path}: input {source} cannot feed layer {layer}")
-    return predictor.to(device).eval(), source, {"path": str(path), "sha256": file_sha256(path),
-                                                 "input": meta.get("input"), "label": meta.get("label")}
+    return predictor.to(device).eval(), source, meta
+
+
+def load_static(path: Path, layer: int, width: int, block: str, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Per-unit scores of a static ranking (count descending, ties by lower index): width - rank, exact in float32."""
+    meta = read_meta(path, block, layer)
+    counts = meta.get("counts")
+    if not isinstance(counts, list) or len(counts) != width:
+        raise ValueError(f"{path}: 'counts' must list one count per unit ({width}), found "
+                         f"{len(counts) if isinstance(counts, list) else type(counts).__name__}")
+    order = sorted(range(width), key=lambda unit: (-counts[unit], unit))
+    scores = torch.empty(width, dtype=torch.float32)
+    scores[torch.tensor(order)] = torch.arange(width, 0, -1, dtype=torch.float32)
+    return scores.to(device), meta
+
+
+def file_info(path: Path, meta: dict) -> dict:
+    return {"path": str(path), "sha256": file_sha256(path), "input": meta.get("input"), "label": meta.get("label"),
+            "k": meta.get("k"), "K": meta.get("K")}
 
 
 class SparsityController:
     """Shared by the sparse blocks of one pipeline rank: remembers the inputs predictors need
     during a forward pass and turns scores into masks."""
 
-    def __init__(self, plan: SparsityPlan, dims: ModelDims, layers: range, device: torch.device):
+    def __init__(self, plan: SparsityPlan, dims: ModelDims, layers: range, device: torch.device,
+                 gate_activation: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`gate_activation`: the MLP's activation for gate mode (Llama's SiLU); None for an MLP without a gate."""
         self.plan, self.dims, self.layers, self.device = plan, dims, layers, device
+        self.gate_activation = gate_activation
         self.generator = torch.Generator(device=device).manual_seed(plan.seed)
         self.predictors: dict[tuple[str, int], tuple[nn.Module, PredictorInput]] = {}
+        self.static_scores: dict[tuple[str, int], torch.Tensor] = {}
         self.loaded: list[dict] = []
+        self.mismatches: list[str] = []
         self.remembered: dict[tuple[str, int], torch.Tensor] = {}
-        group = dims.num_heads // dims.num_kv_heads
-        for layer in layers:
-            if layer in plan.att_budgets and plan.gqa_groups:
-                count = budget_count(plan.att_budgets[layer], dims.num_heads, "attention")
-                if count % group:
-                    raise ValueError(f"--gqa-groups keeps whole groups of {group} query heads: attention budget "
-                                     f"{count} is not a multiple of {group}")
-        if plan.mode == "predictor":
-            self._load_predictors(layers)
+        self.kept = {"mlp": {l: budget_count(b, dims.ffn_dim, "MLP") for l, b in plan.mlp_budgets.items()},
+                     "att": {l: kept_heads(b, dims, plan.gqa_groups) for l, b in plan.att_budgets.items()}}
+        if plan.mode == "gate" and plan.mlp_budgets and gate_activation is None:
+            raise ValueError("--sparse-mode gate needs a gated MLP (Llama's SiLU(gate) * up); this model's MLP has "
+                             "no gate (OPT): the gate baseline is n/a for it")
+        if plan.mode in FILE_MODES:
+            self._load_files(layers)
+        if self.mismatches and not plan.allow_mismatch:
+            raise ValueError("predictor files made for another run:\n  " + "\n  ".join(self.mismatches)
+                             + "\n(--allow-predictor-mismatch runs them anyway and records each difference)")
         self.needed = {(src.kind, src.layer) for _, src in self.predictors.values()}
+        if plan.mode == "gate":
+            self.needed |= {("mlp_gate", l) for l in plan.mlp_budgets if l in layers}
         outside = sorted(f"{k}_{l}" for k, l in self.needed if l not in layers)
         if outside:
             raise ValueError(f"predictors on this pipeline rank (layers {layers.start}-{layers.stop - 1}) read {outside} "
                              f"from another rank; run sparse inference with world size 1 or --num-layers covering them")
 
-    def _load_predictors(self, layers: range) -> None:
+    def _load_files(self, layers: range) -> None:
+        """Each sparse layer's predictor (mode predictor) or static ranking (mode static), checked against the run."""
         d = self.dims.hidden_size
         for block, budgets, out in (("mlp", self.plan.mlp_budgets, self.dims.ffn_dim),
                                     ("att", self.plan.att_budgets, self.dims.num_heads)):
             for layer in layers:
-                if layer in budgets:
+                if layer not in budgets:
+                    continue
+                if self.plan.mode == "predictor":
                     path = self.plan.predictor_dir / f"{block}_layer{layer}.pt"
-                    predictor, source, info = load_predictor(path, layer, d, out, block, self.device)
+                    predictor, source, meta = load_predictor(path, layer, d, out, block, self.device)
                     self.predictors[(block, layer)] = (predictor, source)
-                    self.loaded.append({"block": block, "layer": layer, **info})
+                    wiring = self.plan.predictor_input
+                else:
+                    path = self.plan.predictor_dir / f"static_{block}_layer{layer}.json"
+                    self.static_scores[(block, layer)], meta = load_static(path, layer, out, block, self.device)
+                    wiring = None  # a static ranking reads no input
+                self.loaded.append({"block": block, "layer": layer, **file_info(path, meta)})
+                meta_path = path.with_suffix(".json")  # the file that records what it was made for
+                self.mismatches += [f"{meta_path}: {d}" for d in made_for_run(meta, self.kept[block][layer], wiring)]
 
     def describe(self) -> dict:
         return {"mode": self.plan.mode, "mlp_budgets": self.plan.mlp_budgets, "att_budgets": self.plan.att_budgets,
-                "gqa_groups": self.plan.gqa_groups, "predictors": self.loaded}
+                "mlp_kept": self.kept["mlp"], "att_kept": self.kept["att"],
+                "att_unit": "groups" if self.plan.gqa_groups else "heads",
+                "gqa_groups": self.plan.gqa_groups, "dense_layers": list(self.plan.dense_layers),
+                "predictor_input": self.plan.predictor_input if self.plan.mode == "predictor" else None,
+                "allow_predictor_mismatch": self.plan.allow_mismatch, "predictor_mismatches": self.mismatches,
+                "predictors": self.loaded}
 
     # -- called by the blocks
     def observe(self, layer: int, kind: str, value: Callable[[], torch.Tensor]) -> None:
@@ -145,15 +221,14 @@ class SparsityController:
     def keep_neurons(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         if layer not in self.plan.mlp_budgets or self.plan.mode == "dense":
             return a
-        k = budget_count(self.plan.mlp_budgets[layer], a.shape[-1], "MLP")
         scores = self.scores("mlp", layer, lambda: a.abs())
-        return a * top_k_mask(scores, k).to(a.dtype)
+        return a * top_k_mask(scores, self.kept["mlp"][layer]).to(a.dtype)
 
     def keep_heads(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
         """heads: (B, T, H, hd) per-query-head attention outputs."""
         if layer not in self.plan.att_budgets or self.plan.mode == "dense":
             return heads
-        k = budget_count(self.plan.att_budgets[layer], heads.shape[2], "attention")
+        k = self.kept["att"][layer]
         scores = self.scores("att", layer, lambda: heads.float().norm(dim=-1))  # (B, T, H)
         if self.plan.gqa_groups:
             group = self.dims.num_heads // self.dims.num_kv_heads
@@ -164,15 +239,34 @@ class SparsityController:
         return heads * mask[..., None].to(heads.dtype)
 
     def scores(self, block: str, layer: int, true_scores: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if self.plan.mode == "oracle":
+        mode = self.plan.mode
+        if mode == "oracle":
             return true_scores()
-        if self.plan.mode == "random":
+        if mode == "random":
             shape = true_scores().shape
             return torch.rand(shape, generator=self.generator, device=self.device)
+        if mode == "static":
+            return self.static_scores[(block, layer)]  # (width,): broadcast over tokens
+        if mode == "gate":
+            return self.gate_activation(self.remembered[("mlp_gate", layer)].float()).abs()
         predictor, source = self.predictors[(block, layer)]
         x = self.remembered[(source.kind, source.layer)]
         with torch.autocast(self.device.type, enabled=False):
             return predictor(x.float())
+
+
+def kept_heads(budget: Budget, dims: ModelDims, gqa_groups: bool) -> int:
+    """Query heads an attention budget keeps. With gqa_groups whole key/value groups: a fraction counts groups by the
+    one count rule (then all of each group's heads), a count must be a whole number of groups."""
+    group = dims.num_heads // dims.num_kv_heads
+    if not gqa_groups:
+        return budget_count(budget, dims.num_heads, "attention")
+    if isinstance(budget, float):
+        return fraction_count(budget, dims.num_kv_heads) * group
+    if budget % group or budget > dims.num_heads:
+        raise ValueError(f"--gqa-groups keeps whole groups of {group} query heads: attention budget {budget} is not "
+                         f"a multiple of {group} up to {dims.num_heads}")
+    return budget
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -191,9 +285,11 @@ def plan_from_args(args, num_layers: int) -> SparsityPlan:
         layers = parse_layer_list(args.sparse_layers or "all", num_layers)
     except ValueError as e:
         raise ValueError(f"--sparse-layers: {e}") from e
+    dense = dense_layer_list(args.dense_layers, num_layers)
+    layers = [l for l in layers if l not in dense]
     mlp_layers = layers
     if not args.mlp_topk and "LAYER" in env:  # original: MLP sparsity in layers below $LAYER
-        mlp_layers = list(range(min(int(env["LAYER"]), num_layers)))
+        mlp_layers = [l for l in range(min(int(env["LAYER"]), num_layers)) if l not in dense]
     mlp = {l: parse_budget(str(mlp_budget)) for l in mlp_layers} if mlp_budget else {}
     att = {l: parse_budget(str(att_budget)) for l in layers} if att_budget else {}
     if att and not args.att_topk and env.get("ATTN_TOPK_2"):
@@ -203,4 +299,15 @@ def plan_from_args(args, num_layers: int) -> SparsityPlan:
     mode = args.sparse_mode or "predictor"
     return SparsityPlan(mode=mode, mlp_budgets=mlp, att_budgets=att,
                         predictor_dir=Path(predictor_dir) if predictor_dir else None, gqa_groups=args.gqa_groups,
-                        seed=args.seed)
+                        seed=args.seed, predictor_input=args.predictor_input,
+                        allow_mismatch=args.allow_predictor_mismatch, dense_layers=tuple(dense))
+
+
+def dense_layer_list(spec: str, num_layers: int) -> list[int]:
+    """--dense-layers: a layer list, or 'none'."""
+    if spec.strip() in ("", "none"):
+        return []
+    try:
+        return parse_layer_list(spec, num_layers)
+    except ValueError as e:
+        raise ValueError(f"--dense-layers: {e}") from e

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from Decentralized_FM_alpha.task_datasets.inference_data import Request, choice_record, result_record
+from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint
 
 MODEL_TYPES = {  # --model-type -> (family, module file)
     "opt": ("opt", "hf_opt_module"),
@@ -83,8 +84,9 @@ class DistInferenceMaskTokenPipeSync:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         self.family, self.module = model_module(args.model_type)
+        checkpoint_family = family_of_checkpoint(args.model_name)  # a missing path is an error saying so
         self.config = AutoConfig.from_pretrained(args.model_name)
-        if self.config.model_type != self.family:
+        if checkpoint_family != self.family:
             raise ValueError(f"{args.model_name} holds a {self.config.model_type!r} model, --model-type is {args.model_type}")
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         self.bos = bos_facts(self.tokenizer)
@@ -98,7 +100,12 @@ class DistInferenceMaskTokenPipeSync:
         self.hidden_size = self.config.hidden_size
         self.max_seq_len = args.max_seq_len or self.config.max_position_embeddings
         self._load_model(block_kwargs(self) if block_kwargs else {})
-        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.generator = torch.Generator(device=device)
+        self.reset_run_counters(args.seed)
+
+    def reset_run_counters(self, seed: int) -> None:
+        """What one run reports starts afresh: the sampling generator, truncation count and batch padding."""
+        self.generator.manual_seed(seed)
         self.truncated_prompts = 0
         self.batch_positions = {"real_tokens": 0, "padding": 0}  # echo batches: what sorting by length saves
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from Decentralized_FM_alpha.utils.manifest import (CONVERSION_MANIFEST, base_manifest, file_sha256, now,
                                                    write_json_atomic)
+from Decentralized_FM_alpha.utils.model_source import is_hub_id, require_local_path_or_hub_id
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # One converted file: {key in the file: name of the HF tensor}
@@ -26,16 +28,24 @@ FilePlan = dict[str, dict[str, str]]
 
 
 def resolve_model_dir(model_name: str, auth_token: Optional[str] = None) -> Path:
-    """A local directory as is; otherwise a hub id downloaded (weights, config, tokenizer) to the HF cache."""
+    """A local directory as is; otherwise a hub id downloaded (weights, config, tokenizer) to the HF cache. A name
+    that cannot be a hub id is a local path: when it does not exist, the error says so."""
     path = Path(model_name)
     if path.is_dir():
         return path
-    if path.exists() or model_name.startswith((".", "/")):
-        raise FileNotFoundError(f"model directory not found: {model_name}")
+    if path.exists():
+        raise NotADirectoryError(f"--model-name {model_name}: not a directory (a Hugging Face model directory, a hub "
+                                 f"id, or a .gguf file)")
+    require_local_path_or_hub_id(model_name, "--model-name")
     from huggingface_hub import snapshot_download  # imported here: only the hub path needs it
+    from huggingface_hub.errors import HfHubHTTPError
 
-    return Path(snapshot_download(model_name, token=auth_token or os.environ.get("HF_TOKEN"),
-                                  allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    try:
+        return Path(snapshot_download(model_name, token=auth_token or os.environ.get("HF_TOKEN"),
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except (HfHubHTTPError, OSError) as e:  # OSError: offline, no connection, not in the local cache
+        raise FileNotFoundError(f"--model-name {model_name}: no such local path, and the hub did not provide it: "
+                                f"{type(e).__name__}: {e}") from e
 
 
 class WeightReader:
@@ -90,7 +100,8 @@ class WeightReader:
 
 class GGUFWeightReader:
     """The tensors of a GGUF file (llama.cpp's format), dequantized to float32 and given their Hugging Face names by
-    transformers' GGUF loader, which also undoes llama.cpp's row permutation of q_proj / k_proj.
+    transformers' GGUF loader, which also undoes llama.cpp's row permutation of a Llama's q_proj / k_proj (a Qwen2
+    file has none; its q/k/v biases are tensors like any other).
 
     GGUF files are single files of small or quantized models: the whole file is read at once. A GGUF tensor that the
     loader does not map to a parameter of the model is an error naming it (the loader itself skips such tensors).
@@ -98,13 +109,12 @@ class GGUFWeightReader:
 
     IGNORABLE = ("rope_freqs.weight",)  # llama.cpp's precomputed llama3 rope factors, rebuilt from the config
 
-    def __init__(self, gguf_path: Path, config):
-        from gguf import GGUFReader
+    def __init__(self, gguf_path: Path, gguf_tensors: list, config):
+        """`gguf_tensors`: the file's tensor table (`read_gguf(gguf_path).tensors`)."""
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         self.model_dir = gguf_path
-        gguf_tensors = GGUFReader(str(gguf_path)).tensors
         self.tensor_types = Counter(t.tensor_type.name for t in gguf_tensors)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -135,8 +145,9 @@ class GGUFWeightReader:
         quantized = {name: n for name, n in types.items() if name not in ("F32", "F16", "BF16", "F64")}
         bits = sorted({int(m[1]) for name in quantized if (m := re.match(r"I?Q(\d+)", name))})
         listing = ", ".join(f"{name} x{n}" for name, n in types.most_common())
-        note = (f"dequantized to float32 from {bits[0]}-bit GGUF {path.name} ({listing}): quantized weights, not the "
-                f"original checkpoint" if quantized else f"read from GGUF {path.name} ({listing}), not quantized")
+        bit_widths = "/".join(map(str, bits))  # files mix types: a 4-bit Q4_K_M file stores some tensors in 5-8 bits
+        note = (f"dequantized to float32 from {bit_widths}-bit GGUF {path.name} ({listing}): quantized weights, not "
+                f"the original checkpoint" if quantized else f"read from GGUF {path.name} ({listing}), not quantized")
         return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path),
                 "tensor_types": dict(types.most_common()), "quantized_bits": bits, "note": note}
 
@@ -149,11 +160,22 @@ def resolve_gguf_file(model_name: str, gguf_file: Optional[str], auth_token: Opt
     for candidate in (Path(gguf_file), Path(model_name) / gguf_file):
         if candidate.is_file():
             return candidate
-    if Path(model_name).is_dir() or model_name.startswith((".", "/")):
-        raise FileNotFoundError(f"GGUF file not found: {gguf_file} (nor {Path(model_name) / gguf_file})")
+    if Path(model_name).is_dir() or not is_hub_id(model_name):
+        raise FileNotFoundError(f"--gguf-file {gguf_file}: the path does not exist (nor {Path(model_name) / gguf_file})")
     from huggingface_hub import hf_hub_download  # imported here: only the hub path needs it
 
     return Path(hf_hub_download(model_name, gguf_file, token=auth_token or os.environ.get("HF_TOKEN")))
+
+
+def read_gguf(path: Path):
+    """A GGUF file's metadata and tensor table (gguf.GGUFReader, memory-mapped); a truncated or corrupt file is an
+    error naming it (the reader itself fails with a bare struct, reshape or index error)."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, struct.error) as e:
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt): {type(e).__name__}: {e}") from e
 
 
 def write_converted(reader: WeightReader, plan: FilePlan, save_path: Path, dtype: Optional[torch.dtype]) -> None:

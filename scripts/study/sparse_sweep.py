@@ -1,21 +1,33 @@
-"""Perplexity of DejaVu's sparse simulation over modes and budgets, next to the dense baseline, in one table.
+"""Perplexity of DejaVu's sparse simulation over modes, blocks and budgets, next to the dense baseline, in one table.
 
-For each request file (C4 validation, WikiText-2 windows, ...) runs the dense model once and then
-every mode x budget with the `*-ml-att-sparse` model type, through dist_inference_runner (one
-process, world size 1), and writes <out-dir>/sweep.csv and sweep.md with one row per setting:
-model, dataset, mode, mlp_topk, att_topk, perplexity, tokens, output_manifest. A setting whose
-output manifest already holds a perplexity is not run again, so an interrupted sweep resumes.
+For each request file (C4 validation, WikiText-2 windows, ...) scores the dense model once and then every setting
+with the `*-ml-att-sparse` model type, through dist_inference_runner (one process, world size 1; the sparse model
+is loaded once and each setting gets its own sparsity controller). Settings decompose the cost by block:
+  mlp   MLP budget only, attention dense        att   attention budget only, MLP dense
+  both  the i-th MLP budget with the i-th attention budget
+for every mode (oracle, predictor, random, static, gate: gate ranks MLP neurons only and needs a gated MLP, so it
+runs on `mlp` rows of Llama-family models), and with `--att-units groups` the attention rows again in whole
+key/value groups (Llama with GQA). Budgets are counts or fractions (< 1) of each block's units, turned into counts
+by the one count rule. Layers of --dense-layers (layer 0 by default) stay dense in every mode.
 
-  python scripts/study/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \
-      --predictor-dir data/llama-3.2-3b_c4_sparse_predictor --data c4=Decentralized_FM_alpha/c4_val/c4_valid.jsonl \
-      --data wikitext2=data/wikitext2_requests.jsonl --mlp-topk 0.25 0.5 --att-topk 12 18 --out-dir out/sweep_llama
+Predictors and static rankings are made per budget (SPEC §7): `--predictor-dir` may hold `{k}`, replaced by each
+block's budget as written (e.g. predictors/b{k} -> predictors/b0.25), and `--group-predictor-dir` does the same for
+the group rows. The runner refuses a predictor trained for another K or input (--allow-predictor-mismatch).
+
+Writes <out-dir>/sweep.csv and sweep.md, one row per (dataset, setting): model, dataset, mode, block, mlp_topk,
+att_topk, mlp_kept, att_kept, att_unit, predictor_input, mlp_trained_k, att_trained_k, dense_layers, perplexity,
+tokens, output_manifest. A setting whose output manifest already holds a perplexity is not run again.
+
+  python scripts/study/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \\
+      --predictor-dir data/llama-3.2-3b_sparse_predictors/b{k} --data c4=Decentralized_FM_alpha/c4_val/c4_valid.jsonl \\
+      --data wikitext2=data/wikitext2_requests.jsonl --mlp-topk 0.1 0.25 0.5 --att-topk 0.1 0.25 0.5 --out-dir out/sweep
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -23,25 +35,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha import dist_inference_runner  # noqa: E402
-from Decentralized_FM_alpha.modules.sparsity import MODES, parse_budget  # noqa: E402
+from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, MODES, parse_budget  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, weights_provenance, write_json_atomic  # noqa: E402
+from scripts.analysis.common import write_csv_atomic  # noqa: E402
+from sparse_predictor.trainer.labels import k_name  # noqa: E402
 
-COLUMNS = ("model", "dataset", "mode", "mlp_topk", "att_topk", "perplexity", "tokens", "output_manifest")
-
-
-def budget_pairs(mlp: list[str], att: list[str]) -> list[tuple[str | None, str | None]]:
-    """Paired budgets when both lists are given (same length), else one block at a time."""
-    for b in mlp + att:
-        parse_budget(b)  # fail before any run
-    if mlp and att:
-        if len(mlp) != len(att):
-            raise SystemExit(f"--mlp-topk and --att-topk pair up: give the same number ({len(mlp)} vs {len(att)})")
-        return list(zip(mlp, att))
-    return [(b, None) for b in mlp] + [(None, b) for b in att]
+COLUMNS = ("model", "dataset", "mode", "block", "mlp_topk", "att_topk", "mlp_kept", "att_kept", "att_unit",
+           "predictor_input", "mlp_trained_k", "att_trained_k", "dense_layers", "perplexity", "tokens",
+           "output_manifest")
+BLOCKS = ("mlp", "att", "both")
+ATT_UNITS = ("heads", "groups")
+SPARSE_MODES = tuple(m for m in MODES if m != "dense")
+FILE_MODES = ("predictor", "static")  # read a predictor or static file per layer from --predictor-dir
+NOT_APPLICABLE = "n/a"
 
 
-def settings(modes: list[str], pairs) -> list[tuple[str, str | None, str | None]]:
-    return [("dense", None, None)] + [(m, mlp, att) for m in modes if m != "dense" for mlp, att in pairs]
+@dataclass(frozen=True)
+class Setting:
+    """One row's model: the mode, which blocks are sparse and at what budget (as written), heads or groups."""
+    mode: str
+    block: str  # none (the dense baseline), mlp, att or both
+    mlp: str | None = None
+    att: str | None = None
+    unit: str = "heads"
+
+    @property
+    def name(self) -> str:
+        """The setting in file and folder names, e.g. oracle_mlp0.25_att0.25 or static_att0.5_groups."""
+        return (self.mode + (f"_mlp{self.mlp}" if self.mlp else "") + (f"_att{self.att}" if self.att else "")
+                + ("_groups" if self.unit == "groups" else ""))
+
+
+DENSE = Setting("dense", "none")
+
+
+def plan_settings(modes: list[str], mlp: list[str], att: list[str], blocks: list[str], units: list[str],
+                  gated: bool) -> list[Setting]:
+    """The dense baseline, then for each mode every block's rows (group rows after the head rows)."""
+    for budget in mlp + att:
+        parse_budget(budget)  # fail before any run
+    if "both" in blocks and len(mlp) != len(att):
+        raise SystemExit(f"--blocks both pairs the i-th --mlp-topk with the i-th --att-topk: give the same number "
+                         f"({len(mlp)} vs {len(att)})")
+    settings = [DENSE]
+    for mode in modes:
+        for block in blocks:
+            if mode == "gate" and (block != "mlp" or not gated):
+                continue  # gate ranks MLP neurons of a gated MLP only
+            for unit in (["heads"] if block == "mlp" else units):
+                if block == "mlp":
+                    settings += [Setting(mode, block, mlp=b) for b in mlp]
+                elif block == "att":
+                    settings += [Setting(mode, block, att=b, unit=unit) for b in att]
+                else:
+                    settings += [Setting(mode, block, m, a, unit) for m, a in zip(mlp, att)]
+    return settings
+
+
+def predictor_dir(template: str | None, setting: Setting) -> str | None:
+    """The folder of the setting's predictor (or static) files: {k} is each sparse block's budget as written, so a
+    paired row needs both budgets equal when the template holds {k}."""
+    if template is None or "{k}" not in template:
+        return template
+    budgets = {budget_name(b) for b in (setting.mlp, setting.att) if b is not None}
+    if len(budgets) != 1:
+        raise SystemExit(f"--predictor-dir {template}: the paired row mlp {setting.mlp} / att {setting.att} would read "
+                         f"two folders; pair equal budgets, or give a folder without {{k}}")
+    return template.format(k=budgets.pop())
+
+
+def budget_name(budget: str) -> str:
+    """A budget as folder names write it: a fraction as the trainer names its --k folders (0.10 -> 0.1), a count as is."""
+    value = parse_budget(budget)
+    return k_name(value) if isinstance(value, float) else str(value)
 
 
 def parse_data(items: list[str]) -> dict[str, Path]:
@@ -56,63 +122,129 @@ def parse_data(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def setting_name(mode: str, mlp: str | None, att: str | None) -> str:
-    """One setting's name in file and folder names, e.g. oracle_mlp0.25_att5 (task_sweep.py names its runs so too)."""
-    return mode + (f"_mlp{mlp}" if mlp else "") + (f"_att{att}" if att else "")
+def setting_argv(args: argparse.Namespace, setting: Setting) -> list[str]:
+    """The runner flags of a setting's model (the request file and output are added per run)."""
+    argv = ["--model-name", args.model_name, "--dtype", args.dtype, "--use-cuda", args.use_cuda, "--seed",
+            str(args.seed), "--token-micro-batch-size", str(args.batch)]
+    argv += ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else []
+    argv += ["--num-iters", str(args.num_iters)] if args.num_iters else []
+    if setting.mode == "dense":
+        return argv + ["--model-type", args.family]
+    argv += ["--model-type", f"{args.family}-ml-att-sparse", "--sparse-mode", setting.mode,
+             "--dense-layers", args.dense_layers, "--predictor-input", args.predictor_input]
+    argv += (["--mlp-topk", setting.mlp] if setting.mlp else []) + (["--att-topk", setting.att] if setting.att else [])
+    if setting.mode in FILE_MODES:
+        template = args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
+        argv += ["--predictor-dir", predictor_dir(template, setting)]
+    argv += ["--gqa-groups"] if setting.unit == "groups" else []
+    argv += ["--allow-predictor-mismatch"] if args.allow_predictor_mismatch else []
+    return argv
 
 
-def output_stem(dataset: str, mode: str, mlp: str | None, att: str | None) -> str:
-    return f"{dataset}_{setting_name(mode, mlp, att)}"
+class Runner:
+    """Scores settings on one loaded model at a time: consecutive settings of one model type share it, each sparse
+    setting with its own sparsity controller (the same numbers as a fresh runner process per setting)."""
+
+    def __init__(self):
+        self.key, self.pipe = None, None
+
+    def score(self, argv: list[str]) -> None:
+        args = dist_inference_runner.resolve_args(argv)
+        key = (args.model_name, args.model_type, args.dtype, args.use_cuda, args.max_seq_len, args.seed,
+               args.token_micro_batch_size, args.budget)
+        if key != self.key:
+            self.close()
+            self.key, self.pipe = key, dist_inference_runner.build_pipeline(args)
+        elif args.model_type.endswith("-ml-att-sparse"):
+            dist_inference_runner.attach_sparsity(args, self.pipe)
+        dist_inference_runner.score(args, self.pipe)
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.comm.close()
+            self.key, self.pipe = None, None
 
 
-def run_setting(args, dataset: str, requests: Path, mode: str, mlp: str | None, att: str | None) -> dict:
-    out = args.out_dir / f"{output_stem(dataset, mode, mlp, att)}.jsonl"
+def describe_row(args: argparse.Namespace, dataset: str, setting: Setting, manifest_path: Path) -> dict:
+    manifest = json.loads(manifest_path.read_text())
+    sparsity = manifest.get("sparsity", {})
+
+    def one(values) -> str:
+        values = sorted(set(values))
+        return NOT_APPLICABLE if not values else " ".join(str(v) for v in values)
+
+    def trained(block: str) -> str:
+        return one(p["k"] for p in sparsity.get("predictors", []) if p["block"] == block and p.get("k") is not None)
+
+    return {"model": Path(args.model_name).name, "dataset": dataset, "mode": setting.mode, "block": setting.block,
+            "mlp_topk": setting.mlp or "dense", "att_topk": setting.att or "dense",
+            "mlp_kept": one(sparsity.get("mlp_kept", {}).values()), "att_kept": one(sparsity.get("att_kept", {}).values()),
+            "att_unit": setting.unit if setting.att else NOT_APPLICABLE,
+            "predictor_input": sparsity.get("predictor_input") or NOT_APPLICABLE,
+            "mlp_trained_k": trained("mlp"), "att_trained_k": trained("att"),
+            "dense_layers": " ".join(map(str, sparsity.get("dense_layers", []))) or
+                            ("none" if sparsity else NOT_APPLICABLE),
+            "perplexity": manifest["perplexity"]["perplexity"], "tokens": manifest["perplexity"]["tokens"],
+            "output_manifest": str(manifest_path)}
+
+
+def run_setting(runner: Runner, args: argparse.Namespace, dataset: str, requests: Path, setting: Setting) -> dict:
+    out = args.out_dir / f"{dataset}_{setting.name}.jsonl"
     manifest_path = Path(str(out) + ".manifest.json")
     if not (manifest_path.is_file() and "perplexity" in json.loads(manifest_path.read_text())):
-        argv = ["--model-name", args.model_name, "--infer-data", str(requests), "--output-path", str(out),
-                "--dtype", args.dtype, "--use-cuda", args.use_cuda, "--seed", str(args.seed),
-                "--token-micro-batch-size", str(args.batch)]
-        if args.max_seq_len:
-            argv += ["--max-seq-len", str(args.max_seq_len)]
-        if args.num_iters:
-            argv += ["--num-iters", str(args.num_iters)]
-        if mode == "dense":
-            argv += ["--model-type", args.family]
-        else:
-            argv += ["--model-type", f"{args.family}-ml-att-sparse", "--sparse-mode", mode]
-            argv += (["--mlp-topk", mlp] if mlp else []) + (["--att-topk", att] if att else [])
-            argv += ["--predictor-dir", args.predictor_dir] if mode == "predictor" else []
-            argv += ["--gqa-groups"] if args.gqa_groups else []
-        dist_inference_runner.main(argv)
-    perplexity = json.loads(manifest_path.read_text())["perplexity"]
-    return {"model": Path(args.model_name).name, "dataset": dataset, "mode": mode, "mlp_topk": mlp or "dense",
-            "att_topk": att or "dense", "perplexity": perplexity["perplexity"], "tokens": perplexity["tokens"],
-            "output_manifest": str(manifest_path)}
+        runner.score(setting_argv(args, setting) + ["--infer-data", str(requests), "--output-path", str(out)])
+    return describe_row(args, dataset, setting, manifest_path)
 
 
 def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c == "perplexity" else str(r[c]) for c in COLUMNS[:-1]) + " |"
+    write_csv_atomic(csv_path, rows, COLUMNS)
+    shown = [c for c in COLUMNS if c not in ("output_manifest", "model")]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c == "perplexity" else str(r[c]) for c in shown) + " |"
               for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """Modes, budgets and the model's compute flags, as this sweep and scripts/study/task_sweep.py share them."""
-    p.add_argument("--modes", nargs="+", choices=MODES, default=["oracle", "predictor", "random"],
-                   help="sparse modes to run besides the dense baseline (default: oracle predictor random)")
+    """Modes, blocks, budgets, predictor wiring and the model's compute flags, as this sweep and
+    scripts/study/task_sweep.py share them."""
+    p.add_argument("--modes", nargs="+", choices=SPARSE_MODES, default=["oracle", "predictor", "random", "static"],
+                   help="sparse modes to run besides the dense baseline (default: oracle predictor random static; "
+                        "gate ranks MLP neurons of a gated MLP by the exact gate)")
     p.add_argument("--mlp-topk", nargs="*", default=[], help="MLP budgets: counts or fractions < 1")
-    p.add_argument("--att-topk", nargs="*", default=[], help="attention budgets (paired with --mlp-topk if both)")
-    p.add_argument("--predictor-dir", default=None, help="trained predictors (needed for mode predictor)")
-    p.add_argument("--gqa-groups", action="store_true", help="Llama: keep whole key/value groups")
+    p.add_argument("--att-topk", nargs="*", default=[], help="attention budgets: counts or fractions < 1 of the heads")
+    p.add_argument("--blocks", nargs="+", choices=BLOCKS, default=list(BLOCKS),
+                   help="rows to run: mlp (attention dense), att (MLP dense), both (the i-th budgets paired); "
+                        "default all three")
+    p.add_argument("--att-units", nargs="+", choices=ATT_UNITS, default=["heads"],
+                   help="attention rows in query heads and/or whole key/value groups (Llama with GQA; groups rows "
+                        "read --group-predictor-dir); default heads")
+    p.add_argument("--predictor-dir", default=None,
+                   help="predictor and static files (modes predictor, static); {k} is replaced by each block's budget "
+                        "as written, for per-budget predictors (e.g. predictors/b{k})")
+    p.add_argument("--group-predictor-dir", default=None,
+                   help="the same for the group rows (predictors trained with main_att*.py --gqa-groups)")
+    p.add_argument("--predictor-input", default="lookahead",
+                   help="the input wiring the predictors must have been trained on (default lookahead, DejaVu's)")
+    p.add_argument("--allow-predictor-mismatch", action="store_true",
+                   help="run predictors made for another budget or input anyway (recorded in each manifest)")
+    p.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
+                   help="layers kept dense in every sparse mode, or 'none' (default %(default)s)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--use-cuda", choices=("true", "false"), default="false", help="run on the GPU (default false)")
+
+
+def check_sweep_arguments(args: argparse.Namespace, family: str) -> None:
+    if not args.mlp_topk and not args.att_topk:
+        raise SystemExit("give at least one budget (--mlp-topk and/or --att-topk)")
+    if any(m in FILE_MODES for m in args.modes) and not args.predictor_dir:
+        raise SystemExit(f"modes {[m for m in args.modes if m in FILE_MODES]} need --predictor-dir")
+    if "groups" in args.att_units and any(m in FILE_MODES for m in args.modes) and not args.group_predictor_dir:
+        raise SystemExit("--att-units groups with modes predictor/static needs --group-predictor-dir")
+    if "groups" in args.att_units and family != "llama":
+        raise SystemExit(f"--att-units groups: a {family} model has no key/value groups")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,10 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default 42)")
     p.add_argument("--out-dir", type=Path, required=True, help="outputs, their manifests and the tables")
     args = p.parse_args(argv)
-    if "predictor" in args.modes and not args.predictor_dir:
-        raise SystemExit("mode predictor needs --predictor-dir")
-    if not args.mlp_topk and not args.att_topk:
-        raise SystemExit("give at least one budget (--mlp-topk and/or --att-topk)")
+    check_sweep_arguments(args, args.family)
     return args
 
 
@@ -139,13 +268,22 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     data = parse_data(args.data)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(name, path, *s) for name, path in data.items()
-            for s in settings(args.modes, budget_pairs(args.mlp_topk, args.att_topk))]
-    rows = [run_setting(args, *item) for item in tqdm(plan, desc="sweep settings", unit="run")]
+    settings = plan_settings(args.modes, args.mlp_topk, args.att_topk, args.blocks, args.att_units,
+                             gated=args.family == "llama")
+    plan = [(name, path, s) for name, path in data.items() for s in settings]
+    runner, rows = Runner(), {}
+    try:  # dense runs first, then the sparse ones: each model is loaded once
+        for item in tqdm(sorted(plan, key=lambda item: item[2].mode != "dense"), desc="sweep settings", unit="run"):
+            rows[item] = run_setting(runner, args, *item)
+    finally:
+        runner.close()
+    rows = [rows[item] for item in plan]
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "sweep.manifest.json",
                       base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, rows=rows, table=str(csv_path),
-                                    weights=weights_provenance(args.model_name)))
+                                    weights=weights_provenance(args.model_name),
+                                    skipped=[] if args.family == "llama" or "gate" not in args.modes else
+                                    ["gate: an OPT MLP has no gate (n/a)"]))
     print(f"wrote {len(rows)} settings -> {csv_path} and {md_path}")
     return rows
 

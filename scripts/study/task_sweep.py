@@ -1,8 +1,9 @@
 """Downstream accuracy of DejaVu's sparse simulation with lm-evaluation-harness: tasks x modes x budgets, one table.
 
-For every setting (the dense baseline, then each mode x budget, as scripts/study/sparse_sweep.py pairs them) builds the
-harness model `dejavu` (Decentralized_FM_alpha/lm_eval_model.py: the runner's model and sparse modules) once and
-evaluates every task of --tasks with the harness, one call per task. Each (setting, task) writes
+For every setting (the dense baseline, then each mode x block x budget, as scripts/study/sparse_sweep.py plans them:
+mlp, att and paired rows, per-budget predictors through --predictor-dir with {k}) evaluates every task of --tasks
+with the harness model `dejavu` (Decentralized_FM_alpha/lm_eval_model.py: the runner's model and sparse modules),
+one call per task; the model is loaded once per model type and each sparse setting gets its own controller. Each (setting, task) writes
 <out-dir>/runs/<setting>/<task>.json (the harness's metrics and sample counts, the model's sparsity and weights, the
 wall time, a manifest); a rerun skips the pairs whose JSON exists, so an interrupted sweep resumes (a JSON made with
 other settings - limit, shots, seed, dtype, ... - is an error, not a silent mix). Then writes <out-dir>/tasks.csv
@@ -19,7 +20,7 @@ checked against their checksums before any evaluation:
         --modes oracle random \\
         --mlp-topk 0.1 0.25 0.5 --att-topk 2 4 6 --limit 100 --out-dir out/tasks_tiny
     python scripts/study/task_sweep.py --model-name pretrained_models/llama-3.2-3b --dtype bf16 --use-cuda true --batch 32 \\
-        --predictor-dir data/llama-3.2-3b_c4_sparse_predictor --mlp-topk 0.25 0.5 --att-topk 12 18 \
+        --predictor-dir data/llama-3.2-3b_sparse_predictors/b{k} --mlp-topk 0.25 0.5 --att-topk 0.25 0.5 \
         --out-dir out/tasks_3b
 """
 from __future__ import annotations
@@ -36,35 +37,44 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, weights_provenance,  # noqa: E402
                                                    write_json_atomic)
+from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint  # noqa: E402
 from scripts.analysis.common import write_csv_atomic  # noqa: E402
 from scripts.assets.dejavu_tasks import verify_task_folder  # noqa: E402
-from scripts.study.sparse_sweep import add_sweep_arguments, budget_pairs, setting_name, settings  # noqa: E402
+from scripts.study.sparse_sweep import (FILE_MODES, NOT_APPLICABLE, Setting, add_sweep_arguments,  # noqa: E402
+                                       check_sweep_arguments, plan_settings, predictor_dir)
 
 DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
 METRICS = ("acc", "acc_norm")
-COLUMNS = ("model", "task", "mode", "mlp_topk", "att_topk", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
-           "other_metrics", "samples", "num_fewshot", "seconds", "result_json")
+SETTING_COLUMNS = ("mode", "block", "mlp_topk", "att_topk", "mlp_kept", "att_kept", "att_unit", "predictor_input",
+                   "mlp_trained_k", "att_trained_k", "dense_layers")
+COLUMNS = ("model", "task", *SETTING_COLUMNS, "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "other_metrics",
+           "samples", "num_fewshot", "seconds", "result_json")
 
 
-def model_args(args, mode: str, mlp: str | None, att: str | None) -> dict:
+def model_args(args, setting: Setting) -> dict:
     """The dejavu model's arguments for one setting: the runner's flags (SPEC section 8)."""
     found = {"pretrained": args.model_name, "dtype": args.dtype, "seed": args.seed, "batch_size": args.batch,
              "device": "cuda" if args.use_cuda == "true" else "cpu"}
     if args.max_seq_len:
         found["max_seq_len"] = args.max_seq_len
-    if mode != "dense":
-        found.update(sparse_mode=mode, gqa_groups=args.gqa_groups)
-        found.update({k: v for k, v in (("mlp_topk", mlp), ("att_topk", att), ("sparse_layers", args.sparse_layers),
-                                         ("predictor_dir", args.predictor_dir if mode == "predictor" else None))
+    if setting.mode != "dense":
+        template = args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
+        found.update(sparse_mode=setting.mode, gqa_groups=setting.unit == "groups", dense_layers=args.dense_layers,
+                     predictor_input=args.predictor_input, allow_predictor_mismatch=args.allow_predictor_mismatch)
+        found.update({k: v for k, v in (("mlp_topk", setting.mlp), ("att_topk", setting.att),
+                                         ("sparse_layers", args.sparse_layers),
+                                         ("predictor_dir", predictor_dir(template, setting)
+                                          if setting.mode in FILE_MODES else None))
                       if v is not None})
     return found
 
 
-def identity(args, task: str, mode: str, mlp: str | None, att: str | None) -> dict:
+def identity(args, task: str, setting: Setting) -> dict:
     """What a finished (setting, task) result must have been made with for a rerun to reuse it."""
-    return {"task": task, "mode": mode, "mlp_topk": mlp, "att_topk": att, "limit": args.limit,
-            "num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed, "bootstrap_iters": args.bootstrap_iters,
-            "model_args": {k: str(v) for k, v in model_args(args, mode, mlp, att).items()}}
+    return {"task": task, "mode": setting.mode, "block": setting.block, "mlp_topk": setting.mlp,
+            "att_topk": setting.att, "att_unit": setting.unit, "limit": args.limit, "num_fewshot": args.num_fewshot,
+            "fewshot_seed": args.fewshot_seed, "bootstrap_iters": args.bootstrap_iters,
+            "model_args": {k: str(v) for k, v in model_args(args, setting).items()}}
 
 
 def reusable(path: Path, wanted: dict) -> bool:
@@ -124,37 +134,51 @@ def harness_version() -> str:
     return importlib.metadata.version("lm_eval")
 
 
-def run_setting(args, manager, mode: str, mlp: str | None, att: str | None, progress) -> list[Path]:
-    """Every task of one setting; the model is built only when some task has no result yet."""
-    directory = args.out_dir / "runs" / setting_name(mode, mlp, att)
-    paths = {task: directory / f"{task}.json" for task in args.tasks}
-    todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, mode, mlp, att))]
-    progress.update(len(args.tasks) - len(todo))
-    if todo:
+class Models:
+    """One loaded harness model at a time: settings of one model type reuse it, each sparse setting with its own
+    controller (DejaVuLM.use_sparsity)."""
+
+    def __init__(self):
+        self.lm, self.dense = None, None
+
+    def get(self, arguments: dict):
         from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
 
+        dense = "sparse_mode" not in arguments
+        if self.lm is None or dense or self.dense:
+            self.lm, self.dense = None, None
+            gc.collect()
+            self.lm, self.dense = DejaVuLM(**arguments), dense
+        else:
+            self.lm.use_sparsity(**arguments)
+        return self.lm
+
+
+def run_setting(args, manager, models: Models, setting: Setting, progress) -> list[Path]:
+    """Every task of one setting; the model is built only when some task has no result yet."""
+    directory = args.out_dir / "runs" / setting.name
+    paths = {task: directory / f"{task}.json" for task in args.tasks}
+    todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, setting))]
+    progress.update(len(args.tasks) - len(todo))
+    if todo:
         directory.mkdir(parents=True, exist_ok=True)
-        lm = DejaVuLM(**model_args(args, mode, mlp, att))
+        lm = models.get(model_args(args, setting))
         for task in todo:
             result = evaluate_task(args, lm, manager, task)
             write_json_atomic(paths[task], {**base_manifest(kind="task_result"), **result,
-                                            "identity": identity(args, task, mode, mlp, att),
+                                            "identity": identity(args, task, setting),
                                             "model_info": lm.get_model_info()})
             progress.update(1)
-        del lm
-        gc.collect()
     return [paths[t] for t in args.tasks]
 
 
 def rows_of(path: Path, model: str) -> list[dict]:
     """One row per task (or group) in a result JSON: acc / acc_norm and their standard errors, other metrics."""
     result = read_json(path)
-    setting = result["identity"]
     rows = []
     for name, metrics in result["results"].items():
         values = {key.partition(",")[0]: v for key, v in metrics.items() if key.endswith(",none")}
-        row = {"model": model, "task": name, "mode": setting["mode"], "mlp_topk": setting["mlp_topk"] or "dense",
-               "att_topk": setting["att_topk"] or "dense",
+        row = {"model": model, "task": name, **setting_columns(result),
                "samples": result["n-samples"].get(name, {}).get("effective"),
                "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"], "result_json": str(path)}
         for metric in METRICS:
@@ -163,6 +187,28 @@ def rows_of(path: Path, model: str) -> list[dict]:
                                          if k.removesuffix("_stderr") not in METRICS and isinstance(v, (int, float)))
         rows.append(row)
     return rows
+
+
+def setting_columns(result: dict) -> dict:
+    """The setting of a result JSON as sweep.csv describes it (budgets as written, counts kept, predictor wiring)."""
+    setting = result["identity"]
+    sparsity = result["model_info"]["dejavu"]["sparsity"] or {}
+
+    def one(values) -> str:
+        values = sorted(set(values))
+        return NOT_APPLICABLE if not values else " ".join(str(v) for v in values)
+
+    def trained(block: str) -> str:
+        return one(p["k"] for p in sparsity.get("predictors", []) if p["block"] == block and p.get("k") is not None)
+
+    return {"mode": setting["mode"], "block": setting["block"], "mlp_topk": setting["mlp_topk"] or "dense",
+            "att_topk": setting["att_topk"] or "dense", "mlp_kept": one(sparsity.get("mlp_kept", {}).values()),
+            "att_kept": one(sparsity.get("att_kept", {}).values()),
+            "att_unit": setting["att_unit"] if setting["att_topk"] else NOT_APPLICABLE,
+            "predictor_input": sparsity.get("predictor_input") or NOT_APPLICABLE,
+            "mlp_trained_k": trained("mlp"), "att_trained_k": trained("att"),
+            "dense_layers": " ".join(map(str, sparsity.get("dense_layers", []))) or
+                            ("none" if sparsity else NOT_APPLICABLE)}
 
 
 def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
@@ -201,25 +247,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, required=True, help="per-task results, tasks.csv / tasks.md, manifest")
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
-    if "predictor" in args.modes and not args.predictor_dir:
-        raise SystemExit("mode predictor needs --predictor-dir")
-    if not args.mlp_topk and not args.att_topk and set(args.modes) - {"dense"}:
-        raise SystemExit("give at least one budget (--mlp-topk and/or --att-topk)")
+    args.family = family_of_checkpoint(args.model_name)
+    check_sweep_arguments(args, args.family)
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plan = settings(args.modes, budget_pairs(args.mlp_topk, args.att_topk))
+    plan = plan_settings(args.modes, args.mlp_topk, args.att_topk, args.blocks, args.att_units,
+                         gated=args.family == "llama")
     for folder in args.include_path:
         verify_task_folder(Path(folder))
     manager = task_manager(args.include_path, args.tasks)
     model = Path(args.model_name).name
-    rows = []
+    rows, models = [], Models()
     with tqdm(total=len(plan) * len(args.tasks), desc="task sweep (setting, task)", unit="run") as progress:
         for setting in plan:
-            for path in run_setting(args, manager, *setting, progress):
+            for path in run_setting(args, manager, models, setting, progress):
                 rows += rows_of(path, model)
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "tasks.manifest.json",

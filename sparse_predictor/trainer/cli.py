@@ -10,7 +10,7 @@ import torch
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import REPO_ROOT, base_manifest
 from Decentralized_FM_alpha.utils.selection import parse_layer_list
-from sparse_predictor.trainer.labels import DEFAULT_INPUT, MLP_LABELS, make_label_spec
+from sparse_predictor.trainer.labels import DEFAULT_INPUT, MLP_LABELS, LabelSpec, fraction_list, k_name, make_label_spec
 from sparse_predictor.trainer.model import SELECTIONS, TrainConfig, format_metrics, train_stacked
 from sparse_predictor.trainer.records import RowsSource, collection_source, layer_record, seed_spread, write_outputs
 from sparse_predictor.trainer.rows import (CPU_RESIDENT_BYTES, GPU_RESIDENT_SHARE, MIN_TEST_DOCS, TEST_FRACTION,
@@ -30,27 +30,31 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
                         "(default %(default)s)")
     p.add_argument("--dataset", default="c4", help="names the collection, as the original (default %(default)s)")
     p.add_argument("--data-dir", help="collected activations (SPEC §6); default data/<model>_<dataset> in the repo")
-    p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; "
-                                     "default data/<model>_<dataset>_sparse_predictor in the repo")
+    p.add_argument("--out-dir", help="where {block}_layer{L}.pt/.json go; with several --k, a template holding {k} "
+                                     "(e.g. predictors/b{k}): each fraction's predictors go to their own folder. "
+                                     "Default data/<model>_<dataset>_sparse_predictor in the repo")
     p.add_argument("--L", default="0", help="layer index, a list such as 0-13 or 0,4,8, or 'all': each in turn "
                                            "(default %(default)s)")
     p.add_argument("--input", default=DEFAULT_INPUT[block],
                    help="predictor input: same (MLP: mlp_x_l; attention: att_x_l), lookahead (MLP: att_x_l; "
                         "attention: att_x_{l-1}, att_x_0 for layer 0), or from:J (att_x_J, J <= l). Default "
-                        "%(default)s, what the original trained on")
+                        "%(default)s: the wiring DejaVu's inference feeds (the sparse runner checks it)")
     if block == "mlp":
         p.add_argument("--label", choices=MLP_LABELS, default=defaults["label"],
                        help="relu: mlp_label > 0; topk: top fraction --k of |mlp_label| per token; threshold: "
                             "|mlp_label| > --threshold; gate: mlp_gate > 0 (needs mlp_gate collected). "
                             "Default %(default)s")
-        p.add_argument("--k", type=float, default=None,
-                       help=f"fraction of neurons active per token for --label topk (default {defaults['k']} "
-                            "with topk; an error with other labels)")
+        p.add_argument("--k", type=fraction_list, default=None,
+                       help=f"fraction of neurons active per token for --label topk, or a comma list trained together "
+                            f"(default {defaults['k']} with topk; an error with other labels)")
         p.add_argument("--threshold", type=float, default=None, help="|mlp_label| cut for --label threshold")
     else:
-        p.add_argument("--k", type=float, default=defaults["k"],
+        p.add_argument("--k", type=fraction_list, default=[defaults["k"]],
                        help="fraction of heads active per token: the top fraction_count(k, heads) head norms, "
-                            "rounded to the nearest count (default %(default)s)")
+                            "rounded to the nearest count, or a comma list trained together (default %(default)s)")
+        p.add_argument("--gqa-groups", action="store_true",
+                       help="label whole key/value groups, as the sparse runner's --gqa-groups keeps them: the heads of "
+                            "the top fraction_count(k, groups) groups by summed head norm")
     add_training_arguments(p, lr=defaults["lr"])
     return p
 
@@ -124,12 +128,8 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         layers = parse_layer_list(args.L, store.num_layers)
     except ValueError as e:
         raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
-    if block == "att":
-        label = make_label_spec(block, "topk", args.k, None, store.dims.num_heads)
-    else:
-        if args.label == "topk" and args.k is None:
-            args.k = defaults["k"]  # the model's default fraction, recorded with the other flags
-        label = make_label_spec(block, args.label, args.k, args.threshold, store.dims.ffn_dim)
+    labels = label_specs(block, args, defaults, store)
+    out_dirs = label_out_dirs(args.out_dir, labels)
     cfg = train_config(args)
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: need at least 1")
@@ -143,37 +143,68 @@ def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None
         provenance = base_manifest(args=vars(args))
         print("=" * 40, "Layer", layer, "=" * 40)
         start = time.perf_counter()
-        data = load_layer(store, block, layer, args.input, label, device, cfg.batch_size, max_bytes,
+        data = load_layer(store, block, layer, args.input, labels, device, cfg.batch_size, max_bytes,
                           split_config(args))
         written.append(train_and_write(args, block, layer, data, source, cfg, time.perf_counter() - start,
-                                       provenance))
+                                       provenance, out_dirs=out_dirs))
         del data
     return written
 
 
+def label_specs(block: str, args: argparse.Namespace, defaults: dict, store: ActivationStore) -> list[LabelSpec]:
+    """One label per --k (the mains' default fraction when topk has none); attention in whole groups with --gqa-groups."""
+    if block == "att":
+        group = store.dims.num_heads // store.dims.num_kv_heads if args.gqa_groups else 1
+        return [make_label_spec(block, "topk", k, None, store.dims.num_heads, group) for k in args.k]
+    if args.label == "topk" and args.k is None:
+        args.k = [defaults["k"]]  # the model's default fraction, recorded with the other flags
+    ks = args.k if args.k is not None else [None]
+    return [make_label_spec(block, args.label, k, args.threshold, store.dims.ffn_dim) for k in ks]
+
+
+def label_out_dirs(out_dir: str, labels: list[LabelSpec]) -> list[Path]:
+    """--out-dir for one label; with several, the template's {k} names each fraction's folder."""
+    if len(labels) == 1:
+        return [Path(out_dir.format(k=k_name(labels[0].k)) if labels[0].k is not None else out_dir)]
+    if "{k}" not in out_dir:
+        raise ValueError(f"--k {','.join(k_name(l.k) for l in labels)}: several fractions need {{k}} in --out-dir "
+                         f"(e.g. {out_dir}/b{{k}}), got {out_dir!r}")
+    dirs = [Path(out_dir.format(k=k_name(label.k))) for label in labels]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"--k: two fractions share the folder name ({[str(d) for d in dirs]})")
+    return dirs
+
+
 def train_and_write(args: argparse.Namespace, block: str, layer: int, data: LayerData, source: RowsSource,
-                    cfg: TrainConfig, load_s: float, provenance: dict, timings: dict | None = None) -> Path:
-    """Train --seeds predictors of the layer on its rows (already on the device), write each checkpoint + JSON
-    (seed S to --out-dir/seedS/) with the spread over seeds; returns the first JSON. The same code for rows read
-    from a collection and rows kept by an online pass."""
+                    cfg: TrainConfig, load_s: float, provenance: dict, timings: dict | None = None,
+                    out_dirs: list[Path] | None = None) -> Path:
+    """Train --seeds predictors of each of the layer's labels on its rows (already on the device), all stacked, and
+    write each checkpoint + JSON (label i to out_dirs[i], default --out-dir for the one label; seed S to
+    <out-dir>/seedS/) with the spread over seeds; returns the first JSON. The same code for rows read from a
+    collection and rows kept by an online pass."""
+    out_dirs = [Path(args.out_dir)] if out_dirs is None else out_dirs
     loaded = time.perf_counter()
-    results = train_stacked(data, block, cfg, [(0, args.seed + i) for i in range(args.seeds)])
+    specs = [(i, args.seed + s) for i in range(len(out_dirs)) for s in range(args.seeds)]
+    results = train_stacked(data, block, cfg, specs)
     train_s = time.perf_counter() - loaded
     timings = {"load_s": load_s, "train_and_eval_s": train_s, "total_s": load_s + train_s,
                "predictors_trained_together": len(results), **(timings or {})}
     records = [layer_record(args, block, layer, source, data, cfg, r, timings, provenance) for r in results]
-    spread = seed_spread(records)
     first = None
-    for i, (result, record) in enumerate(zip(results, records)):
-        record["seed_spread"] = spread
-        out_dir = Path(args.out_dir) if i == 0 else Path(args.out_dir) / f"seed{result.seed}"
-        checkpoint, json_path = write_outputs(out_dir, block, layer, result.state_dict, record)
-        if i == 0:
-            first = json_path
-            print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, {timings['total_s']:.1f} "
-                  f"s): {format_metrics({k: v for k, v in result.metrics.items() if k != 'per_document'})}")
-    if args.seeds > 1:
-        recall = spread["Recall@K"]
-        print(f"{block} layer {layer}: {args.seeds} seeds in {Path(args.out_dir)}/seed*/; Recall@K mean "
-              f"{recall['mean']:.4f} (min {recall['min']:.4f}, max {recall['max']:.4f})")
+    for label_index, out_dir in enumerate(out_dirs):
+        group = [(r, rec) for r, rec in zip(results, records) if r.label_index == label_index]
+        spread = seed_spread([rec for _, rec in group])
+        for i, (result, record) in enumerate(group):
+            record["seed_spread"] = spread
+            checkpoint, json_path = write_outputs(out_dir if i == 0 else out_dir / f"seed{result.seed}", block,
+                                                  layer, result.state_dict, record)
+            if i == 0:
+                first = first or json_path
+                print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, "
+                      f"{timings['total_s']:.1f} s): "
+                      f"{format_metrics({k: v for k, v in result.metrics.items() if k != 'per_document'})}")
+        if args.seeds > 1:
+            recall = spread["Recall@K"]
+            print(f"{block} layer {layer}: {args.seeds} seeds in {out_dir}/seed*/; Recall@K mean {recall['mean']:.4f} "
+                  f"(min {recall['min']:.4f}, max {recall['max']:.4f})")
     return first

@@ -1,6 +1,7 @@
 """What a predictor reads and what it predicts (SPEC §7): input wiring, label definitions, labels as bits."""
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +16,10 @@ if TYPE_CHECKING:  # only an annotation: rows imports this module
 
 BLOCKS = ("mlp", "att")
 MLP_LABELS = ("relu", "topk", "threshold", "gate")
-DEFAULT_INPUT = {"mlp": "same", "att": "lookahead"}  # what the original trained on: mlp_x_l and att_x_{l-1}
+# DejaVu's deployed wiring (what its inference feeds each predictor): MLP of layer l from att_x_l, attention of layer l
+# from att_x_{l-1}. The original trained its MLP predictors on mlp_x_l and fed them att_x_l (SPEC §9); --input same
+# trains on mlp_x_l for a predictor that is run on mlp_x_l.
+DEFAULT_INPUT = {"mlp": "lookahead", "att": "lookahead"}
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,12 @@ class LabelSpec:
     source_kind: str  # the collected kind the label is computed from: mlp_label, mlp_gate or att_label
     k: float | None = None  # topk: fraction of units kept per token
     threshold: float | None = None  # threshold: |y| > threshold
+    group: int = 1  # topk of attention heads in whole key/value groups of this many query heads (--gqa-groups)
 
     def definition(self) -> str:
+        if self.group > 1:
+            return (f"the heads of the top fraction_count(k, width / {self.group}) key/value groups by the sum of their "
+                    f"{self.group} query heads' |att_label| per token, k = {self.k} ({COUNT_RULE})")
         return {"relu": "mlp_label > 0 (exact for a ReLU MLP: an inactive neuron contributes nothing)",
                 "topk": f"top fraction_count(k, width) of |{self.source_kind}| per token, k = {self.k} "
                          f"({COUNT_RULE})",
@@ -37,10 +45,13 @@ class LabelSpec:
         return files[self.source_kind].width
 
     def top_count(self, width: int) -> int:
-        return fraction_count(self.k, width)
+        return fraction_count(self.k, width // self.group) * self.group
 
     def scores(self, values: torch.Tensor) -> torch.Tensor:
-        """(rows, width) ranking of the units; the labels and the true top-K of Recall@K both come from it."""
+        """(rows, width) ranking of the units; the labels and the true top-K of Recall@K both come from it. In whole
+        groups every head scores its group's sum, so the top K = groups x group heads are whole groups."""
+        if self.group > 1:
+            return values.abs().unflatten(1, (-1, self.group)).sum(-1).repeat_interleave(self.group, dim=1)
         return values.abs() if self.name in ("topk", "threshold") else values
 
     def labels(self, scores: torch.Tensor) -> torch.Tensor:
@@ -50,8 +61,10 @@ class LabelSpec:
         return scores > (self.threshold if self.name == "threshold" else 0.0)
 
 
-def make_label_spec(block: str, name: str, k: float | None, threshold: float | None, width: int) -> LabelSpec:
-    """Validate the label flags; attention always uses the original top-k of head norms."""
+def make_label_spec(block: str, name: str, k: float | None, threshold: float | None, width: int,
+                    group: int = 1) -> LabelSpec:
+    """Validate the label flags; attention always uses the original top-k of head norms (of whole key/value groups of
+    `group` heads when group > 1)."""
     if block == "att":
         name, source = "topk", "att_label"
     else:
@@ -68,7 +81,26 @@ def make_label_spec(block: str, name: str, k: float | None, threshold: float | N
             raise ValueError(f"--label threshold needs --threshold >= 0, got {threshold}")
     elif threshold is not None:
         raise ValueError(f"--threshold is only used by --label threshold, not by --label {name}")
-    return LabelSpec(name, source, k, threshold)
+    if group > 1 and (block != "att" or width % group):
+        raise ValueError(f"whole groups of {group} units are for attention heads in key/value groups, not {block} "
+                         f"units of width {width}")
+    return LabelSpec(name, source, k, threshold, group)
+
+
+def fraction_list(text: str) -> list[float]:
+    """--k: one fraction, or a comma list trained together (each written to its own --out-dir, see k_name)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--k takes fractions, e.g. 0.25 or 0.1,0.25,0.5; got {text!r}") from e
+    if not values:
+        raise argparse.ArgumentTypeError("--k: no fraction given")
+    return values
+
+
+def k_name(k: float) -> str:
+    """A fraction as it appears in folder names ({k} in --out-dir): 0.25 -> '0.25'."""
+    return f"{k:g}"
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import queue
 import shutil
@@ -79,10 +80,23 @@ def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: s
     progress.close()
     if failed:
         print(f"FAILED layers {sorted(failed)}: see {log_dir}/{block}_layer<L>.log")
-    csv_path, md_path, missing = summarize(out_dir, block, num_layers)
-    print(f"wrote {csv_path} and {md_path}")
-    print(md_path.read_text())
+    missing = []
+    for directory in predictor_dirs(out_dir):
+        csv_path, md_path, missing_here = summarize(directory, block, num_layers)
+        print(f"wrote {csv_path} and {md_path}")
+        print(md_path.read_text())
+        missing += missing_here
     return 1 if failed or missing else 0
+
+
+def predictor_dirs(out_dir: str) -> list[Path]:
+    """--out-dir, or with {k} (several fractions trained together) every folder the template names."""
+    if "{k}" not in out_dir:
+        return [Path(out_dir)]
+    found = sorted(Path(p) for p in glob.glob(glob.escape(out_dir).replace(glob.escape("{k}"), "*")))
+    if not found:
+        raise FileNotFoundError(f"no folder matches --out-dir {out_dir}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

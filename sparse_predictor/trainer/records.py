@@ -68,6 +68,7 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, source: RowsS
         "input_file": file_name(data.x_file),
         "label": label.name, "label_definition": label.definition(),
         "label_file": file_name(data.label_files[label.source_kind]), "k": label.k, "threshold": label.threshold,
+        "label_group": label.group,
         "seed": result.seed,
         "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
         "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
