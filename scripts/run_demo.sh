@@ -15,7 +15,10 @@
 #   TASKS (lm-evaluation-harness tasks: "dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,
 #   dejavu_openbookqa,dejavu_lambada_openai", DejaVu's seven over data/tasks/), TASK_LIMIT (8 documents per task: the
 #   seven cost about what the earlier WikiText-2 test task did at 50), BOOTSTRAP_ITERS (1000: perplexity's standard
-#   error only).
+#   error only), FOLDS (2: training-document folds of the summary), CAPACITY_LAYERS ("last": the layers of the capacity
+#   and data curves and of the folds; the GPU study's default is "ends": layer 1, middle, last),
+#   CAPACITY_WIDTHS ("32,128,full": the capacity curve's D; the GPU study's default goes to 1000),
+#   CAPACITY_ROWS ("0.5,1": shares of the training rows).
 # Rerunning resumes: finished stages are kept.
 [[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail
@@ -55,7 +58,9 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
   --tasks "${TASKS:-dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,dejavu_openbookqa,\
 dejavu_lambada_openai}" --task-limit "${TASK_LIMIT:-8}" \
-  --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" \
+  --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" --folds "${FOLDS:-2}" --fold-layers "${CAPACITY_LAYERS:-last}" \
+  --capacity-layers "${CAPACITY_LAYERS:-last}" --capacity-widths "${CAPACITY_WIDTHS:-32,128,full}" \
+  --capacity-rows "${CAPACITY_ROWS:-0.5,1}" \
   --note "Small models: $MODELS_FACTS, run on ${COLLECT_ROWS:-20000} collected tokens with ${EPOCHS:-4}-epoch \
 predictors. This is evidence about mechanisms (OPT vs Llama architecture at equal size, data and steps), not a claim \
 about Llama 3.2 3B or any released model."

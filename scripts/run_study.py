@@ -269,7 +269,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     study.run(model.name, "summary", [python(
         "scripts/analysis/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
         ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
-        *device)],
+        *summary_curve_flags(a), *device)],
         done=(analysis / "recall_summary.json").is_file())
     return [data, budgets.root, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), analysis]
 
@@ -375,6 +375,15 @@ def study_plan(args: argparse.Namespace) -> list:
     return plans
 
 
+CURVE_FLAGS = ("folds", "fold_layers", "capacity_layers", "capacity_widths", "capacity_rows")
+
+
+def summary_curve_flags(a: argparse.Namespace) -> list[str]:
+    """The capacity, data-curve and fold flags given to the study, passed on to recall_summary.py as given."""
+    return [part for name in CURVE_FLAGS if getattr(a, name) is not None
+            for part in (f"--{name.replace('_', '-')}", str(getattr(a, name)))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", type=parse_model, metavar="MODEL", help="SOURCE or NAME=SOURCE (see above)")
@@ -435,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K of the summary's Recall@K, fractions of the units (default 0.1 0.25 0.5)")
     p.add_argument("--distance-fraction", type=float, default=0.25,
                    help="K of the summary's predictors trained from l-1 and l-2 (default %(default)s)")
+    for flag, what in (("--folds", "retrain the lookahead predictors without each of this many folds of the "
+                                   "training documents; 0 = none"),
+                       ("--fold-layers", "layers of the folds: 'ends' (layer 1, middle, last), 'all' or a list"),
+                       ("--capacity-layers", "layers of the capacity and data curves: 'ends', 'last', 'all', a list, or '' "
+                                             "for none"),
+                       ("--capacity-widths", "predictor widths D of the capacity curve, 'full' = min(d, out)"),
+                       ("--capacity-rows", "shares of the training rows of the data curve")):
+        p.add_argument(flag, default=None, help=f"recall_summary.py {flag}: {what} (default: recall_summary.py's)")
     p.add_argument("--drift-distance", type=int, default=4, help="drift.py --max-distance (default %(default)s)")
     p.add_argument("--massive-dims", type=int, default=4, help="drift.py --exclude-massive-dims (default %(default)s)")
     p.add_argument("--lookahead-distance", type=int, default=0,

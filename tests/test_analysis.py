@@ -58,7 +58,7 @@ def test_drift_of_identical_layers_is_one_and_of_orthogonal_layers_is_zero(tmp_p
     data = write_collection(tmp_path / "data", dims, DOC_LENGTHS, values, f"synthetic-{family}", f"{family}-save")
     result = run_drift(data, tmp_path / "out", "--max-distance", "2")
     records = {(r["kind"], r["layer"], r["k"], r["space"]): r for r in result["records"]}
-    assert len(records) == 2 * 3 * 2  # kinds x pairs (0,1) (1,2) (0,2) x spaces
+    assert len(records) == 2 * 3 * 4  # kinds x pairs (0,1) (1,2) (0,2) x spaces (raw, normed, each centred)
     stats = ("mean", "p5", "p25", "p50", "p75", "p95")
     for kind in ("att_x", "mlp_x"):
         for space in ("raw", "normed"):
@@ -67,6 +67,7 @@ def test_drift_of_identical_layers_is_one_and_of_orthogonal_layers_is_zero(tmp_p
             assert [orthogonal[s] for s in stats] == pytest.approx([0.0] * 6, abs=1e-6)
             assert records[(kind, 0, 2, space)]["mean"] == pytest.approx(0.0, abs=1e-6)
             assert identical["n"] == ROWS
+            assert records[(kind, 0, 1, f"{space} centred")]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert result["normalization"]["parameter_free"] is True
     assert "parameter-free because no --model-dir" in result["normalization"]["description"]
 

@@ -11,7 +11,8 @@ from tests.runner_helpers import REPO
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
            "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
            "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_copa", "TASK_LIMIT": "8",
-           "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": ""}
+           "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": "", "FOLDS": "2", "CAPACITY_LAYERS": "5",
+           "CAPACITY_WIDTHS": "8,32", "CAPACITY_ROWS": "0.5,1"}
 # Two of the trio keep CI short (each model adds about 85 s on 2 cores): both families; Llama-ReLU is the Llama path.
 MODELS = ("tiny-opt", "tiny-llama")
 
@@ -27,7 +28,7 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
     assert "not a claim about Llama 3.2 3B" in report
     first_section = report.split("\n## ")[1]
     assert first_section.startswith("Summary") and "](figures/summary.png)" in first_section
-    for section in ("## Decomposition", "## Study stages", "## Collections", "## Residual-stream drift",
+    for section in ("## Decomposition", "## Baselines and controls", "## Study stages", "## Collections", "## Residual-stream drift",
                     "## Perplexity", "## Downstream tasks"):
         assert section in report, section
     stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]

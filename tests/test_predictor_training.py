@@ -139,7 +139,7 @@ def test_windows_cover_every_training_row_once_per_epoch():
     is_test = np.zeros(10_000, dtype=bool)
     is_test[9_400:] = True
     slices = chunk_slices(10_000, (16_384,))  # 2048 rows per chunk
-    windows = list(window_masks(is_test, slices, 4_500, np.random.default_rng(0)))
+    windows = list(window_masks(~is_test, slices, 4_500, np.random.default_rng(0)))
     counts = np.sum(windows, axis=0)
     assert (counts[~is_test] == 1).all() and (counts[is_test] == 0).all()
     assert all(w.sum() <= 4_500 for w in windows) and len(windows) >= 3

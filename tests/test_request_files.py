@@ -263,6 +263,8 @@ def test_wikitext2_cli_writes_requests_and_a_manifest_with_the_retokenization_ch
     assert manifest["source"] == {"kind": "file", "path": str(WIKI_HEAD), "sha256": file_sha256(WIKI_HEAD)}
     assert manifest["retokenization"]["windows_ids_differing"] == 0
     assert manifest["retokenization"]["tokens"] == sum(r["window_token_count"] for r in requests)
+    assert manifest["articles"]["count"] == len({r["article"] for r in requests}) >= 1
+    assert [r["article"] for r in requests] == sorted(r["article"] for r in requests)  # windows in text order
     assert manifest["tokenizer"]["tokenizer_json_sha256"] == file_sha256(tiny_tokenizer_dir / "tokenizer.json")
     assert capsys.readouterr().out.startswith(f"wrote {len(requests)} requests (")
 

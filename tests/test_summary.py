@@ -82,10 +82,13 @@ def twin_results(tmp_path_factory):
 def test_identical_labels_give_identical_summary_numbers_for_opt_and_llama(twin_results, tmp_path):
     root, results = twin_results
     opt, llama = (json.loads((results[f][1] / "recall_summary.json").read_text())["records"] for f in ("opt", "llama"))
-    topk = [(r["block"], r["layer"], r["input"], r["k"], r["seed"], r["K"], r["Recall@K"]) for r in opt
-            if r["label"] == "topk"]
-    assert topk == [(r["block"], r["layer"], r["input"], r["k"], r["seed"], r["K"], r["Recall@K"]) for r in llama
-                    if r["label"] == "topk"]
+    def numbers(records: list[dict]) -> list[tuple]:  # predictors and baselines, but the gate (n/a for both)
+        return [(r["block"], r["layer"], r["input"], r.get("ranking"), r["k"], r.get("seed"), r["K"], r["Recall@K"],
+                 r["Captured Mass"]) for r in records if r["label"] == "topk" and r.get("ranking") != "|SiLU(g)|"]
+    assert numbers(opt) == numbers(llama)
+    assert {r.get("ranking") for r in opt} == {None, "static", "random", "oracle", "|SiLU(g)|"}
+    gate = [r for r in opt + llama if r.get("ranking") == "|SiLU(g)|"]
+    assert gate and all(r["Recall@K"] is None and r["n/a"].startswith("n/a") for r in gate)
     assert {r["label"] for r in opt} == {"topk", "relu"} and {r["label"] for r in llama} == {"topk"}  # no gate
     report.build_report([results["opt"][0], results["llama"][0], root / "results"], tmp_path / "report")
     rows = {row["model"]: row for row in csv.DictReader(open(tmp_path / "report" / "summary.csv"))}

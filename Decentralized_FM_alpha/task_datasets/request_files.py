@@ -30,9 +30,11 @@ window with the extra key "window_token_count".
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -294,9 +296,31 @@ def token_windows(text: str, tokenizer: Any, window_tokens: int) -> list[TextWin
     return [TextWindow(start, end, tuple(ids[a:b])) for start, end, a, b in zip(starts, ends, cuts, token_ends)]
 
 
-def window_requests(text: str, windows: Sequence[TextWindow], model: str = DEFAULT_MODEL) -> list[dict[str, Any]]:
-    """One echo request per window: its exact text as the prompt, plus "window_token_count"."""
-    return [{**make_echo_request(text[w.start:w.end], model), "window_token_count": w.token_count} for w in windows]
+def window_requests(text: str, windows: Sequence[TextWindow], model: str = DEFAULT_MODEL,
+                    articles: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """One echo request per window: its exact text as the prompt, plus "window_token_count" and, when given, the
+    window's "article" (window_articles), which perplexity intervals resample as a cluster."""
+    return [{**make_echo_request(text[w.start:w.end], model), "window_token_count": w.token_count,
+             **({"article": articles[i]} if articles is not None else {})} for i, w in enumerate(windows)]
+
+
+# A WikiText article starts at its title line " = Title = "; section lines have more "=" (" = = Section = = ").
+ARTICLE_TITLE = re.compile(r"(?m)^ = [^=].* = ?$")
+ARTICLE_RULE = ("articles start at each title line ' = Title = ' (not ' = = Section = = '), text before the first "
+                "title belongs to the first; a window belongs to the article holding its middle character")
+
+
+def article_starts(text: str) -> list[int]:
+    """Character offsets where each WikiText article starts (its title line); [0] when there is no title."""
+    starts = [m.start() for m in ARTICLE_TITLE.finditer(text)]
+    return starts or [0]
+
+
+def window_articles(text: str, windows: Sequence[TextWindow]) -> list[int]:
+    """The article index (0-based, in text order) of every window (ARTICLE_RULE): windows of one article are not
+    independent draws, so intervals resample articles."""
+    starts = article_starts(text)
+    return [max(0, bisect.bisect_right(starts, (w.start + w.end - 1) // 2) - 1) for w in windows]
 
 
 def retokenization_check(text: str, windows: Sequence[TextWindow], tokenizer: Any) -> dict[str, int]:

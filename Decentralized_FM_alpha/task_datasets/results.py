@@ -36,7 +36,8 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
     "requests_with_window_token_count", "window_token_count_mismatches" (requests written by
     wikitext2/getdata.py whose number of log-probs after the first differs from their
     "window_token_count"), "results_file", "results_sha256", "per_request" (log-prob sum and
-    scored tokens of every line, in file order: what bootstrap intervals resample)}.
+    scored tokens of every line, in file order: what bootstrap intervals resample; plus "articles", each line's
+    request "article", when every request has one: intervals then resample articles)}.
     A log-prob after index 0 that is None or not a finite number is an error naming the line.
     """
     path = Path(path)
@@ -44,6 +45,7 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"missing file: {path}")
     line_sums: list[float] = []  # sum of log-probs per line, summed exactly at the end
     line_tokens: list[int] = []
+    articles: list = []  # the request's "article" (WikiText windows), the cluster an interval resamples
     tokens = windowed = mismatches = 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -62,6 +64,7 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
             line_tokens.append(len(scored))
             tokens += len(scored)
             request = item["request"]
+            articles.append(request.get("article") if isinstance(request, dict) else None)
             if isinstance(request, dict) and "window_token_count" in request:
                 if not isinstance(request["window_token_count"], int):
                     raise ValueError(f"{where}: request.window_token_count is {request['window_token_count']!r}, "
@@ -75,4 +78,5 @@ def perplexity_of_results(path: str | os.PathLike) -> dict[str, Any]:
             "requests": len(line_sums), "requests_with_window_token_count": windowed,
             "window_token_count_mismatches": mismatches, "results_file": str(path.resolve()),
             "results_sha256": file_sha256(path),
-            "per_request": {"logprob_sums": line_sums, "tokens": line_tokens}}  # for bootstrap intervals
+            "per_request": {"logprob_sums": line_sums, "tokens": line_tokens,  # for bootstrap intervals
+                            **({"articles": articles} if None not in articles else {})}}

@@ -35,7 +35,7 @@ class Interval:
 
 
 def bootstrap(columns: Mapping[str, Sequence[float]], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
-              seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> Interval:
+              seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL, method: str = METHOD) -> Interval:
     """`statistic` of the column sums over documents, and its bootstrap interval.
 
     columns: per-document values (one entry per document, every column the same length); statistic: maps the
@@ -50,7 +50,14 @@ def bootstrap(columns: Mapping[str, Sequence[float]], statistic: Callable[[Mappi
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)  # (resamples, n)
     resampled = np.asarray(statistic({k: counts @ a for k, a in arrays.items()}), dtype=np.float64)
     low, high = np.quantile(resampled, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return Interval(value, float(low), float(high), n)
+    return Interval(value, float(low), float(high), n, method)
+
+
+def cluster_sums(columns: Mapping[str, Sequence[float]], clusters: Sequence) -> dict[str, np.ndarray]:
+    """Each column summed per cluster (e.g. WikiText windows per article), clusters in sorted order: bootstrapping
+    these sums resamples whole clusters (a cluster bootstrap), since units of one cluster are not independent."""
+    _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    return {k: np.bincount(inverse, weights=np.asarray(v, dtype=np.float64)) for k, v in columns.items()}
 
 
 def ratio(numerator: str, denominator: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:

@@ -17,6 +17,8 @@ Convention (GPTQ/SparseGPT/TEAL style, adapted to requests):
   the spans concatenated are the text), plus the extra key "window_token_count" = tokens in the
   window, special tokens excluded = the number of log-probs after the first that the runner
   returns when its re-tokenization reproduces the window.
+- Each request also has "article": the index of the WikiText article holding the window's middle character
+  (articles start at their ' = Title = ' line); perplexity intervals resample articles, not windows.
 - perplexity = exp(mean NLL over every predicted token of every window): the first token of each
   request (the BOS) has no log-prob; every text token has one, conditioned only on the earlier
   tokens of its own window (scripts/analysis/perplexity.py). GPTQ instead predicts W-1 tokens per window
@@ -46,8 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from Decentralized_FM_alpha.task_datasets.request_files import (  # noqa: E402
-    DEFAULT_MODEL, retokenization_check, token_windows, window_length, window_requests, write_request_manifest,
-    write_requests)
+    ARTICLE_RULE, DEFAULT_MODEL, retokenization_check, token_windows, window_articles, window_length, window_requests,
+    write_request_manifest, write_requests)
 from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256  # noqa: E402
 
 DEFAULT_INPUT = Path("data/samples/wikitext2_test_joined.txt")
@@ -111,10 +113,12 @@ def main(argv: list[str] | None = None) -> Path:
         window_tokens = window_length(tokenizer, args.max_seq_len)
         windows = token_windows(text, tokenizer, window_tokens)
         check = retokenization_check(text, windows, tokenizer)
-        count = write_requests(output, window_requests(text, windows, args.model))
+        articles = window_articles(text, windows)
+        count = write_requests(output, window_requests(text, windows, args.model, articles))
     except (OSError, ValueError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     manifest.update(text_chars=len(text), window_tokens=window_tokens, retokenization=check,
+                    articles={"count": len(set(articles)), "rule": ARTICLE_RULE},
                     tokenizer={"path": str(args.tokenizer.resolve()),
                                "tokenizer_json_sha256": file_sha256(tokenizer_json),
                                "special_tokens_added": tokenizer.num_special_tokens_to_add(pair=False)})

@@ -10,7 +10,13 @@ tokens (SPEC §6), and reports the mean and the 5/25/50/75/95th percentiles, in 
           (mean-centred, unit variance, then weight and bias); Llama: RMS normalisation (then weight). Without
           --model-dir the norms are parameter-free (no weight, no bias), and the output says so; for Llama that
           makes normed equal to raw up to eps, since cosine ignores a per-vector scale.
---exclude-massive-dims N also reports both spaces without the N hidden dimensions of largest mean |activation|
+  raw centred, normed centred   the same two spaces after subtracting each layer's mean vector (the mean of x_l,
+          or of x_l through layer l+k's norm, over the sampled rows of the training documents of the predictors'
+          default split): what is left once the direction shared by every token is removed.
+Residual streams are anisotropic, so a cosine of 0 is no floor: beside every same-token cosine the script gives the
+cross-token one, cosine(x_l of token i, x_{l+k} of token j) with j a random sampled token of ANOTHER document
+(seeded), and how far the same-token mean exceeds it.
+--exclude-massive-dims N also reports every space without the N hidden dimensions of largest mean |activation|
 (normalisation first, over all dims, as the model does; the dims are dropped before the cosine), so a reader
 can see whether a handful of dimensions drive the similarity.
 
@@ -36,6 +42,7 @@ from Decentralized_FM_alpha.modules.checkpoint import read_state_dict  # noqa: E
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
+from sparse_predictor.trainer.rows import SplitConfig, document_split  # noqa: E402
 from scripts.analysis.common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
                                      iter_row_chunks, model_family, open_collection, read_rows, rows_per_chunk,
                                      rowwise_cosine, sample_rows, summarize_values, write_results)
@@ -48,7 +55,7 @@ NORM_KEYS = {("opt", "att_x"): ("self_attn_layer_norm.weight", "self_attn_layer_
              ("llama", "att_x"): ("input_layernorm.weight", None),
              ("llama", "mlp_x"): ("post_attention_layernorm.weight", None)}
 CSV_COLUMNS = ("model", "kind", "layer", "k", "target_layer", "space", "dims", "mean",
-               *(f"p{p}" for p in PERCENTILES), "n")
+               *(f"p{p}" for p in PERCENTILES), "n", "cross_token_mean", "same_minus_cross")
 
 
 # ------------------------------------------------------------------------------------- the model's norms
@@ -154,14 +161,77 @@ def choose_massive_dims(mean_abs: dict[str, np.ndarray], count: int, per_layer: 
     return MassiveDims(count, per_layer, chosen, mean_abs_of_chosen, medians)
 
 
+# ------------------------------------------------------------------------------------- baselines of the cosine
+@dataclass
+class Means:
+    """Each layer's mean vector, subtracted for the centred spaces: raw[(kind, layer)] of x_layer, and
+    normed[(kind, source, target)] of x_source through layer target's norm (the normed space of a pair)."""
+    raw: dict[tuple[str, int], torch.Tensor]
+    normed: dict[tuple[str, int, int], torch.Tensor]
+    rows: int
+    rule: str
+
+
+def layer_pairs(num_layers: int, max_distance: int) -> list[tuple[int, int]]:
+    return [(l, k) for l in range(num_layers) for k in range(1, max_distance + 1) if l + k < num_layers]
+
+
+def mean_vectors(store: ActivationStore, kinds: tuple[str, ...], pairs: list[tuple[int, int]], rows: np.ndarray,
+                 norms: Norms, rule: str) -> Means:
+    """The mean of every layer's vectors over `rows` (the sampled rows of the training documents), raw and through
+    each target layer's norm, streamed chunk by chunk."""
+    L, d = store.num_layers, store.dims.hidden_size
+    targets = sorted({(s, t) for l, k in pairs for s, t in ((l, l + k), (l + k, l + k))})
+    raw = {(kind, l): torch.zeros(d, dtype=torch.float64) for kind in kinds for l in range(L)}
+    normed = {(kind, s, t): torch.zeros(d, dtype=torch.float64) for kind in kinds for s, t in targets}
+    for _, chunk in tqdm(list(iter_row_chunks(rows, rows_per_chunk(L * d * 2))), desc="layer means", unit="chunk"):
+        for kind in kinds:
+            x = [read_rows(store.open(kind, layer), chunk) for layer in range(L)]
+            for layer in range(L):
+                raw[(kind, layer)] += x[layer].sum(dim=0, dtype=torch.float64)
+            for s, t in targets:
+                normed[(kind, s, t)] += norms.apply(kind, t, x[s]).sum(dim=0, dtype=torch.float64)
+    return Means({k: (v / len(rows)).float() for k, v in raw.items()},
+                 {k: (v / len(rows)).float() for k, v in normed.items()}, len(rows), rule)
+
+
+def cross_token_partners(documents: np.ndarray, seed: int, attempts: int = 100) -> np.ndarray:
+    """(n,) for each sampled row i, the position j of a sampled row of ANOTHER document (a seeded random pairing):
+    cosine(x_l of token i, x_{l+k} of token j) is what two unrelated tokens share, the floor of the same-token one."""
+    if len(np.unique(documents)) < 2:
+        raise ValueError("cross-token pairs need rows of at least 2 documents in the sample")
+    rng = np.random.default_rng(seed)
+    partner = rng.permutation(len(documents))
+    for _ in range(attempts):
+        clash = np.flatnonzero(documents[partner] == documents)
+        if len(clash) == 0:
+            return partner
+        partner[clash] = rng.integers(0, len(documents), size=len(clash))
+    raise ValueError(f"no partner from another document for {len(clash)} rows after {attempts} draws")
+
+
 # ------------------------------------------------------------------------------------- cosines
+PAIRINGS = ("same_token", "cross_token")
+
+
+def space_vectors(x_source: torch.Tensor, x_target: torch.Tensor, kind: str, source: int, target: int, norms: Norms,
+                  means: Means | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """space -> the pair's two (n, d) row sets: raw, normed (through layer target's norm) and, with `means`, both
+    minus their layer's mean vector (raw centred, normed centred)."""
+    normed = (norms.apply(kind, target, x_source), norms.apply(kind, target, x_target))
+    spaces = {"raw": (x_source, x_target), "normed": normed}
+    if means is not None:
+        spaces["raw centred"] = (x_source - means.raw[(kind, source)], x_target - means.raw[(kind, target)])
+        spaces["normed centred"] = (normed[0] - means.normed[(kind, source, target)],
+                                    normed[1] - means.normed[(kind, target, target)])
+    return spaces
+
+
 def pair_cosines(x_source: torch.Tensor, x_target: torch.Tensor, kind: str, source: int, target: int, norms: Norms,
-                 massive: MassiveDims | None) -> dict[tuple[str, str], torch.Tensor]:
-    """(space, dims) -> (n,) cosines of one chunk for the pair (x_source, x_target)."""
-    spaces = {"raw": (x_source, x_target),
-              "normed": (norms.apply(kind, target, x_source), norms.apply(kind, target, x_target))}
+                 massive: MassiveDims | None, means: Means | None = None) -> dict[tuple[str, str], torch.Tensor]:
+    """(space, dims) -> (n,) cosines of one chunk for the pair (x_source, x_target), row i with row i."""
     out = {}
-    for space, (a, b) in spaces.items():
+    for space, (a, b) in space_vectors(x_source, x_target, kind, source, target, norms, means).items():
         out[(space, "all")] = rowwise_cosine(a, b)
         if massive is not None:
             keep = np.setdiff1d(np.arange(a.shape[1]), massive.excluded(kind, source, target))
@@ -171,55 +241,99 @@ def pair_cosines(x_source: torch.Tensor, x_target: torch.Tensor, kind: str, sour
 
 
 def drift_cosines(store: ActivationStore, kinds: tuple[str, ...], max_distance: int, sample: RowSample, norms: Norms,
-                  massive: MassiveDims | None) -> dict[tuple[str, int, int, str, str], np.ndarray]:
-    """(kind, layer, k, space, dims) -> (rows,) cosines over the sample; every layer file is read once."""
+                  massive: MassiveDims | None, means: Means | None = None, partners: np.ndarray | None = None
+                  ) -> dict[tuple[str, str, int, int, str, str], np.ndarray]:
+    """(pairing, kind, layer, k, space, dims) -> (rows,) cosines over the sample; every layer file is read once per
+    chunk. same_token: x_l and x_{l+k} of one token; cross_token (with `partners`): x_l of token i and x_{l+k} of
+    its partner token (another document)."""
     L = store.num_layers
-    pairs = [(l, k) for l in range(L) for k in range(1, max_distance + 1) if l + k < L]
+    pairs = layer_pairs(L, max_distance)
     if not pairs:
         raise ValueError(f"{store.data_dir}: {L} layer(s) leave no pair at distance 1..{max_distance}")
-    variants = [(s, d) for s in ("raw", "normed") for d in (("all", "without_massive") if massive else ("all",))]
-    cosines = {(kind, l, k, s, d): np.empty(len(sample.rows), dtype=np.float32)
-               for kind in kinds for l, k in pairs for s, d in variants}
-    chunk = rows_per_chunk(L * store.dims.hidden_size * 2)  # one kind's layers, plus room for normed copies
+    spaces = ("raw", "normed") + (("raw centred", "normed centred") if means is not None else ())
+    variants = [(s, d) for s in spaces for d in (("all", "without_massive") if massive else ("all",))]
+    pairings = PAIRINGS if partners is not None else PAIRINGS[:1]
+    cosines = {(pairing, kind, l, k, s, d): np.empty(len(sample.rows), dtype=np.float32)
+               for pairing in pairings for kind in kinds for l, k in pairs for s, d in variants}
+    chunk = rows_per_chunk(L * store.dims.hidden_size * 4)  # one kind's layers and partners, room for normed copies
     for part, rows in tqdm(list(iter_row_chunks(sample.rows, chunk)), desc="drift cosines", unit="chunk"):
         for kind in kinds:
             x = [read_rows(store.open(kind, layer), rows) for layer in range(L)]
-            for l, k in pairs:
-                for (space, dims), values in pair_cosines(x[l], x[l + k], kind, l, l + k, norms, massive).items():
-                    cosines[(kind, l, k, space, dims)][part] = values.numpy()
+            others = {"same_token": x}
+            if partners is not None:
+                other_rows = sample.rows[partners[part]]
+                order = np.argsort(other_rows)  # read in file order, then put back in partner order
+                back = np.argsort(order)
+                others["cross_token"] = [read_rows(store.open(kind, layer), other_rows[order])[back]
+                                         for layer in range(L)]
+            for pairing, y in others.items():
+                for l, k in pairs:
+                    for (space, dims), values in pair_cosines(x[l], y[l + k], kind, l, l + k, norms, massive,
+                                                              means).items():
+                        cosines[(pairing, kind, l, k, space, dims)][part] = values.numpy()
     return cosines
 
 
-def drift_records(model: str, cosines: dict[tuple[str, int, int, str, str], np.ndarray]) -> list[dict]:
-    return [{"model": model, "kind": kind, "layer": l, "k": k, "target_layer": l + k, "space": space, "dims": dims,
-             **summarize_values(values)} for (kind, l, k, space, dims), values in cosines.items()]
+def drift_records(model: str, cosines: dict[tuple[str, str, int, int, str, str], np.ndarray]) -> list[dict]:
+    """One record per (kind, layer, k, space, dims): the same-token cosine's mean and percentiles, and beside it the
+    cross-token mean and how far the same-token mean exceeds it (when cross-token pairs were drawn)."""
+    records = []
+    for (pairing, kind, l, k, space, dims), values in cosines.items():
+        if pairing != "same_token":
+            continue
+        record = {"model": model, "kind": kind, "layer": l, "k": k, "target_layer": l + k, "space": space,
+                  "dims": dims, **summarize_values(values)}
+        cross = cosines.get(("cross_token", kind, l, k, space, dims))
+        if cross is not None:
+            record["cross_token"] = summarize_values(cross)
+            record["cross_token_mean"] = record["cross_token"]["mean"]
+            record["same_minus_cross"] = record["mean"] - record["cross_token_mean"]
+        records.append(record)
+    return records
 
 
-def k1_intervals(cosines: dict[tuple[str, int, int, str, str], np.ndarray], documents: np.ndarray) -> list[dict]:
+def k1_intervals(cosines: dict[tuple[str, str, int, int, str, str], np.ndarray], documents: np.ndarray) -> list[dict]:
     """Per (kind, space, dims): the mean over layers and sampled tokens of cosine(x_l, x_{l+1}), with a bootstrap
-    interval over documents (the tokens of one document are not independent draws)."""
+    interval over documents (the tokens of one document are not independent draws); beside it the cross-token
+    cosine and the same-token minus cross-token difference, paired by token (both resample token i's document)."""
     ids, inverse = np.unique(documents, return_inverse=True)
-    groups: dict[tuple[str, str, str], list[np.ndarray]] = {}
-    for (kind, _, k, space, dims), values in cosines.items():
+    groups: dict[tuple[str, str, str], dict[str, list[np.ndarray]]] = {}
+    for (pairing, kind, _, k, space, dims), values in cosines.items():
         if k == 1:
-            groups.setdefault((kind, space, dims), []).append(values)
+            groups.setdefault((kind, space, dims), {}).setdefault(pairing, []).append(values)
     out = []
-    for (kind, space, dims), per_layer in sorted(groups.items()):
-        sums = np.bincount(inverse, weights=np.sum(per_layer, axis=0), minlength=len(ids))
+    for (kind, space, dims), by_pairing in sorted(groups.items()):
+        per_layer = by_pairing["same_token"]
         counts = np.bincount(inverse, minlength=len(ids)) * len(per_layer)
-        interval = bootstrap({"sum": sums, "count": counts}, ratio("sum", "count"))
-        out.append({"kind": kind, "k": 1, "space": space, "dims": dims, "layers": len(per_layer),
-                    **interval.as_dict()})
+
+        def interval(values: np.ndarray) -> dict:
+            sums = np.bincount(inverse, weights=values, minlength=len(ids))
+            return bootstrap({"sum": sums, "count": counts}, ratio("sum", "count")).as_dict()
+
+        same = np.sum(per_layer, axis=0)
+        record = {"kind": kind, "k": 1, "space": space, "dims": dims, "layers": len(per_layer), **interval(same)}
+        if "cross_token" in by_pairing:
+            cross = np.sum(by_pairing["cross_token"], axis=0)
+            record["cross_token"] = interval(cross)
+            record["same_minus_cross"] = interval(same - cross)
+        out.append(record)
     return out
 
 
 def mean_over_layers(records: list[dict]) -> list[dict]:
-    """Per (kind, k, space, dims): the mean over layers of the per-layer mean cosine (what the report quotes)."""
-    groups: dict[tuple, list[float]] = {}
+    """Per (kind, k, space, dims): the mean over layers of the per-layer mean cosine (what the report quotes), and
+    of the cross-token mean where drawn."""
+    groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["kind"], r["k"], r["space"], r["dims"]), []).append(r["mean"])
-    return [{"kind": kind, "k": k, "space": space, "dims": dims, "mean_of_layer_means": float(np.mean(v)),
-             "layers": len(v)} for (kind, k, space, dims), v in sorted(groups.items())]
+        groups.setdefault((r["kind"], r["k"], r["space"], r["dims"]), []).append(r)
+    out = []
+    for (kind, k, space, dims), rs in sorted(groups.items()):
+        row = {"kind": kind, "k": k, "space": space, "dims": dims,
+               "mean_of_layer_means": float(np.mean([r["mean"] for r in rs])), "layers": len(rs)}
+        if all("cross_token_mean" in r for r in rs):
+            row["cross_token_mean_of_layer_means"] = float(np.mean([r["cross_token_mean"] for r in rs]))
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -238,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50_000,
                    help="analyse at most this many rows, drawn without replacement with --seed (default "
                         "%(default)s; a number >= the collection's rows uses them all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the row sample and of the cross-token pairing (default %(default)s)")
     p.add_argument("--exclude-first-token", action="store_true",
                    help="drop position 0 of every document (token_index.npy) before sampling: the BOS token, or the "
                         "first text token when the tokenizer adds no BOS (the output records which)")
@@ -274,16 +389,29 @@ def main(argv: list[str] | None = None) -> Path:
                                       args.massive_per_layer)
         print(f"massive dims left out: {massive.chosen if args.massive_per_layer else massive.chosen['model']}")
     source = collection_source(store)
-    cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive)
+    documents = np.asarray(store.token_index()[:, 0])
+    is_test = document_split(documents)
+    mean_rows = sample.rows[~is_test[sample.rows]]
+    if len(mean_rows) == 0:
+        raise SystemExit(f"{args.data_dir}: no sampled row of a training document to take the layer means from")
+    rule = f"mean over the {len(mean_rows)} sampled rows of the training documents ({SplitConfig().describe()})"
+    means = mean_vectors(store, kinds, layer_pairs(store.num_layers, args.max_distance), mean_rows, norms, rule)
+    partners = cross_token_partners(documents[sample.rows], args.seed)
+    cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive, means, partners)
     records = drift_records(source["model"], cosines)
     payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
                "sample": sample.describe(), "exclude_first_token": args.exclude_first_token,
                "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
                                  "eps": norms.eps, "target_layer_norm": True},
                "massive_dims": massive.describe() if massive else None,
-               "definition": "cosine(x_l, x_{l+k}) of the same token, raw and through layer l+k's norm",
+               "definition": "cosine(x_l, x_{l+k}) of the same token, raw and through layer l+k's norm, each also "
+                             "centred (minus the layer's mean vector); cross_token: x_l of token i against x_{l+k} of "
+                             "a random sampled token of another document",
+               "centring": {"rows": means.rows, "rule": means.rule},
+               "cross_token": {"seed": args.seed, "rule": "a seeded random permutation of the sample, a token of the "
+                                                          "same document redrawn; one partner per sampled token"},
                "summary": mean_over_layers(records),
-               "k1_intervals": k1_intervals(cosines, np.asarray(store.token_index()[:, 0])[sample.rows])}
+               "k1_intervals": k1_intervals(cosines, documents[sample.rows])}
     json_path, csv_path = write_results(args.out_dir, "drift", payload, records, CSV_COLUMNS, provenance)
     print(f"wrote {json_path} and {csv_path}: {len(records)} drift records ({len(sample.rows)} rows of "
           f"{source['model']}, k = 1..{args.max_distance})")

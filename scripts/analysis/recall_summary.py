@@ -10,10 +10,14 @@ DejaVu's lookahead input, and at --distance-fraction also from further back:
   MLP    mlp_x_l      att_x_l                       att_x_{l-1}  att_x_{l-2}
   att    att_x_l      att_x_{l-1} (= l-1)           -            att_x_{l-2}
 
-Every (layer, input) trains its labels x --seeds together (stacked, trainer.train_stacked). Without any training,
-for Llama with mlp_gate collected, the gate alone is scored against the same top-K: Recall@K of the top-K by |g| and
-by g, and the share of the true top-K that sign(g) > 0 covers. Every record keeps its held-out per-document counts,
-so that report.py can bootstrap intervals over documents; chance levels are recorded beside the metrics.
+Every (layer, input) trains its labels x --seeds together (stacked, trainer.train_stacked). Next to them, at every
+fraction and with the same metrics (Recall@K and Captured Mass, trainer/metrics.py), rankings that need no trained
+predictor (trainer/baselines.py): the static top-K (the K units most often in the true top-K over the training
+documents, trainer/static.py), a seeded random K-subset per token, the oracle (the label itself), and for Llama with
+mlp_gate collected the gate: top-K by |SiLU(g)| (CATS-style, the sparse mode `gate`), by |g| and by g, and the share
+of the true top-K that sign(g) > 0 covers; OPT has no gate, so its gate records say n/a with the reason. Every record
+keeps its held-out per-document sums, so that report.py can bootstrap intervals over documents; uniform chance
+(K / units) is recorded beside the metrics.
 
     python scripts/analysis/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
 Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each
@@ -31,22 +35,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
+from scripts.analysis import capacity  # noqa: E402
 from scripts.analysis.common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
-                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_results)
+                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_csv_atomic,
+                                     write_results)
 from sparse_predictor import main_att, main_mlp  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mask  # noqa: E402
-from sparse_predictor.trainer.model import train_stacked  # noqa: E402
+from sparse_predictor.trainer.model import TrainConfig, train_stacked  # noqa: E402
+from sparse_predictor.trainer.baselines import (fixed_ranker, kind_ranker, oracle_ranker,  # noqa: E402
+                                                random_ranker, score_rankers)
 from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
+from sparse_predictor.trainer.static import static_counts, static_ranking, static_scores  # noqa: E402
 
-METRICS = ("Recall@K", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
-CSV_COLUMNS = ("model", "block", "layer", "input", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
+METRICS = ("Recall@K", "Captured Mass", "K", "Recall", "Precision", "True Sparsity", "Classifier Sparsity", "Per-token Recall")
+CSV_COLUMNS = ("model", "block", "layer", "input", "ranking", "input_flag", "input_kind", "input_layer", "label", "k", "seed",
                *METRICS, "chance Recall@K", "chance Precision", "rows_test", "documents_test", "best_epoch")
+CURVE_COLUMNS = ("model", "block", "layer", "curve", "fold", "predictor", "D", "full_rank", "D_is_full_rank",
+                 "parameters", "rows_fraction", "rows_train", "documents_train", "input_kind", "input_layer", "k", "K",
+                 "seed", "Recall@K", "Captured Mass", "chance Recall@K", "best_epoch")
 BLOCK_LR = {"mlp": main_mlp.DEFAULTS["lr"], "att": main_att.DEFAULTS["lr"]}
 
 
@@ -86,13 +99,17 @@ def chance_levels(metrics: dict, width: int) -> dict:
     return {"chance Recall@K": metrics["K"] / width, "chance Precision": metrics["True Sparsity"] / width}
 
 
+def block_config(args: argparse.Namespace, block: str) -> TrainConfig:
+    return train_config(argparse.Namespace(**{**vars(args), "lr": args.lr or BLOCK_LR[block]}))
+
+
 def predictor_records(store: ActivationStore, model: str, family: str, layer: int, args: argparse.Namespace,
                       device: torch.device, max_bytes: int | None) -> list[dict]:
     arch, _ = architecture_label(family, store)
     records = []
     for block in ("mlp", "att"):
         width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
-        cfg = train_config(argparse.Namespace(**{**vars(args), "lr": args.lr or BLOCK_LR[block]}))
+        cfg = block_config(args, block)
         for variant, flag in input_variants(block, layer):
             labels = labels_for(block, variant, args.fractions, args.distance_fraction, arch, width)
             specs = [(i, args.seed + s) for i in range(len(labels)) for s in range(args.seeds)]
@@ -111,13 +128,89 @@ def predictor_records(store: ActivationStore, model: str, family: str, layer: in
     return records
 
 
-def gate_records(store: ActivationStore, model: str, layer: int, fractions: list[float], is_test: np.ndarray,
-                 documents: np.ndarray) -> list[dict]:
-    """The gate alone against the true top-K of |SiLU(g) * u| on the held-out rows: no predictor."""
+GATE_INPUT = "gate (no predictor)"
+BASELINE_INPUTS = {"static": "static (no input)", "random": "random (no input)", "oracle": "oracle (the label)",
+                   "|SiLU(g)|": GATE_INPUT, "|g|": GATE_INPUT, "g": GATE_INPUT}
+BASELINE_DEFINITIONS = {
+    "static": "the K units most often in the true top-K over the training documents, the same for every token "
+              "(count desc, ties by lower unit index; sparse_predictor/trainer/static.py)",
+    "random": "a uniform random K-subset per token, drawn (torch.rand, seeded: random_seed), not its expectation",
+    "oracle": "the true top-K itself: Recall@K and Captured Mass 1 by construction (a check of the metrics)",
+    "|SiLU(g)|": "top-K by |SiLU(g)| with g the exact gate pre-activation (CATS-style, training-free): what the "
+                 "sparse mode `gate` keeps; it saves the up and down projections of the other units, not the gate",
+    "|g|": "top-K by |g| (the gate pre-activation)",
+    "g": "top-K by g",
+}
+
+
+def gate_unavailable(family: str, store: ActivationStore) -> str | None:
+    """Why the gate-computed ranking is n/a for this model, or None when it can be computed."""
+    if family != "llama":
+        return "n/a: OPT's MLP has no gate (fc1 -> ReLU -> fc2)"
+    if "mlp_gate" not in store.kinds:
+        return "n/a: mlp_gate was not collected (--collect-mlp-gate)"
+    return None
+
+
+def block_rankers(block: str, counts: list[torch.Tensor], gate: bool, seed: int, layer: int) -> dict:
+    """name -> one ranker per fraction: static, random, oracle, and for the Llama MLP the gate's three."""
+    rankers = {"static": [fixed_ranker(static_scores(c)) for c in counts],
+               "random": [random_ranker(random_seed(seed, layer, block, i)) for i in range(len(counts))],
+               "oracle": [oracle_ranker] * len(counts)}
+    if gate:
+        for name, transform in (("|SiLU(g)|", lambda g: F.silu(g).abs()), ("|g|", torch.abs), ("g", lambda g: g)):
+            rankers[name] = [kind_ranker("mlp_gate", transform)] * len(counts)
+    return rankers
+
+
+def random_seed(seed: int, layer: int, block: str, fraction_index: int) -> int:
+    return int(np.random.SeedSequence([seed, layer, ("mlp", "att").index(block), fraction_index]).generate_state(1)[0])
+
+
+def baseline_records(store: ActivationStore, model: str, family: str, layer: int, fractions: list[float],
+                     is_test: np.ndarray, device: torch.device, seed: int) -> list[dict]:
+    """Static, random, oracle and (Llama MLP) gate-computed top-K of the layer, scored on the held-out documents
+    against the true top-K at every fraction, with the predictors' metrics; the gate is n/a (with the reason) where
+    the model has none."""
+    documents = store.document_ids()
+    train_docs, test_docs = len(np.unique(documents[~is_test])), len(np.unique(documents[is_test]))
+    no_gate = gate_unavailable(family, store)
+    records = []
+    for block in ("mlp", "att"):
+        width = store.dims.ffn_dim if block == "mlp" else store.dims.num_heads
+        labels = [make_label_spec(block, "topk", f, None, width) for f in fractions]
+        counts = static_counts(store, block, layer, labels, ~is_test, device)
+        gate = block == "mlp" and no_gate is None
+        rankers = block_rankers(block, counts, gate, seed, layer)
+        stats = score_rankers(store, layer, labels, is_test, rankers, ["mlp_gate"] if gate else [], device)
+        for (name, i), st in stats.items():
+            record = {"model": model, "block": block, "layer": layer, "input": BASELINE_INPUTS[name], "ranking": name,
+                      "label": "topk", "k": fractions[i], "label_definition": labels[i].definition(),
+                      "Recall@K": st["Recall@K"], "Captured Mass": st["Captured Mass"], "K": st["K"],
+                      "chance Recall@K": st["K"] / width, "definition": BASELINE_DEFINITIONS[name],
+                      "rows_test": int(is_test.sum()), "documents_test": test_docs, "per_document": st["per_document"]}
+            if name == "static":
+                top = static_ranking(counts[i])[: st["K"]]
+                record.update(rows_train=int((~is_test).sum()), documents_train=train_docs,
+                              **{"train Recall@K": float(counts[i][top].sum()) / (st["K"] * int((~is_test).sum()))})
+            if name == "random":
+                record["random_seed"] = random_seed(seed, layer, block, i)
+            records.append(record)
+        if block == "mlp" and no_gate is not None:
+            records += [{"model": model, "block": "mlp", "layer": layer, "input": GATE_INPUT, "ranking": "|SiLU(g)|",
+                         "label": "topk", "k": f, "K": fraction_count(f, width), "Recall@K": None,
+                         "Captured Mass": None, "chance Recall@K": fraction_count(f, width) / width,
+                         "definition": BASELINE_DEFINITIONS["|SiLU(g)|"], "n/a": no_gate} for f in fractions]
+    return records
+
+
+def gate_coverage_records(store: ActivationStore, model: str, layer: int, fractions: list[float],
+                          is_test: np.ndarray, documents: np.ndarray) -> list[dict]:
+    """The share of the true top-K of |SiLU(g) * u| on the held-out rows that sign(g) > 0 covers: no predictor."""
     rows = np.flatnonzero(is_test)
     ids, inverse = np.unique(documents[rows], return_inverse=True)
     ffn = store.dims.ffn_dim
-    hits = {(name, f): np.zeros(len(ids)) for name in ("|g|", "g", "sign(g)") for f in fractions}
+    hits = {f: np.zeros(len(ids)) for f in fractions}
     positive = np.zeros(len(ids))
     label_mm, gate_mm = store.open("mlp_label", layer), store.open("mlp_gate", layer)
     for part, chunk in iter_row_chunks(rows, rows_per_chunk(3 * ffn)):
@@ -125,19 +218,16 @@ def gate_records(store: ActivationStore, model: str, layer: int, fractions: list
         doc = inverse[part]
         positive += np.bincount(doc, weights=(g > 0).sum(dim=1).numpy(), minlength=len(ids))
         for f in fractions:
-            K = fraction_count(f, ffn)
-            true = topk_mask(y.abs(), K)
-            for name, chosen in (("|g|", topk_mask(g.abs(), K)), ("g", topk_mask(g, K)), ("sign(g)", g > 0)):
-                hits[(name, f)] += np.bincount(doc, weights=(chosen & true).sum(dim=1).numpy(), minlength=len(ids))
+            true = topk_mask(y.abs(), fraction_count(f, ffn))
+            hits[f] += np.bincount(doc, weights=((g > 0) & true).sum(dim=1).numpy(), minlength=len(ids))
     tokens = np.bincount(inverse, minlength=len(ids))
     records = []
-    for (name, f), h in hits.items():
+    for f, h in hits.items():
         K = fraction_count(f, ffn)
-        what = ("share of the true top-K units with g > 0 (a set of varying size, not K units)" if name == "sign(g)"
-                else f"top-K by {name} vs the true top-K by |mlp_label|")
-        records.append({"model": model, "block": "mlp", "layer": layer, "input": "gate (no predictor)",
-                        "ranking": name, "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
-                        "chance Recall@K": K / ffn, "definition": what,
+        records.append({"model": model, "block": "mlp", "layer": layer, "input": GATE_INPUT, "ranking": "sign(g)",
+                        "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
+                        "Captured Mass": None, "chance Recall@K": K / ffn,
+                        "definition": "share of the true top-K units with g > 0 (a set of varying size, not K units)",
                         "gate_positive_share": float(positive.sum() / (ffn * len(rows))),
                         "per_document": {"documents": ids.tolist(), "tokens": tokens.tolist(),
                                          "topk_hits": h.astype(np.int64).tolist()}})
@@ -158,11 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of both blocks (default: each block's main default, "
                         + ", ".join(f"{b} {lr:g}" for b, lr in BLOCK_LR.items()) + ")")
     p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
+    capacity.add_arguments(p)
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, each training a share of the layers (on a GPU they share it: small "
                         "predictors leave it mostly idle); results do not depend on it (default %(default)s)")
     p.add_argument("--partial-only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs
     return p
+
+
+def layer_results(store: ActivationStore, source: dict, layer: int, args: argparse.Namespace, device: torch.device,
+                  max_bytes: int | None, is_test: np.ndarray, documents: np.ndarray, split, curves: bool,
+                  folds: bool) -> dict:
+    """Everything the summary trains and scores for one layer: predictors and baselines ("records"), the capacity
+    and data curves ("capacity") and the fold predictors ("folds") where the layer is in their subsets."""
+    model, family = source["model"], source["family"]
+    records = predictor_records(store, model, family, layer, args, device, max_bytes)
+    records += baseline_records(store, model, family, layer, args.fractions, is_test, device, args.seed)
+    if gate_unavailable(family, store) is None:
+        records += gate_coverage_records(store, model, layer, args.fractions, is_test, documents)
+    config = lambda block: block_config(args, block)  # noqa: E731
+    return {"records": records,
+            "capacity": capacity.capacity_records(store, model, layer, args, config, device, max_bytes, split)
+            if curves else [],
+            "folds": capacity.fold_records(store, model, layer, args, config, device, max_bytes, split) if folds else []}
 
 
 RUN_ONLY = ("out_dir", "device", "layers", "jobs", "partial_only")  # flags that do not change a layer's records
@@ -197,26 +305,30 @@ def main(argv: list[str] | None = None) -> Path:
     partial.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
 
-    def stored_records(layer: int) -> list[dict] | None:
+    capacity_layers = capacity.curve_layers(args.capacity_layers, store.num_layers)
+    fold_layers = capacity.curve_layers(args.fold_layers, store.num_layers) if args.folds else []
+
+    def stored(layer: int) -> dict | None:
         """The layer's records from its partial file, if one was written with these settings."""
         done = partial / f"layer{layer}.json"
-        stored = read_json(done) if done.is_file() else None
-        return stored["records"] if stored and stored["settings"] == settings else None
+        found = read_json(done) if done.is_file() else None
+        return found if found and found["settings"] == settings else None
 
     if args.jobs > 1:
-        todo = [layer for layer in layers if stored_records(layer) is None]
+        heavy = set(capacity_layers) | set(fold_layers)  # dealt first, so the workers share the curves and folds
+        todo = sorted((layer for layer in layers if stored(layer) is None), key=lambda layer: layer not in heavy)
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
+    curves, folds = [], []
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
-        stored = stored_records(layer)
-        if stored is not None:
-            records += stored
-            continue
-        layer_records = predictor_records(store, source["model"], source["family"], layer, args, device, max_bytes)
-        if "mlp_gate" in store.kinds and source["family"] == "llama":
-            layer_records += gate_records(store, source["model"], layer, args.fractions, is_test, documents)
-        write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, "records": layer_records})
-        records += layer_records
+        found = stored(layer)
+        if found is None:
+            found = layer_results(store, source, layer, args, device, max_bytes, is_test, documents, split,
+                                  layer in capacity_layers, layer in fold_layers)
+            write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, **found})
+        records += found["records"]
+        curves += found["capacity"]
+        folds += found["folds"]
     if args.partial_only:
         return partial
     payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
@@ -226,8 +338,13 @@ def main(argv: list[str] | None = None) -> Path:
                "inputs": {"mlp": {"same": "mlp_x_l", "lookahead": "att_x_l", "l-1": "att_x_{l-1}",
                                   "l-2": "att_x_{l-2}"},
                           "att": {"same": "att_x_l", "lookahead": "att_x_{l-1} (l >= 1)", "l-2": "att_x_{l-2}"}},
+               "baselines": BASELINE_DEFINITIONS,
+               "capacity": curves, "capacity_layers": capacity_layers, "folds": folds, "fold_layers": fold_layers,
+               "fold_spread": capacity.fold_spread(folds, records),
                "seconds": time.perf_counter() - started}
     json_path, csv_path = write_results(args.out_dir, "recall_summary", payload, records, CSV_COLUMNS, provenance)
+    write_csv_atomic(Path(args.out_dir) / "recall_capacity.csv", curves, CURVE_COLUMNS)
+    write_csv_atomic(Path(args.out_dir) / "recall_folds.csv", folds, CURVE_COLUMNS)
     print(f"wrote {json_path} and {csv_path}: {len(records)} records of {source['model']} (layers {layers[0]}.."
           f"{layers[-1]}, {args.seeds} seed(s), {payload['seconds']:.0f} s)")
     return json_path

@@ -32,11 +32,12 @@ from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS  # noqa: E402
 from scripts.analysis.common import model_colors  # noqa: E402
 from scripts.report.plots import plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
+from scripts.report.baselines import baselines_section  # noqa: E402
 from scripts.report.inputs import Sources, all_models, discover  # noqa: E402
 from scripts.report.sections import (collections_section, drift_section, figure_lines,  # noqa: E402
                                      label_sweep_section, lookahead_section, perplexity_section,
-                                     predictors_section, sparsity_section, stages_section,
-                                     summary_section, table, tasks_section)
+                                     predictors_section, result_source, sparsity_section,
+                                     stages_section, summary_section, table, tasks_section)
 
 SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity statistics", "Label sensitivity",
             "Predictors", "Perplexity sweep", "Downstream tasks")
@@ -70,6 +71,9 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     inputs.predictors.sort(key=lambda s: models.index(s.model))
     sources, missing = Sources(), list(inputs.missing)
     summary_lines, decomposition_lines = summary_section(inputs, sources, out_dir, missing)
+    baseline_lines, baseline_figures = baselines_section(
+        [(result_source(sources, p, r), r) for p, r in inputs.results["recall_summary"]],
+        [(result_source(sources, p, r), r) for p, r in inputs.results["drift"]], out_dir)
     analysis_sections = (("Residual-stream drift", "drift", drift_section),
                          ("Lookahead", "lookahead", lookahead_section),
                          ("Sparsity statistics", "sparsity_stats", sparsity_section),
@@ -104,6 +108,7 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     lines += [f"> **Note.** {note}\n" for note in notes]
     lines += ["## Summary", ""] + summary_lines
     lines += ["## Decomposition", ""] + decomposition_lines
+    lines += ["## Baselines and controls", ""] + baseline_lines + figure_lines(baseline_figures, out_dir)
     if inputs.studies:
         lines += ["## Study stages", ""] + stages_section(inputs.studies, sources)
     lines += ["## Inputs", ""]

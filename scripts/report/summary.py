@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from Decentralized_FM_alpha.utils.intervals import Interval, bootstrap, ratio, seed_spread
+from Decentralized_FM_alpha.utils.intervals import METHOD, Interval, bootstrap, cluster_sums, ratio, seed_spread
 from scripts.analysis.common import model_colors, new_figure, save_figure
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
@@ -124,8 +124,11 @@ def perplexity_ratio_cell(run: dict, dense: dict, sources: list[str]) -> Cell:
     if a["tokens"] != b["tokens"]:
         raise ValueError(f"{run['output_path']} and {dense['output_path']} score different tokens: not comparable")
     columns = {"run": a["logprob_sums"], "dense": b["logprob_sums"], "tokens": a["tokens"]}
-    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["dense"]) / s["tokens"])), chance=None,
-                sources=sources)
+    method = METHOD.replace("documents", "requests")
+    if "articles" in a:  # WikiText-2 windows: resample whole articles (a cluster bootstrap)
+        columns, method = cluster_sums(columns, a["articles"]), METHOD.replace("documents", "articles (WikiText-2)")
+    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["dense"]) / s["tokens"]), method=method),
+                chance=None, sources=sources)
 
 
 def drift_cell(payload: dict, space: str, dims: str, source: str) -> Cell:
@@ -146,7 +149,7 @@ class ModelSummary:
 
 
 def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    records = [r for r in payload["records"] if "per_document" in r and r["input"] != "gate (no predictor)"]
+    records = [r for r in payload["records"] if "per_document" in r and "ranking" not in r]  # predictors only
     for block, inputs in (("mlp", ("same", "lookahead")), ("att", ("same", "lookahead"))):
         for k in payload["fractions"]:
             for name in inputs:
@@ -174,14 +177,16 @@ def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
 
 
 def gate_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    gate = [r for r in payload["records"] if r["input"] == "gate (no predictor)"]
+    gate = [r for r in payload["records"] if r["input"] == "gate (no predictor)"
+            and r["ranking"] in ("|g|", "g", "sign(g)")]
     for k in payload["fractions"] if gate else []:
         for ranking in ("|g|", "g", "sign(g)"):
             chosen = [r for r in gate if r["k"] == k and r["ranking"] == ranking]
             cell = Cell(bootstrap(document_columns(chosen, "topk_hits", lambda r: r["K"]), ratio("num", "den")),
                         chance=chosen[0]["chance Recall@K"], sources=[source])
             summary.cells[f"gate {ranking} Recall@K {k:g}"] = cell
-        summary.notes["gate positive share"] = f"{np.mean([r['gate_positive_share'] for r in gate]):.3f}"
+        share = [r["gate_positive_share"] for r in gate if "gate_positive_share" in r]  # the sign(g) records
+        summary.notes["gate positive share"] = f"{np.mean(share):.3f}"
 
 
 def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[str, dict]],

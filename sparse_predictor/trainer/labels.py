@@ -41,6 +41,11 @@ class LabelSpec:
                 "threshold": f"|mlp_label| > {self.threshold}",
                 "gate": "mlp_gate > 0 (gate projection before SiLU)"}[self.name]
 
+    @property
+    def ranks_by_magnitude(self) -> bool:
+        """Its scores are |activation| (MLP) or head norms (attention), so their sum is a mass (Captured Mass)."""
+        return self.name in ("topk", "threshold")
+
     def width_of(self, files: dict[str, "RowFile"]) -> int:
         return files[self.source_kind].width
 

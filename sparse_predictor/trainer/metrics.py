@@ -24,6 +24,9 @@ METRIC_DEFINITIONS = {
                 "tokens); a predicted unit tied with the true K-th score counts as long as the tie leaves room",
     "K": "topk labels: the label's own count fraction_count(k, out); other labels: the held-out mean number of "
          "active units per token, rounded (at least 1)",
+    "Captured Mass": "sum over held-out tokens of the label's score (|mlp_label|; attention: the head output norm) "
+                     "over the predictor's top-K units, divided by the same sum over the true top-K (1 for the "
+                     "oracle); defined for labels ranked by magnitude (topk, threshold), null for relu and gate",
     "fraction_count": COUNT_RULE,
 }
 
@@ -43,6 +46,24 @@ def true_top_k(scores: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor
     return kth, K - (scores > kth).sum(dim=1)
 
 
+def ranking_statistics(ranking: torch.Tensor, scores: torch.Tensor, K: int,
+                       top: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-token Recall@K hits and captured mass of the top-K units of `ranking` (B, out), any ranking: a predictor's
+    logits, a fixed input-independent order, the gate, random draws or the label itself (the oracle).
+
+    scores (B, out): the label's ranking of the units; `top` = true_top_k(scores, K) when already known. A picked unit
+    tied with the true K-th score counts as a hit as long as the tie leaves room. mass_true is the sum of the true
+    top-K scores (the scores above the K-th plus the K-th once per remaining place), mass_predicted that of the picked.
+    """
+    scores = scores.float()
+    kth, room = top if top is not None else true_top_k(scores, K)
+    picked = scores.gather(1, ranking.topk(K, dim=1, sorted=False).indices)
+    above, tied = (picked > kth).sum(dim=1), (picked == kth).sum(dim=1)
+    mass_true = torch.where(scores > kth, scores, 0).sum(dim=1) + room * kth.squeeze(1)
+    return {"topk_hits": above + torch.minimum(tied, room), "mass_predicted": picked.sum(dim=1),
+            "mass_true": mass_true}
+
+
 def batch_statistics(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, K: int,
                      weight_floor: float, top: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -53,15 +74,14 @@ def batch_statistics(logits: torch.Tensor, labels: torch.Tensor, scores: torch.T
     """
     preds = logits.sigmoid() >= 0.5  # as the original: not logits >= 0, which differs for tiny negatives
     loss, w = class_weighted_bce(logits, labels.float(), weight_floor)
-    kth, room = top if top is not None else true_top_k(scores, K)
-    picked = scores.float().gather(1, logits.topk(K, dim=1, sorted=False).indices)
-    above, tied = (picked > kth).sum(dim=1), (picked == kth).sum(dim=1)
     return {"tp": (labels & preds).sum(dim=1), "active": labels.sum(dim=1), "predicted": preds.sum(dim=1),
-            "topk_hits": above + torch.minimum(tied, room), "loss": loss, "w": w}
+            **ranking_statistics(logits, scores, K, top), "loss": loss, "w": w}
 
 
-def aggregate_statistics(batches: list[dict[str, torch.Tensor]], K: int) -> dict[str, float | None]:
-    """Held-out metrics; the first five exactly as the original's evaluate() (see METRIC_DEFINITIONS)."""
+def aggregate_statistics(batches: list[dict[str, torch.Tensor]], K: int, magnitude: bool = True
+                         ) -> dict[str, float | None]:
+    """Held-out metrics; the first five exactly as the original's evaluate() (see METRIC_DEFINITIONS). `magnitude`:
+    the label ranks units by |value|, so that a sum of its scores is an activation mass (Captured Mass)."""
     def mean_of_batch_means(key: str) -> float:
         return torch.stack([b[key].double().mean() for b in batches]).mean().item()
 
@@ -81,20 +101,29 @@ def aggregate_statistics(batches: list[dict[str, torch.Tensor]], K: int) -> dict
             "Precision": tp / predicted if predicted else None,
             "Per-token Recall": per_token.mean().item() if len(per_token) else None,
             "Recall@K": total("topk_hits") / (K * tokens),
+            "Captured Mass": captured_mass(batches) if magnitude else None,
             "K": K}
+
+
+def captured_mass(batches: list[dict[str, torch.Tensor]]) -> float | None:
+    true = float(sum(b["mass_true"].double().sum() for b in batches))
+    return float(sum(b["mass_predicted"].double().sum() for b in batches)) / true if true > 0 else None
 
 
 
 
 PER_DOCUMENT_COUNTS = ("tp", "active", "predicted", "topk_hits")
+PER_DOCUMENT_SUMS = ("mass_predicted", "mass_true")  # float sums of the label's scores
 
 
-def per_document_counts(batches: list[dict[str, torch.Tensor]], documents: np.ndarray) -> dict[str, list[int]]:
-    """Per held-out document (in `documents` order of first appearance sorted by id): its tokens and the sums of the
-    per-token counts, so that Recall@K, Recall and Precision can be bootstrapped over documents later."""
+def per_document_counts(batches: list[dict[str, torch.Tensor]], documents: np.ndarray,
+                        keys: tuple[str, ...] = PER_DOCUMENT_COUNTS + PER_DOCUMENT_SUMS) -> dict[str, list]:
+    """Per held-out document (sorted by id): its tokens and the sums of the per-token `keys`, so that Recall@K,
+    Recall, Precision and Captured Mass can be bootstrapped over documents later (counts as int, masses as float)."""
     ids, inverse = np.unique(documents, return_inverse=True)
     counts = {"documents": ids.tolist(), "tokens": np.bincount(inverse, minlength=len(ids)).tolist()}
-    for key in PER_DOCUMENT_COUNTS:
-        values = torch.cat([b[key] for b in batches]).cpu().numpy()
-        counts[key] = np.bincount(inverse, weights=values, minlength=len(ids)).astype(np.int64).tolist()
+    for key in keys:
+        values = torch.cat([b[key] for b in batches]).double().cpu().numpy()
+        sums = np.bincount(inverse, weights=values, minlength=len(ids))
+        counts[key] = sums.tolist() if key in PER_DOCUMENT_SUMS else sums.astype(np.int64).tolist()
     return counts

@@ -45,9 +45,10 @@ def predictor_logits(model: torch.nn.Module, x: torch.Tensor, amp_dtype: torch.d
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int], Ks: Sequence[int],
              weight_floor: float, batch_size: int, amp_dtype: torch.dtype | None,
-             documents: np.ndarray | None = None) -> list[dict]:
+             documents: np.ndarray | None = None, magnitudes: Sequence[bool] | None = None) -> list[dict]:
     """Held-out metrics of each stacked predictor (predictor p is scored on label labels_of[p]), in eval batches of
-    batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts."""
+    batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts.
+    magnitudes[l]: label l ranks by |value| (LabelSpec.ranks_by_magnitude), so its Captured Mass is defined."""
     model.eval()
     batches: list[list[dict]] = [[] for _ in labels_of]
     for s in iter_row_chunks(test.n, batch_size):
@@ -57,7 +58,7 @@ def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int],
             batches[p].append(batch_statistics(logits[p], test.label_rows(l, s), test.scores[l, s], Ks[l], weight_floor,
                                                top))
     model.train()
-    metrics = [aggregate_statistics(b, Ks[l]) for b, l in zip(batches, labels_of)]
+    metrics = [aggregate_statistics(b, Ks[l], magnitudes is None or magnitudes[l]) for b, l in zip(batches, labels_of)]
     if documents is not None:
         for m, b in zip(metrics, batches):
             m["per_document"] = per_document_counts(b, documents)
@@ -73,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     selection: str = "original"  # or "last": see SELECTIONS
     cuda_graphs: bool = True  # replay each training step from a captured CUDA graph (CUDA only)
+    activation: str | None = None  # None: DejaVu's linear low-rank predictor; relu / gelu: one hidden nonlinearity
 
 
 @dataclass
@@ -86,9 +88,20 @@ class TrainResult:
     label_index: int
 
 
-def make_predictor(d: int, D: int, out: int, seed: int) -> torch.nn.Sequential:
+ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+
+
+def make_predictor(d: int, D: int, out: int, seed: int, activation: str | None = None) -> torch.nn.Sequential:
+    """DejaVu's Linear(d, D) -> Linear(D, out) without bias; with `activation`, that nonlinearity in between (the
+    upper-bound variant of the capacity curves: the same width, one hidden nonlinearity)."""
     torch.manual_seed(seed)  # built on the CPU so that a seed gives the same weights on any device
-    return torch.nn.Sequential(torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False))
+    first, second = torch.nn.Linear(d, D, bias=False), torch.nn.Linear(D, out, bias=False)
+    return torch.nn.Sequential(first, *([ACTIVATIONS[activation]()] if activation else []), second)
+
+
+def predictor_layers(activation: str | None) -> list[str]:
+    return ["Linear(d, D, bias=False)", *([f"{ACTIVATIONS[activation].__name__}()"] if activation else []),
+            "Linear(D, out, bias=False)"]
 
 
 class StackedPredictors(torch.nn.Module):
@@ -97,28 +110,34 @@ class StackedPredictors(torch.nn.Module):
     Each one is initialised exactly as make_predictor(d, D, out, seed) and AdamW updates every weight on its own, so
     stacking changes nothing but the kernels: one batched matmul instead of P small ones (at DejaVu's sizes a
     training step is bound by kernel launches, not arithmetic, so seeds and label variants come almost for free).
+    With `activation`, every predictor has that nonlinearity between its two layers (make_predictor's variant).
     """
 
-    def __init__(self, d: int, D: int, out: int, seeds: Sequence[int]):
+    def __init__(self, d: int, D: int, out: int, seeds: Sequence[int], activation: str | None = None):
         super().__init__()
-        singles = [make_predictor(d, D, out, seed) for seed in seeds]
+        singles = [make_predictor(d, D, out, seed, activation) for seed in seeds]
         self.w1 = torch.nn.Parameter(torch.stack([m[0].weight.detach() for m in singles]))  # (P, D, d)
-        self.w2 = torch.nn.Parameter(torch.stack([m[1].weight.detach() for m in singles]))  # (P, out, D)
+        self.w2 = torch.nn.Parameter(torch.stack([m[-1].weight.detach() for m in singles]))  # (P, out, D)
+        self.activation = ACTIVATIONS[activation]() if activation else None
+        self.second = len(singles[0]) - 1  # index of the second Linear in make_predictor's Sequential
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x, self.w1.transpose(1, 2))  # (P, B, D)
+        if self.activation is not None:
+            h = self.activation(h)
         return torch.matmul(h, self.w2.transpose(1, 2))  # (P, B, out)
 
     def state_of(self, p: int) -> dict[str, torch.Tensor]:
-        """Predictor p as the state dict of the Sequential the sparse runner loads (keys 0.weight, 1.weight)."""
+        """Predictor p as the state dict of make_predictor's Sequential (the sparse runner loads the linear one:
+        keys 0.weight, 1.weight)."""
         return {"0.weight": self.w1[p].detach().to("cpu", copy=True),
-                "1.weight": self.w2[p].detach().to("cpu", copy=True)}
+                f"{self.second}.weight": self.w2[p].detach().to("cpu", copy=True)}
 
     @torch.no_grad()
     def load_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
         for p, state in enumerate(states):
             self.w1[p].copy_(state["0.weight"])
-            self.w2[p].copy_(state["1.weight"])
+            self.w2[p].copy_(state[f"{self.second}.weight"])
 
 
 def stacked_bce(logits: torch.Tensor, y: torch.Tensor, weight_floor: float) -> torch.Tensor:
@@ -210,7 +229,7 @@ def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence
     floor = NEGATIVE_WEIGHT_FLOOR[block]
     labels_of, seeds = [l for l, _ in specs], [seed for _, seed in specs]
     P = len(specs)
-    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds).to(device)
+    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds, cfg.activation).to(device)
     graphs = cfg.cuda_graphs and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda",
                                   capturable=graphs)
@@ -219,7 +238,8 @@ def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence
     label_index = torch.tensor(labels_of, device=device)[:, None]  # (P, 1): which label rows each predictor reads
 
     def held_out(documents: np.ndarray | None = None) -> list[dict]:
-        return evaluate(model, data.test, labels_of, data.Ks, floor, cfg.batch_size, amp_dtype, documents)
+        return evaluate(model, data.test, labels_of, data.Ks, floor, cfg.batch_size, amp_dtype, documents,
+                        [label.ranks_by_magnitude for label in data.labels])
 
     best = held_out()
     log(f"[Start] {format_metrics(best[0])}" + (f" (and {P - 1} more predictors)" if P > 1 else ""))

@@ -17,7 +17,7 @@ from Decentralized_FM_alpha.utils.manifest import now, read_json, write_json_ato
 from Decentralized_FM_alpha.utils.intervals import seed_spread as spread_over_seeds
 from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS
 from sparse_predictor.trainer.model import (NEGATIVE_WEIGHT_FLOOR, SELECTIONS, WEIGHT_DECAY, TrainConfig, TrainResult,
-                                            matmul_dtype)
+                                            matmul_dtype, predictor_layers)
 from sparse_predictor.trainer.rows import LayerData, RowFile
 
 
@@ -71,10 +71,10 @@ def layer_record(args: argparse.Namespace, block: str, layer: int, source: RowsS
         "label_group": label.group,
         "seed": result.seed,
         "rows_train": data.rows_train, "rows_test": int(data.is_test.sum()),
-        "documents_train": len(np.unique(docs[~data.is_test])), "documents_test": len(np.unique(docs[data.is_test])),
+        "documents_train": len(np.unique(docs[data.train_mask])), "documents_test": len(np.unique(docs[data.is_test])),
         "split": data.split.describe(), "test_documents": [int(d) for d in np.unique(docs[data.is_test])],
         "per_document": result.per_document,
-        "predictor": {"layers": ["Linear(d, D, bias=False)", "Linear(D, out, bias=False)"],
+        "predictor": {"layers": predictor_layers(cfg.activation),
                       "d": data.x_file.width, "D": cfg.D, "out": data.out_width},
         "hyperparameters": {**asdict(cfg), "seed": result.seed, "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW",
                             "negative_weight_floor": NEGATIVE_WEIGHT_FLOOR[block],

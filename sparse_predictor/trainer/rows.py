@@ -6,7 +6,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,40 @@ def document_split(doc_ids: np.ndarray, test_fraction: float = TEST_FRACTION, te
         n_docs = max(n_docs, min(min_test_docs, len(docs) // 2))
         n_docs = min(n_docs, len(docs) - 1)
     return np.isin(doc_ids, docs[last_first[:n_docs]])
+
+
+def shuffled_training_documents(doc_ids: np.ndarray, is_test: np.ndarray, seed: int) -> np.ndarray:
+    """The training documents' ids in a seeded random order."""
+    return np.random.default_rng(seed).permutation(np.unique(doc_ids[~is_test]))
+
+
+def training_subset(fraction: float, seed: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """load_layer's train_subset: whole training documents in a seeded random order, taken until their rows reach
+    `fraction` of the training rows (a data curve varies the amount of data, not the documents' integrity)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"training rows fraction {fraction}: need 0 < fraction <= 1")
+
+    def subset(doc_ids: np.ndarray, is_test: np.ndarray) -> np.ndarray:
+        docs = shuffled_training_documents(doc_ids, is_test, seed)
+        ids, counts = np.unique(doc_ids, return_counts=True)
+        rows = counts[np.searchsorted(ids, docs)]
+        taken = docs[: int(np.searchsorted(np.cumsum(rows), fraction * rows.sum() - 1e-9)) + 1]
+        return np.isin(doc_ids, taken) & ~is_test
+    return subset
+
+
+def fold_training_mask(fold: int, folds: int, seed: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """load_layer's train_subset: the training documents dealt into `folds` seeded groups; fold f trains on every
+    group but f (the held-out documents stay the split's), so the folds vary the training sample only."""
+    if not 0 <= fold < folds or folds < 2:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
+
+    def subset(doc_ids: np.ndarray, is_test: np.ndarray) -> np.ndarray:
+        groups = np.array_split(shuffled_training_documents(doc_ids, is_test, seed), folds)
+        if min(len(g) for g in groups) == 0:
+            raise ValueError(f"{folds} folds need at least {folds} training documents")
+        return np.isin(doc_ids, np.concatenate([g for i, g in enumerate(groups) if i != fold])) & ~is_test
+    return subset
 
 
 # ------------------------------------------------------------------------------------- reading onto the device
@@ -228,10 +262,15 @@ class LayerData:
     window_rows: int  # training rows per streamed window
     test_documents: np.ndarray  # (held-out rows,) document id of each held-out row
     split: SplitConfig = SplitConfig()
+    is_train: np.ndarray | None = None  # (rows,) bool training rows, a subset of ~is_test; None: all of ~is_test
+
+    @property
+    def train_mask(self) -> np.ndarray:
+        return ~self.is_test if self.is_train is None else self.is_train
 
     @property
     def rows_train(self) -> int:
-        return int((~self.is_test).sum())
+        return int(self.train_mask.sum())
 
     @property
     def out_width(self) -> int:
@@ -243,23 +282,23 @@ class LayerData:
             yield self.train
             return
         widths = [self.x_file.width, *(f.width for f in self.label_files.values())]
-        for window in window_masks(self.is_test, chunk_slices(len(self.is_test), widths), self.window_rows,
+        for window in window_masks(self.train_mask, chunk_slices(len(self.is_test), widths), self.window_rows,
                                    np.random.default_rng(seed + epoch)):
             yield load_rows(self.x_file, self.label_files, self.labels, window, self.test.x.device, False,
                             f"epoch {epoch} window")
 
 
-def window_masks(is_test: np.ndarray, slices: list[slice], window_rows: int,
+def window_masks(is_train: np.ndarray, slices: list[slice], window_rows: int,
                  rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Training rows grouped into windows of at most `window_rows`: whole chunks, in random order."""
-    window, count = np.zeros(len(is_test), dtype=bool), 0
+    window, count = np.zeros(len(is_train), dtype=bool), 0
     for i in rng.permutation(len(slices)):
         rows = slices[i]
-        n = int((~is_test[rows]).sum())
+        n = int(is_train[rows].sum())
         if count and count + n > window_rows:
             yield window
-            window, count = np.zeros(len(is_test), dtype=bool), 0
-        window[rows] = ~is_test[rows]
+            window, count = np.zeros(len(is_train), dtype=bool), 0
+        window[rows] = is_train[rows]
         count += n
     if count:
         yield window
@@ -267,10 +306,13 @@ def window_masks(is_test: np.ndarray, slices: list[slice], window_rows: int,
 
 def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
                label: LabelSpec | Sequence[LabelSpec], device: torch.device, batch_size: int,
-               max_device_bytes: int | None = None, split: SplitConfig = SplitConfig()) -> LayerData:
+               max_device_bytes: int | None = None, split: SplitConfig = SplitConfig(),
+               train_subset: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> LayerData:
     """Split by document, put the held-out rows on the device and, if they fit, the training rows too.
 
     Several label specs of one layer (e.g. top-K at three fractions) share the input rows and are trained together.
+    train_subset(doc_ids, is_test) -> bool rows: train on those training rows only (e.g. training_subset,
+    fold_training_mask); the held-out rows stay the split's.
     """
     labels = (label,) if isinstance(label, LabelSpec) else tuple(label)
     spec = resolve_input(block, input_flag, layer)
@@ -280,33 +322,38 @@ def load_layer(store: ActivationStore, block: str, layer: int, input_flag: str,
         raise ValueError(f"labels {[l.name for l in labels]} of layer {layer} have different widths")
     doc_ids = store.document_ids()
     is_test = document_split(doc_ids, split.test_fraction, split.test_docs)
+    is_train = None if train_subset is None else train_subset(doc_ids, is_test)
+    if is_train is not None and (is_train & is_test).any():
+        raise ValueError("train_subset selected held-out rows")
     budget = device_budget(device, max_device_bytes)
     test = load_rows(x_file, label_files, labels, is_test, device, True, f"layer {layer} held-out rows")
     width = test.width
     test_bytes = test.n * layer_row_bytes(x_file.width, width, len(labels), held_out=True)
     window_rows = (budget - test_bytes) // layer_row_bytes(x_file.width, width, len(labels), held_out=False)
-    n_train = int((~is_test).sum())
+    train_rows = ~is_test if is_train is None else is_train
+    n_train = int(train_rows.sum())
     if window_rows < min(batch_size, n_train):
         raise MemoryError(f"device memory budget {budget / 2**30:.2f} GiB holds the held-out rows "
                           f"({test_bytes / 2**30:.2f} GiB) but not one batch of training rows; raise --max-device-gb")
     train = None
     if window_rows >= n_train:
-        train = load_rows(x_file, label_files, labels, ~is_test, device, False, f"layer {layer} training rows")
+        train = load_rows(x_file, label_files, labels, train_rows, device, False, f"layer {layer} training rows")
     else:
         print(f"layer {layer}: {n_train} training rows exceed the device budget; streaming windows of "
               f"{window_rows} rows each epoch")
-    return layer_data(spec, x_file, label_files, labels, is_test, test, train, int(window_rows), doc_ids, split)
+    return layer_data(spec, x_file, label_files, labels, is_test, test, train, int(window_rows), doc_ids, split,
+                      is_train)
 
 
 def layer_data(spec: InputSpec, x_file: RowFile, label_files: dict[str, RowFile], labels: tuple[LabelSpec, ...],
                is_test: np.ndarray, test: DeviceRows, train: DeviceRows | None, window_rows: int, doc_ids: np.ndarray,
-               split: SplitConfig) -> LayerData:
+               split: SplitConfig, is_train: np.ndarray | None = None) -> LayerData:
     """A layer ready to train, from rows already on the device (read from the mmaps, or kept by an online pass):
     each label's Recall@K budget and the held-out rows' true top-K are computed here, once."""
     Ks = tuple(recall_at_k_budget(l, test.label_rows(i)) for i, l in enumerate(labels))
     test.rank_truth(Ks)
     return LayerData(spec, x_file, label_files, labels, is_test, test, Ks, train, window_rows,
-                     np.asarray(doc_ids[is_test]), split)
+                     np.asarray(doc_ids[is_test]), split, is_train)
 
 
 def recall_at_k_budget(label: LabelSpec, test_labels: torch.Tensor) -> int:
