@@ -17,11 +17,15 @@ is --token-micro-batch-size ('auto': max_batch_size, default
 needs the JSON form of --model_args. Any other argument is an error.
 
 Scoring follows the harness's Hugging Face wrapper (HFLM): the same tokenisation (the tokenizer's special tokens, the
-BOS as prefix of an empty context), the same left truncation to max_length + 1 tokens, the same rolling windows; the
-requests are batched longest first by the runner's own batching, and log-softmax is taken in float32.
+BOS as prefix of an empty context), the same left truncation to max_length + 1 tokens, the same rolling windows, the
+same float32 arithmetic (log-softmax, and the sum over a continuation's tokens). The requests are batched longest
+first by the runner's own batching; per batch, one log-softmax over the continuation positions and one transfer to
+the host.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -44,7 +48,25 @@ SPARSITY_FLAGS = ("predictor_dir", "mlp_topk", "att_topk", "sparse_layers", "den
 DTYPE_NAMES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 AUTO_BATCH = 64
+ENCODED_PAIRS: dict[str, dict[tuple[str, str], tuple[list[int], list[int]]]] = {}  # checkpoint -> (context,
+# continuation) -> token ids, shared by the models of one process (DejaVuLM._encode_pair)
 NOT_A_FILE = "(requests from lm-evaluation-harness)"  # the runner's --infer-data; the harness sends the requests
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_template(template: str):
+    return harness_utils.env.from_string(template)
+
+
+def apply_template(template: str, doc: dict) -> str:
+    """The harness's apply_template with its Jinja template compiled once instead of once per document: the same
+    environment and template, so the same text; the compiling was most of the time the harness takes to build the
+    requests of a task (scripts/bench/bench_lm_eval_model.py times both)."""
+    return compiled_template(template).render(**doc)
+
+
+HARNESS_APPLY_TEMPLATE = harness_utils.apply_template
+harness_utils.apply_template = apply_template  # lm_eval.api.task calls utils.apply_template by attribute
 
 
 def device_flags(device: Optional[str]) -> list[str]:
@@ -107,6 +129,7 @@ class DejaVuLM(TemplateLM):
         self.tokenizer = self.pipe.tokenizer
         self._device = self.pipe.device
         self.truncated_requests = 0  # scored sequences cut from the left to fit max_length
+        self.encoded_pairs = ENCODED_PAIRS.setdefault(str(Path(pretrained).resolve()), {})
 
     def use_sparsity(self, pretrained: str, **kwargs: Any) -> None:
         """Another sparse setting on the loaded model (the task sweep loads a sparse model once for all its settings):
@@ -156,6 +179,14 @@ class DejaVuLM(TemplateLM):
         ids = self.tokenizer.encode(string, **special)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """The harness's own encoding, kept per checkpoint for the process: a sweep builds one model per setting and
+        asks for the same requests again (the seven tasks' 14,285 pairs take seconds to encode)."""
+        key = (context, continuation)
+        if key not in self.encoded_pairs:
+            self.encoded_pairs[key] = super()._encode_pair(context, continuation)
+        return self.encoded_pairs[key]
+
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the harness's results under config."""
         sparsity = self.pipe.blocks[0].sparsity.describe() if self.args.model_type.endswith("-ml-att-sparse") else None
@@ -175,10 +206,35 @@ class DejaVuLM(TemplateLM):
     # ---------------------------------------------------------------------------- scoring
     def scored_window(self, context: list[int], continuation: list[int]) -> Encoded:
         """The model input for one request (the last max_length + 1 tokens without the last), as HFLM."""
+        if len(continuation) > self.max_length:
+            raise ValueError(f"a continuation of {len(continuation)} tokens is longer than max_length "
+                             f"{self.max_length}: it cannot be scored (context {context[:8]}..., continuation "
+                             f"{continuation[:8]}...)")
         whole = context + continuation
         if len(whole) > self.max_length + 1:
             self.truncated_requests += 1
         return Encoded(request=None, ids=whole[-(self.max_length + 1):][:-1], offsets=[], truncated=0)
+
+    def continuation_scores(self, logits: torch.Tensor, windows: list[Encoded],
+                            continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is the greedy one) for each row of a batch's logits
+        (B, T, vocab): one float32 log-softmax over the batch's continuation positions (N, vocab), one transfer to
+        the host; each request's token log-probs summed there in float32, as HFLM sums them."""
+        rows, columns, targets = [], [], []
+        for row, (window, continuation) in enumerate(zip(windows, continuations)):
+            end = len(window.ids)
+            rows += [row] * len(continuation)
+            columns += range(end - len(continuation), end)
+            targets += continuation
+        device = logits.device
+        target = torch.tensor(targets, device=device)
+        logprobs = torch.log_softmax(logits[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+                                     .float(), dim=-1)  # (N, vocab)
+        token_logprob = logprobs.gather(1, target[:, None])[:, 0]
+        greedy = logprobs.argmax(dim=-1) == target
+        values, hits = torch.stack([token_logprob, greedy.float()]).cpu()
+        lengths = [len(continuation) for continuation in continuations]
+        return [(float(v.sum()), bool(h.all())) for v, h in zip(values.split(lengths), hits.split(lengths))]
 
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -190,15 +246,12 @@ class DejaVuLM(TemplateLM):
         for positions in self.pipe.batches(windows, self.pipe.processing_order(windows, collecting=False)):
             ids, valid = self.pipe.pad([windows[p] for p in positions])
             logits, _ = self.pipe.forward(ids, valid)
-            for row, p in enumerate(positions):
-                key, _, continuation = requests[p]
-                end = len(windows[p].ids)
-                logprobs = torch.log_softmax(logits[row, end - len(continuation):end].float(), dim=-1)
-                target = torch.tensor(continuation, device=logprobs.device)
-                results[p] = (float(logprobs.gather(1, target[:, None]).sum()),
-                              bool((logprobs.argmax(dim=-1) == target).all()))
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, results[p])
+            scores = self.continuation_scores(logits, [windows[p] for p in positions],
+                                              [requests[p][2] for p in positions])
+            for p, score in zip(positions, scores):
+                results[p] = score
+                if requests[p][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[p][0], score)
             progress.update(len(positions))
         progress.close()
         return results

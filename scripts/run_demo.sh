@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The study command (scripts/run_study.py) on the bundled tiny OPT / Llama / Llama-ReLU trio, offline, on the CPU:
 #   convert -> requests (C4 train sample, C4 validation, WikiText-2) -> collect -> MLP and attention predictors
-#   for every layer -> sparse sweep (dense / oracle / predictor / random) -> the same settings on the offline
-#   lm-evaluation-harness test task (last words of WikiText-2 sentences) -> drift, sparsity, the summary's
-#   predictors on identical definitions -> one markdown report that opens with the summary table and figure.
+#   for every layer -> sparse sweep (dense / oracle / predictor / random) -> the same settings on DejaVu's seven
+#   lm-evaluation-harness tasks (offline, the bundled splits' first TASK_LIMIT documents) -> drift, sparsity, the
+#   summary's predictors on identical definitions -> one markdown report that opens with the summary table and figure.
 # These are small models trained for minutes: the report is evidence about mechanisms, not a claim about
 # Llama 3.2 3B.
 #
@@ -12,10 +12,11 @@
 #   VAL_DOCS (16), WIKI_WINDOWS (12), MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"),
 #   FRACTIONS ("0.1 0.25 0.5": K of the summary), LOOKAHEAD_DISTANCE (0: the summary covers distances 0-2),
 #   SWEEP_LABELS (labels compared on the middle layer: "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu),
-#   TASKS (lm-evaluation-harness tasks: "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword", the offline local
-#   test task), TASK_LIMIT (50 examples per task), BOOTSTRAP_ITERS (1000: perplexity's standard error only),
-#   FOLDS (2: training-document folds of the summary), CAPACITY_LAYERS ("last": the layers of the capacity and data
-#   curves and of the folds; the GPU study's default is "ends": layer 1, middle, last),
+#   TASKS (lm-evaluation-harness tasks: "dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,
+#   dejavu_openbookqa,dejavu_lambada_openai", DejaVu's seven over data/tasks/), TASK_LIMIT (8 documents per task: the
+#   seven cost about what the earlier WikiText-2 test task did at 50), BOOTSTRAP_ITERS (1000: perplexity's standard
+#   error only), FOLDS (2: training-document folds of the summary), CAPACITY_LAYERS ("last": the layers of the capacity
+#   and data curves and of the folds; the GPU study's default is "ends": layer 1, middle, last),
 #   CAPACITY_WIDTHS ("32,128,full": the capacity curve's D; the GPU study's default goes to 1000),
 #   CAPACITY_ROWS ("0.5,1": shares of the training rows).
 # Rerunning resumes: finished stages are kept.
@@ -55,7 +56,8 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --att-budgets ${ATT_BUDGETS:-2 4 6} --fractions ${FRACTIONS:-0.1 0.25 0.5} \
   --lookahead-distance "${LOOKAHEAD_DISTANCE:-0}" --drift-distance 2 \
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
-  --tasks "${TASKS:-dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword}" --task-limit "${TASK_LIMIT:-50}" \
+  --tasks "${TASKS:-dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,dejavu_openbookqa,\
+dejavu_lambada_openai}" --task-limit "${TASK_LIMIT:-8}" \
   --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" --folds "${FOLDS:-2}" --fold-layers "${CAPACITY_LAYERS:-last}" \
   --capacity-layers "${CAPACITY_LAYERS:-last}" --capacity-widths "${CAPACITY_WIDTHS:-32,128,full}" \
   --capacity-rows "${CAPACITY_ROWS:-0.5,1}" \

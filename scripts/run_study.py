@@ -14,7 +14,7 @@ MODEL is SOURCE or NAME=SOURCE; SOURCE is a Hugging Face model directory or hub 
     python scripts/run_study.py llama-3.2-3b=meta-llama/Llama-3.2-3B opt-2.7b=facebook/opt-2.7b \\
         --out-dir out/study_3b --device cuda --dtype bf16          # the GPU-site study (README)
 
-Layout of --out-dir: requests/ (with lm_eval_tasks/, the local task), converted/<name>/, data/<name>_c4/,
+Layout of --out-dir: requests/ (with lm_eval_tasks/, the offline tasks), converted/<name>/, data/<name>_c4/,
 predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, parse_
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
+from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
 from scripts.study.plan import check_disk, free_disk, gib, measured_rates, model_facts, plan_model  # noqa: E402
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
@@ -158,10 +159,12 @@ def study_requests(study: Study) -> tuple[Path, Path]:
 
 
 def local_tasks(study: Study) -> Path:
-    """The offline last-word test task (scripts/assets/make_local_task.py), written once for every model's 'tasks' stage."""
+    """The offline tasks (scripts/assets/make_local_task.py: DejaVu's seven over the bundled splits and the WikiText-2
+    test task), written once for every model's 'tasks' stage."""
     folder = study.out / "requests" / "lm_eval_tasks"
+    manifest = folder / "task_manifest.json"
     study.run("all", "tasks", [python("scripts/assets/make_local_task.py", "--out-dir", folder)],
-              done=(folder / "task_manifest.json").is_file())
+              done=manifest.is_file() and set(DEJAVU_TASKS) <= set(read_json(manifest)["tasks"]))
     return folder
 
 
@@ -200,7 +203,8 @@ def tasks_done(manifest: Path, a: argparse.Namespace) -> bool:
     if not manifest.is_file():
         return False
     found = read_json(manifest)
-    return found.get("tasks") == a.tasks.split(",") and found.get("limit") == a.task_limit
+    return (found.get("tasks") == a.tasks.split(",") and found.get("limit") == a.task_limit
+            and found.get("arguments", {}).get("num_fewshot") == str(a.num_fewshot))
 
 
 def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> list[Path]:
@@ -241,7 +245,8 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
             *sweep_flags(a, budgets, converted), "--batch", a.batch,
             "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
             a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
-            "--out-dir", downstream)], done=tasks_done(downstream / "tasks.manifest.json", a))
+            "--num-fewshot", a.num_fewshot, "--out-dir", downstream)],
+            done=tasks_done(downstream / "tasks.manifest.json", a))
 
     analysis = study.out / "analysis" / model.name
     device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
@@ -421,12 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
                    help="layers kept dense in every sparse mode, or 'none' (default %(default)s: no earlier input "
                         "exists for layer 0's lookahead)")
-    p.add_argument("--tasks", default="dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword",
-                   help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: the offline "
-                        "local task of scripts/assets/make_local_task.py; e.g. cb,copa,lambada_openai,openbookqa,piqa,rte,"
-                        "winogrande for DejaVu's table, from the hub; '' leaves the stage out)")
+    p.add_argument("--tasks", default=",".join(DEJAVU_TASKS),
+                   help="lm-evaluation-harness tasks of the 'tasks' stage, comma-separated (default: DejaVu's seven "
+                        "over the bundled splits, the harness's own task definitions: %(default)s; with hub access "
+                        "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande are the harness's hub tasks unchanged; "
+                        "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword the WikiText-2 test task; '' leaves "
+                        "the stage out)")
     p.add_argument("--task-limit", type=int, default=None,
-                   help="first N examples of each task (default: all; the local task has 200)")
+                   help="first N documents of each task (default: all, the full splits)")
+    p.add_argument("--num-fewshot", type=int, default=0,
+                   help="few-shot examples per prompt (default 0; the local tasks draw them from the scored split, "
+                        "never the document itself)")
     p.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="task_sweep.py --bootstrap-iters: draws for the standard error of non-mean metrics such as "
                         "the last-word perplexity (acc's is closed-form; default %(default)s, the harness's)")

@@ -10,7 +10,7 @@ from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
            "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
-           "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_wikitext2_lastword_mc", "TASK_LIMIT": "8",
+           "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_copa", "TASK_LIMIT": "8",
            "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": "", "FOLDS": "2", "CAPACITY_LAYERS": "5",
            "CAPACITY_WIDTHS": "8,32", "CAPACITY_ROWS": "0.5,1"}
 # Two of the trio keep CI short (each model adds about 85 s on 2 cores): both families; Llama-ReLU is the Llama path.
@@ -44,6 +44,6 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
         with open(tmp_path / "demo" / "tasks" / model / "tasks.csv") as f:
             tasks = list(csv.DictReader(f))
         assert [(r["task"], r["mode"], r["samples"]) for r in tasks] == [
-            ("dejavu_wikitext2_lastword_mc", m, "8") for m in ("dense", "oracle", "predictor", "random")]
+            ("dejavu_copa", m, "8") for m in ("dense", "oracle", "predictor", "random")]
         for block in ("mlp", "att"):
             assert (tmp_path / "demo" / "predictors" / model / f"{block}_layer5.json").is_file()

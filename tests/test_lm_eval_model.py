@@ -77,6 +77,12 @@ def test_dense_loglikelihoods_equal_the_harness_hf_wrapper(family, requests):
     assert max(abs(o - t) for o, t in zip(ours, theirs)) <= TOL
 
 
+def test_a_continuation_longer_than_max_length_is_an_error(family):
+    dense = family[-1]
+    with pytest.raises(ValueError, match=f"continuation of {dense.max_length + 1} tokens is longer than max_length"):
+        dense._loglikelihood_tokens([(None, [5, 6], [7] * (dense.max_length + 1))], disable_tqdm=True)
+
+
 def full_budgets(model, name) -> dict:
     c = model.config
     return {"mlp_topk": c.ffn_dim if name == "opt" else c.intermediate_size, "att_topk": c.num_attention_heads}

@@ -1,9 +1,12 @@
-"""A small offline lm-evaluation-harness task from the bundled WikiText-2 text: predict a sentence's last word.
+"""The offline lm-evaluation-harness tasks in one folder: DejaVu's seven downstream tasks over the bundled evaluation
+splits (scripts/assets/dejavu_tasks.py: cb, copa, rte, winogrande, piqa, openbookqa, lambada_openai as the harness
+defines them, named dejavu_<task>, group dejavu_tasks) and a small test task from the bundled WikiText-2 text:
+predict a sentence's last word.
 
-A TEST TASK for exercising the harness without a hub, not LAMBADA: LAMBADA's passages were chosen so that humans need
-the whole passage to guess the word; these are plain WikiText-2 sentences, where the last word is often guessable from
-the sentence alone (or not at all). Use it to check the machinery and to compare modes and budgets on one model, not
-to compare with published numbers.
+The WikiText-2 task is a TEST TASK for exercising the harness without a hub, not LAMBADA: LAMBADA's passages were
+chosen so that humans need the whole passage to guess the word; these are plain WikiText-2 sentences, where the last
+word is often guessable from the sentence alone (or not at all). Use it to check the machinery and to compare modes
+and budgets on one model, not to compare with published numbers.
 
 Examples: body paragraphs of data/samples/wikitext2_test_joined.txt (headings and short lines skipped), in file order,
 at most one per paragraph: the paragraph's first sentences, as many as fit in --max-words words, must end with
@@ -15,11 +18,14 @@ Two tasks over the same examples, both reading the JSONL through the harness's l
   dejavu_wikitext2_lastword_mc  output_type multiple_choice: the target vs --distractors other examples' targets
                                 (seeded), acc and acc_norm
 Writes into --out-dir (a folder for the harness's --include_path / task_sweep.py --include-path):
-wikitext2_lastword.jsonl, one YAML per task (the data file's absolute path inside), task_manifest.json.
+wikitext2_lastword.jsonl and dejavu_<task>.jsonl (the documents), one YAML per task and the group's (data files by
+absolute path), task_manifest.json (the checksums of every source and written file).
 
     python scripts/assets/make_local_task.py --out-dir out/lm_eval_tasks
-    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR --include_path out/lm_eval_tasks \\
-        --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword
+    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR \\
+        --include_path out/lm_eval_tasks --tasks dejavu_tasks --limit 50
+    python scripts/study/lm_eval_dejavu.py --model dejavu --model_args pretrained=DIR \\
+        --include_path out/lm_eval_tasks --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, file_sha256, write_json_atomic  # noqa: E402
+from scripts.assets import dejavu_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEXT = REPO / "data/samples/wikitext2_test_joined.txt"
@@ -92,6 +99,8 @@ def task_yaml(task: str, data_file: Path) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, required=True, help="task folder to write (for --include_path)")
+    p.add_argument("--task-data", type=Path, default=dejavu_tasks.DATA_DIR,
+                   help="DejaVu's task splits with their SHA256SUMS (default: the bundled data/tasks)")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                    help="WikiText-2 text (default: the bundled data/samples/wikitext2_test_joined.txt)")
     p.add_argument("--num-examples", type=int, default=200, help="examples, one per paragraph (default %(default)s)")
@@ -114,12 +123,16 @@ def main(argv=None) -> Path:
     data_file.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
     for task in LOCAL_TASKS:
         (args.out_dir / f"{task}.yaml").write_text(task_yaml(task, data_file), encoding="utf-8")
+    dejavu = dejavu_tasks.write_tasks(args.out_dir, args.task_data)
     write_json_atomic(args.out_dir / "task_manifest.json", base_manifest(
-        kind="local_task", tasks=list(LOCAL_TASKS), examples=len(examples), data_file=str(data_file),
+        kind="local_task", tasks=[*LOCAL_TASKS, *dejavu_tasks.TASK_NAMES], groups=[dejavu_tasks.GROUP],
+        **{dejavu_tasks.MANIFEST_KEY: dejavu}, examples=len(examples), data_file=str(data_file),
         data_sha256=file_sha256(data_file), source={"path": str(args.text.resolve()), "sha256": file_sha256(args.text)},
         settings={k: str(v) for k, v in vars(args).items()},
         note="a test task built from WikiText-2 sentences, not LAMBADA"))
-    print(f"wrote {len(examples)} examples and tasks {', '.join(LOCAL_TASKS)} -> {args.out_dir}")
+    counts = ", ".join(f"{name} ({task['documents']})" for name, task in dejavu["tasks"].items())
+    print(f"wrote {len(examples)} examples and tasks {', '.join(LOCAL_TASKS)}; DejaVu's {counts}, group "
+          f"{dejavu_tasks.GROUP} -> {args.out_dir}")
     return args.out_dir
 
 

@@ -11,10 +11,13 @@ and tasks.md, one row per (mode, budget, task) with the harness's acc / acc_norm
 tasks.manifest.json.
 
 Default tasks: the seven of DejaVu's accuracy table, by their harness names (they download from the hub). Offline,
-make a local task (scripts/assets/make_local_task.py) and give its folder to --include-path:
+write the local tasks (scripts/assets/make_local_task.py: the same seven over the bundled splits, dejavu_cb, ...,
+dejavu_lambada_openai, and the WikiText-2 test task) and give their folder to --include-path; its data files are
+checked against their checksums before any evaluation:
     python scripts/assets/make_local_task.py --out-dir out/lm_eval_tasks
     python scripts/study/task_sweep.py --model-name pretrained_models/tiny-llama-converted --include-path out/lm_eval_tasks \\
-        --tasks dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword --modes oracle random \\
+        --tasks dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,dejavu_openbookqa,dejavu_lambada_openai \\
+        --modes oracle random \\
         --mlp-topk 0.1 0.25 0.5 --att-topk 2 4 6 --limit 100 --out-dir out/tasks_tiny
     python scripts/study/task_sweep.py --model-name pretrained_models/llama-3.2-3b --dtype bf16 --use-cuda true --batch 32 \\
         --predictor-dir data/llama-3.2-3b_sparse_predictors/b{k} --mlp-topk 0.25 0.5 --att-topk 0.25 0.5 \
@@ -36,6 +39,7 @@ from Decentralized_FM_alpha.utils.manifest import (base_manifest, read_json, wei
                                                    write_json_atomic)
 from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint  # noqa: E402
 from scripts.analysis.common import write_csv_atomic  # noqa: E402
+from scripts.assets.dejavu_tasks import verify_task_folder  # noqa: E402
 from scripts.study.sparse_sweep import (FILE_MODES, NOT_APPLICABLE, Setting, add_sweep_arguments,  # noqa: E402
                                        check_sweep_arguments, plan_settings, predictor_dir)
 
@@ -253,6 +257,8 @@ def main(argv=None) -> list[dict]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_settings(args.modes, args.mlp_topk, args.att_topk, args.blocks, args.att_units,
                          gated=args.family == "llama")
+    for folder in args.include_path:
+        verify_task_folder(Path(folder))
     manager = task_manager(args.include_path, args.tasks)
     model = Path(args.model_name).name
     rows, models = [], Models()
