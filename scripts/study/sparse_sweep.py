@@ -6,8 +6,8 @@ is loaded once and each setting gets its own sparsity controller). Settings deco
   mlp   MLP budget only, attention dense        att   attention budget only, MLP dense
   both  the i-th MLP budget with the i-th attention budget
 for every mode (oracle, predictor, random, static, gate: gate ranks MLP neurons only and needs a gated MLP, so it
-runs on `mlp` rows of Llama-family models), and with `--att-units groups` the attention rows again in whole
-key/value groups (Llama with GQA). Budgets are counts or fractions (< 1) of each block's units, turned into counts
+runs on `mlp` rows of Llama-family models), and with `--att-units groups` the `att` rows again in whole key/value
+groups (Llama with GQA). Budgets are counts or fractions (< 1) of each block's units, turned into counts
 by the one count rule. Layers of --dense-layers (layer 0 by default) stay dense in every mode.
 
 Predictors and static rankings are made per budget (SPEC §7): `--predictor-dir` may hold `{k}`, replaced by each
@@ -82,7 +82,7 @@ def plan_settings(modes: list[str], mlp: list[str], att: list[str], blocks: list
         for block in blocks:
             if mode == "gate" and (block != "mlp" or not gated):
                 continue  # gate ranks MLP neurons of a gated MLP only
-            for unit in (["heads"] if block == "mlp" else units):
+            for unit in (units if block == "att" else ["heads"]):  # group rows: attention alone
                 if block == "mlp":
                     settings += [Setting(mode, block, mlp=b) for b in mlp]
                 elif block == "att":
