@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The study command (scripts/run_study.py) on the bundled tiny OPT / Llama / Llama-ReLU trio, offline, on the CPU:
 #   convert -> requests (C4 train sample, C4 validation, WikiText-2) -> collect -> MLP and attention predictors
-#   for every layer -> sparse sweep (dense / oracle / predictor / random) -> the same settings on DejaVu's seven
+#   for every layer and budget (lookahead inputs) and static rankings -> sparse sweep (dense, then oracle / predictor /
+#   random / static / gate with MLP-only, attention-only and paired budgets; layer 0 dense) -> settings on DejaVu's seven
 #   lm-evaluation-harness tasks (offline, the bundled splits' first TASK_LIMIT documents) -> drift, sparsity, the
 #   summary's predictors on identical definitions -> one markdown report that opens with the summary table and figure.
 # These are small models trained for minutes: the report is evidence about mechanisms, not a claim about
@@ -9,7 +10,9 @@
 #
 # Environment (defaults): OUT (out/demo), MODEL_ROOT (pretrained_models), MODELS ("tiny-opt tiny-llama tiny-llama-relu"),
 #   TRAIN_DOCS (120), COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), SEEDS (1; the GPU study uses 3),
-#   VAL_DOCS (16), WIKI_WINDOWS (12), MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5"), ATT_BUDGETS ("2 4 6"),
+#   VAL_DOCS (16), WIKI_WINDOWS (12), MAX_SEQ_LEN (256), MLP_BUDGETS ("0.1 0.25 0.5": fractions; predictors are
+#   trained at each), ATT_BUDGETS (empty: the MLP fractions of each model's heads), TASK_MODES ("oracle predictor
+#   random static") and TASK_BLOCKS ("both": the paired rows; the sweep runs every mode and block),
 #   FRACTIONS ("0.1 0.25 0.5": K of the summary), LOOKAHEAD_DISTANCE (0: the summary covers distances 0-2),
 #   SWEEP_LABELS (labels compared on the middle layer: "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu),
 #   TASKS (lm-evaluation-harness tasks: "dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,
@@ -53,7 +56,8 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --train-docs "${TRAIN_DOCS:-120}" --collect-tokens "${COLLECT_ROWS:-20000}" --epochs "${EPOCHS:-4}" \
   --D "${RANK:-128}" --seeds "${SEEDS:-1}" --val-docs "${VAL_DOCS:-16}" --wiki-windows "${WIKI_WINDOWS:-12}" \
   --max-seq-len "${MAX_SEQ_LEN:-256}" --mlp-budgets ${MLP_BUDGETS:-0.1 0.25 0.5} \
-  --att-budgets ${ATT_BUDGETS:-2 4 6} --fractions ${FRACTIONS:-0.1 0.25 0.5} \
+  ${ATT_BUDGETS:+--att-budgets $ATT_BUDGETS} --fractions ${FRACTIONS:-0.1 0.25 0.5} \
+  --task-modes ${TASK_MODES:-oracle predictor random static} --task-blocks ${TASK_BLOCKS:-both} \
   --lookahead-distance "${LOOKAHEAD_DISTANCE:-0}" --drift-distance 2 \
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
   --tasks "${TASKS:-dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,dejavu_openbookqa,\

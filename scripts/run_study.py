@@ -233,7 +233,8 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     sweep = study.out / "sweep" / model.name
     study.run(model.name, "sweep", [python(
         "scripts/study/sparse_sweep.py", "--model-name", converted, "--family", family, "--data", f"c4={val}",
-        "--data", f"wikitext2={wiki}", *sweep_flags(a, budgets, converted), "--max-seq-len", a.max_seq_len,
+        "--data", f"wikitext2={wiki}", *sweep_flags(a, budgets, converted, a.modes, a.blocks), "--max-seq-len",
+        a.max_seq_len,
         "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--batch", a.batch,
         "--out-dir", sweep)],
         done=(sweep / "sweep.manifest.json").is_file())
@@ -242,7 +243,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     if a.tasks:  # --tasks '' leaves the stage out (a node without lm-eval installed)
         study.run(model.name, "tasks", [python(
             "scripts/study/task_sweep.py", "--model-name", converted, "--include-path", tasks, "--tasks", a.tasks,
-            *sweep_flags(a, budgets, converted), "--batch", a.batch,
+            *sweep_flags(a, budgets, converted, a.task_modes or a.modes, a.task_blocks or a.blocks), "--batch", a.batch,
             "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
             a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
             "--num-fewshot", a.num_fewshot, "--out-dir", downstream)],
@@ -338,10 +339,11 @@ def has_groups_data(data: Path) -> bool:
     return dims["num_kv_heads"] < dims["num_heads"]
 
 
-def sweep_flags(a: argparse.Namespace, budgets: BudgetFolders, converted: Path) -> list:
+def sweep_flags(a: argparse.Namespace, budgets: BudgetFolders, converted: Path, modes: list[str],
+                blocks: list[str]) -> list:
     """The flags the perplexity and task sweeps share: modes, blocks, budgets, per-budget predictor folders, wiring."""
     units = ["heads", "groups"] if has_groups(converted) else ["heads"]
-    return ["--modes", *a.modes, "--blocks", *a.blocks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets,
+    return ["--modes", *modes, "--blocks", *blocks, "--mlp-topk", *a.mlp_budgets, "--att-topk", *a.att_budgets,
             "--att-units", *units, "--predictor-dir", budgets.heads, "--group-predictor-dir", budgets.groups,
             "--predictor-input", a.predictor_input, "--dense-layers", a.dense_layers]
 
@@ -420,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse modes of the sweep and the tasks (default all: %(default)s; gate runs on gated MLPs)")
     p.add_argument("--blocks", nargs="+", choices=SWEEP_BLOCKS, default=list(SWEEP_BLOCKS),
                    help="sweep rows: mlp only, att only, both paired (default all)")
+    p.add_argument("--task-modes", nargs="+", choices=SPARSE_MODES, default=None,
+                   help="modes of the tasks stage (default: --modes)")
+    p.add_argument("--task-blocks", nargs="+", choices=SWEEP_BLOCKS, default=None,
+                   help="rows of the tasks stage (default: --blocks)")
     p.add_argument("--predictor-input", default="lookahead", choices=("lookahead", "same"),
                    help="the predictors' input: lookahead (DejaVu's deployed wiring: MLP of layer l from att_x_l, "
                         "attention from att_x_{l-1}; default) or same (mlp_x_l, att_x_l)")

@@ -9,7 +9,7 @@ import subprocess
 from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
-           "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "ATT_BUDGETS": "4", "FRACTIONS": "0.25", "SEEDS": "1",
+           "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "FRACTIONS": "0.25", "SEEDS": "1",
            "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_copa", "TASK_LIMIT": "8",
            "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": "", "FOLDS": "2", "CAPACITY_LAYERS": "5",
            "CAPACITY_WIDTHS": "8,32", "CAPACITY_ROWS": "0.5,1"}
@@ -38,12 +38,24 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
         assert f"| {model} |" in report
         with open(tmp_path / "demo" / "sweep" / model / "sweep.csv") as f:
             rows = list(csv.DictReader(f))
-        assert [(r["dataset"], r["mode"]) for r in rows] == [(d, m) for d in ("c4", "wikitext2")
-                                                             for m in ("dense", "oracle", "predictor", "random")]
+        modes = ["oracle", "predictor", "random", "static"] + (["gate"] if model != "tiny-opt" else [])
+        for dataset in ("c4", "wikitext2"):  # MLP-only, attention-only and paired rows for every mode
+            found = {(r["mode"], r["block"]) for r in rows if r["dataset"] == dataset}
+            assert found >= {("dense", "none")} | {(m, b) for m in modes for b in ("mlp", "att", "both")
+                                                   if m != "gate" or b == "mlp"}, (dataset, found)
         assert all(float(r["perplexity"]) > 1 and int(r["tokens"]) > 0 for r in rows)
+        assert all(r["dense_layers"] == "0" for r in rows if r["mode"] != "dense")
+        for r in (r for r in rows if r["mode"] == "predictor"):  # predictors trained at the row's budget, lookahead
+            assert r["predictor_input"] == "lookahead"
+            for block in ("mlp", "att"):
+                assert r[f"{block}_trained_k"] == (r[f"{block}_topk"] if r[f"{block}_topk"] != "dense" else "n/a")
+        predictors = tmp_path / "demo" / "predictors" / model / "b0.25"
+        for block in ("mlp", "att"):
+            record = json.loads((predictors / f"{block}_layer5.json").read_text())
+            assert record["input"] == "lookahead" and record["k"] == 0.25
+            assert (predictors / f"static_{block}_layer5.json").is_file()
         with open(tmp_path / "demo" / "tasks" / model / "tasks.csv") as f:
             tasks = list(csv.DictReader(f))
-        assert [(r["task"], r["mode"], r["samples"]) for r in tasks] == [
-            ("dejavu_copa", m, "8") for m in ("dense", "oracle", "predictor", "random")]
-        for block in ("mlp", "att"):
-            assert (tmp_path / "demo" / "predictors" / model / f"{block}_layer5.json").is_file()
+        assert [(r["task"], r["mode"], r["block"], r["samples"]) for r in tasks] == [
+            ("dejavu_copa", m, b, "8") for m, b in [("dense", "none")] + [(m, "both") for m in
+                                                                         ("oracle", "predictor", "random", "static")]]
