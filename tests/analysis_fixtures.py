@@ -60,3 +60,70 @@ def drifting_model(path: Path, family: str, seed: int, drift: float, num_layers:
     model_type = "opt-save" if family == "opt" else "llama-save"
     name = "facebook/opt-synthetic" if family == "opt" else "meta-llama/llama-synthetic"
     return write_collection(path, dims, list(doc_lengths), values, name, model_type)
+
+
+# ------------------------------------------------------------------------------------- sweeps and task sweeps
+SWEEP_COLUMNS = ("model", "dataset", "mode", "block", "mlp_topk", "att_topk", "mlp_kept", "att_kept", "att_unit",
+                 "predictor_input", "mlp_trained_k", "att_trained_k", "dense_layers", "perplexity", "tokens",
+                 "output_manifest")
+
+
+def write_sweep(root: Path, ratios: dict[tuple[str, str, str, float], float], dims: ModelDims, dense_ppl: float = 20.0,
+                requests: int = 12, noise: float = 0.0, seed: int = 0, dataset: str = "c4") -> Path:
+    """<root>/sweep.csv with the sweep's columns (fractions with their counts) and one output manifest per row whose
+    per-request log-prob sums give each run's perplexity ratio to dense: exactly ratios[(model, mode, block,
+    budget)] (budget: the fraction of each sparse block), or that ratio times exp(noise * N(0, 1)) per request."""
+    import csv
+    import json
+    from Decentralized_FM_alpha.utils.selection import fraction_count
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(50, 150, size=requests)
+    dense = -tokens * np.log(dense_ppl) + rng.normal(0, 5, size=requests)
+    rows = []
+
+    def add(model: str, mode: str, block: str, budget: float | None, sums: np.ndarray) -> None:
+        name = f"{model}_{mode}_{block}_{budget}"
+        manifest = {"command": f"runner --sparse-mode {mode}", "git_commit": "c0ffee", "output_path": name,
+                    "perplexity": {"per_request": {"logprob_sums": sums.tolist(), "tokens": tokens.tolist()}}}
+        (root / f"{name}.manifest.json").write_text(json.dumps(manifest))
+        mlp, att = (budget if block in ("mlp", "both") else None), (budget if block in ("att", "both") else None)
+        rows.append({"model": model, "dataset": dataset, "mode": mode, "block": block,
+                     "mlp_topk": mlp or "dense", "att_topk": att or "dense",
+                     "mlp_kept": fraction_count(mlp, dims.ffn_dim) if mlp else "n/a",
+                     "att_kept": fraction_count(att, dims.num_heads) if att else "n/a", "att_unit": "heads",
+                     "predictor_input": "lookahead" if mode == "predictor" else "n/a",
+                     "mlp_trained_k": budget if mode == "predictor" else "n/a",
+                     "att_trained_k": budget if mode == "predictor" else "n/a", "dense_layers": 0,
+                     "perplexity": float(np.exp(-sums.sum() / tokens.sum())), "tokens": int(tokens.sum()),
+                     "output_manifest": f"{name}.manifest.json"})
+
+    root.mkdir(parents=True, exist_ok=True)
+    for model in dict.fromkeys(model for model, *_ in ratios):
+        add(model, "dense", "none", None, dense)
+    for (model, mode, block, budget), value in ratios.items():
+        jitter = noise * rng.standard_normal(requests)
+        add(model, mode, block, budget, dense - tokens * (np.log(value) + jitter))
+    path = root / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_tasks(root: Path, results: dict[tuple[str, str, str, float | None], tuple[float, float]],
+                samples: int = 200) -> Path:
+    """<root>/tasks.csv: one row per (model, task, mode, budget) with acc and its standard error, and a result JSON
+    with provenance per row."""
+    import json
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["model,task,mode,block,mlp_topk,att_topk,acc,acc_stderr,samples,num_fewshot,result_json"]
+    for i, ((model, task, mode, budget), (acc, stderr)) in enumerate(results.items()):
+        result = root / f"task_{i}.json"
+        result.write_text(json.dumps({"provenance": {"command": f"task_sweep.py {mode}", "git_commit": "c0ffee"}}))
+        value = "dense" if budget is None else budget
+        lines.append(f"{model},{task},{mode},{'none' if budget is None else 'both'},{value},{value},{acc},{stderr},"
+                     f"{samples},0,{result.name}")
+    path = root / "tasks.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -279,20 +280,23 @@ def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_
     for section in report.SECTIONS:
         assert f"## {section}\n\nMissing" not in text and f"## {section}\n" in text
     assert "- opt-synthetic / lastword_mc: dense acc 0.4" in text  # the downstream section reads the task CSV
-    # drift: the generated sentence quotes the JSONs' numbers, per model
+    # drift: the generated sentence quotes the JSONs' per-layer means, pooled over layers l >= 1 (layer 0 apart)
     means = {}
     for name, model in (("opt", "opt-synthetic"), ("llama", "llama-synthetic")):
-        summary = json.loads((root / "results" / name / "drift.json").read_text())["summary"]
-        [s] = [s for s in summary if (s["kind"], s["k"], s["space"], s["dims"]) == ("att_x", 1, "raw", "all")]
-        means[model] = s["mean_of_layer_means"]
-    assert (f"mean cosine at k=1 (att_x, raw, all dims; mean over layers of the per-layer mean): "
-            f"opt-synthetic {means['opt-synthetic']:.4f}, llama-synthetic {means['llama-synthetic']:.4f}") in text
+        records = json.loads((root / "results" / name / "drift.json").read_text())["records"]
+        means[model] = np.mean([r["mean"] for r in records if (r["kind"], r["k"], r["space"], r["dims"])
+                                == ("att_x", 1, "raw", "all") and r["layer"] >= 1])
+    assert (f"mean cosine at k=1 (att_x, raw, all dims; mean over layers l >= 1 of the per-layer mean; layer 0 in "
+            f"the per-layer table): opt-synthetic {means['opt-synthetic']:.4f}, llama-synthetic "
+            f"{means['llama-synthetic']:.4f}") in text
+    widths = [len(re.split(r"(?<!\\)\|", line.strip())) - 2 for line in text.splitlines() if line.startswith("|")]
+    assert max(widths) <= 10  # every markdown table within the column limit
     assert "| layer l | j=0 | j=1 | src |" in text  # lookahead matrices
     assert "| layer | zero_fraction | positive_fraction |" in text  # sparsity statistics
     assert "absent: mlp_gate was not collected" in text  # OPT label sweep, gate label
     assert "| 0 | 0.8125 | 10.0000 | 12.0000 | 0.7000 | 0.7125 | 10 | same | relu |" in text  # hand-made predictor
-    assert "| opt-synthetic | c4 | oracle | 0.5 | n/a | 25.0 | 100 | absent.manifest.json | 1.2500 |" in text
-    missing = text.split("## Missing")[1].split("## Sources")[0]
+    assert "| opt-synthetic | c4 | oracle | mlp | 0.5 of neurons, attention dense | 25.0000 | 100 | 1.2500 |" in text
+    missing = text.split("## Missing inputs")[1].split("## Sources")[0]
     assert "no JSON for layers [2] of 3" in missing
     assert "absent.manifest.json not found" in missing
     assert "input path does not exist" in missing and "no_such_dir" in missing
@@ -309,11 +313,13 @@ def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_
         assert (tmp_path / "report" / "figures" / f"{figure}.png").stat().st_size > 0
 
 
-def test_report_lists_sections_without_input_as_missing(report_inputs, tmp_path):
+def test_report_lists_sections_without_input_once_under_not_measured(report_inputs, tmp_path):
     root, _ = report_inputs
     text = report.build_report([root / "sweep.csv"], tmp_path / "report").read_text()
-    assert "## Residual-stream drift\n\nMissing: no input of this kind was given." in text
-    assert "section 'Predictors': no input of this kind was given" in text
+    assert "## Residual-stream drift" not in text
+    not_measured = text.split("## Not measured in this run")[1].split("\n## ")[0]
+    assert "- section 'Residual-stream drift': no input of this kind was given" in not_measured
+    assert "- section 'Predictors': no input of this kind was given" in not_measured
     assert "## Perplexity sweep\n\nFrom" in text
 
 

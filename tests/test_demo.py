@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 
 from tests.runner_helpers import REPO
@@ -26,8 +27,11 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
     assert f"report at {report_path}" in done.stdout
     report = report_path.read_text()
     assert "not a claim about Llama 3.2 3B" in report
-    first_section = report.split("\n## ")[1]
-    assert first_section.startswith("Summary") and "](figures/summary.png)" in first_section
+    sections = {part.split("\n", 1)[0]: part for part in report.split("\n## ")[1:]}
+    assert list(sections)[0] == "Answer" and report.index("\n## Answer") < 3000  # the answer on the first screen
+    assert "](figures/summary.png)" in sections["Summary"]
+    widths = [len(re.split(r"(?<!\\)\|", line.strip())) - 2 for line in report.splitlines() if line.startswith("|")]
+    assert max(widths) <= 10  # markdown tables within the column limit
     for section in ("## Decomposition", "## Baselines and controls", "## Study stages", "## Collections", "## Residual-stream drift",
                     "## Perplexity", "## Downstream tasks"):
         assert section in report, section

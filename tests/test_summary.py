@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio
 from scripts.analysis import drift, recall_summary
 from scripts.report import report
-from tests.analysis_fixtures import write_collection
+from tests.analysis_fixtures import write_collection, write_sweep, write_tasks
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 TRAIN = ["--D", "8", "--epochs", "1", "--batch_size", "32", "--device", "cpu", "--seeds", "2", "--fractions",
@@ -95,7 +96,7 @@ def test_identical_labels_give_identical_summary_numbers_for_opt_and_llama(twin_
     keys = [k for k in rows["opt-twin"] if k.startswith(("mlp Recall@K", "att Recall@K", "mlp penalty", "att penalty"))
             and not k.endswith("sources")]
     assert keys and all(rows["opt-twin"][k] == rows["llama-twin"][k] for k in keys)
-    assert rows["opt-twin"]["mlp Recall@K 0.25 same chance"] == str(8 / 32)  # K = 8 of 32 neurons for both
+    assert rows["opt-twin"]["mlp Recall@K 0.25 same uniform chance"] == str(8 / 32)  # K = 8 of 32 neurons for both
 
 
 def test_every_summary_number_traces_to_a_source_with_command_commit_and_manifest(twin_results, tmp_path):
@@ -110,7 +111,9 @@ def test_every_summary_number_traces_to_a_source_with_command_commit_and_manifes
     summary = text.split("## Summary")[1].split("## Decomposition")[0]
     table_rows = [line for line in summary.splitlines() if line.startswith("| opt-twin") or
                   line.startswith("| llama-twin")]
-    assert len(table_rows) == 9  # MLP, attention, penalty, drift for both; the architecture label for OPT only
+    # per model: MLP and attention Recall@K at 2 K each, penalty, drift; the architecture label for OPT only (and,
+    # where recall_summary.py and drift.py score the baselines, their captured-mass and drift tables)
+    assert len(table_rows) >= 2 * (2 + 2 + 1 + 1) + 1
     for line in table_rows:
         ids = re.findall(r"S\d+", line.strip("|").split("|")[-1])
         assert ids, line
@@ -143,6 +146,273 @@ def test_per_layer_table_shows_each_layers_seed_mean_drift_and_gate_share():
                                                               {"layer": 1, "gate_negative_fraction": 0.55}]}
     lines = per_layer_tables(recall, [("S2", drift_payload)], [("S3", sparsity_payload)], 0.25)
     rows = [line for line in lines if line.startswith("| 0 ") or line.startswith("| 1 ")]
-    assert rows[0] == "| 0 | 0.910 | 0.870 | 0.620 | 0.700 | 0.500 | 0.900 | n/a | 0.250 | 0.500 |"
-    assert rows[1] == "| 1 | n/a | n/a | 0.550 | 0.400 | 0.300 | 0.700 | 0.650 | 0.250 | 0.500 |"
-    assert "**m** [S1, S2, S3]" in lines
+    assert rows[0] == "| 0 | 0.910 | 0.870 | 0.620 | 0.700 | 0.500 | 0.900 | n/a | n/a | n/a |"
+    assert rows[1] == "| 1 | n/a | n/a | 0.550 | 0.400 | 0.300 | 0.700 | 0.650 | n/a | n/a |"
+    assert "**m** [S1, S2, S3]; uniform chance of Recall@K: MLP 0.250, attention 0.500" in lines
+
+
+# ------------------------------------------------------------------------------------- presentation (issue 22)
+PATH_LIKE = re.compile(r"\w/\w|\.(json|csv|md|png)\b")  # a/b or a file name: what a path looks like (but n/a)
+MODES = ("oracle", "predictor", "random", "static", "gate")
+
+
+def sections(text: str) -> dict[str, str]:
+    return {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
+
+
+def table_widths(text: str) -> list[int]:
+    """Cells of every markdown table line (escaped pipes are cell content)."""
+    return [len(re.split(r"(?<!\\)\|", line.strip())) - 2 for line in text.splitlines() if line.startswith("|")]
+
+
+@pytest.fixture(scope="module")
+def presented(twin_results, tmp_path_factory):
+    """The twins' results with a sweep (the lead's columns; static and, for Llama, gate modes) where OPT's predictor
+    equals its oracle and Llama's is 1.5 times it, and a task sweep where OPT's rows are precise and Llama's noisy."""
+    root, results = twin_results
+    out = tmp_path_factory.mktemp("presented")
+    ratios = {}
+    for model in ("opt-twin", "llama-twin"):
+        for budget, oracle in ((0.25, 1.2), (0.5, 1.02)):
+            ratios.update({(model, "oracle", "both", budget): oracle, (model, "random", "both", budget): 6.0,
+                           (model, "static", "both", budget): 2.0})
+            ratios[(model, "predictor", "both", budget)] = oracle if model == "opt-twin" else 1.5 * oracle
+            if model == "llama-twin":  # the gate ranks MLP neurons only: its rows keep attention dense
+                ratios.update({(model, "oracle", "mlp", budget): 1.05, (model, "gate", "mlp", budget): 1.1})
+    sweep = write_sweep(out / "sweep", ratios, ModelDims(16, 32, 4, 4, 3))
+    tasks = {}
+    for model, stderr in (("opt-twin", 0.005), ("llama-twin", 0.07)):
+        tasks[(model, "lastword_mc", "dense", None)] = (0.80, stderr)
+        for budget in (0.25, 0.5):
+            tasks.update({(model, "lastword_mc", "oracle", budget): (0.79, stderr),
+                          (model, "lastword_mc", "predictor", budget): (0.795 if budget == 0.5 else 0.70, stderr),
+                          (model, "lastword_mc", "random", budget): (0.30, stderr)})
+    task_csv = write_tasks(out / "tasks", tasks)
+    inputs = [results["opt"][0], results["llama"][0], root / "results", sweep, task_csv]
+    text = report.build_report(inputs, out / "report", notes=[f"models and data under {root}/results"]).read_text()
+    return out, inputs, text
+
+
+def test_the_report_opens_with_the_answer_within_3000_characters_and_without_a_path(presented):
+    out, _, text = presented
+    assert text.split("\n## ")[1].startswith("Answer\n") and text.index("\n## Answer") < 3000
+    answer = sections(text)["Answer"]
+    assert not PATH_LIKE.search(answer.replace("n/a", "")), PATH_LIKE.search(answer.replace("n/a", ""))
+    assert "| quantity | opt-twin | llama-twin |" in answer  # the models side by side
+    assert ("| budget | mode | opt-twin: MLP + attention | llama-twin: MLP + attention | opt-twin: MLP only | "
+            "llama-twin: MLP only |") in answer
+    assert ("| 0.25 of neurons, 1 of 4 heads | predictor | 1.200 [1.200, 1.200] | 1.800 [1.800, 1.800] | n/a | n/a "
+            "|") in answer
+    assert "| 0.5 of neurons, 2 of 4 heads | gate | n/a | n/a | n/a | 1.100 [1.100, 1.100] |" in answer
+    assert "| 0.25 of neurons, 1 of 4 heads | predictor | 0.700 ± 0.005 | 0.700 ± 0.070 |" in answer  # tasks
+    # commands, sources and provenance come after everything else; the note (with its path) after the Answer
+    order = [title for title in sections(text)]
+    assert order.index("Answer") == 0 and order[-3:] == ["Inputs", "Sources", "Provenance"]
+    assert order.index("About this run") == 1 and order.index("Glossary") < order.index("Sources")
+
+
+def test_no_markdown_table_is_wider_than_the_column_limit(presented):
+    from scripts.report.summary import MAX_COLUMNS, table
+    widths = table_widths(presented[2])
+    assert widths and max(widths) <= MAX_COLUMNS
+    with pytest.raises(ValueError, match="at most 10"):
+        table([f"c{i}" for i in range(MAX_COLUMNS + 1)], [])
+
+
+def test_generated_sentences_follow_the_numbers(presented):
+    answer = sections(presented[2])["Answer"].split("- **opt-twin**")[1]
+    opt, llama = (part.splitlines() for part in answer.split("- **llama-twin**"))
+    # predictor = oracle: "within", with the flag that set the threshold; 1.5 x the oracle: by how much
+    assert ("  - predictor perplexity against the oracle's, MLP and attention sparse (flag --within 0.1): at 0.25 of "
+            "neurons, 1 of 4 heads: within 10% (ratio 1.000 [1.000, 1.000]); at 0.5 of neurons, 2 of 4 heads: within "
+            "10% (ratio 1.000 [1.000, 1.000]).") in opt
+    assert ("  - predictor perplexity against the oracle's, MLP and attention sparse (flag --within 0.1): at 0.25 of "
+            "neurons, 1 of 4 heads: 50% above (ratio 1.500 [1.500, 1.500]); at 0.5 of neurons, 2 of 4 heads: 50% "
+            "above (ratio 1.500 [1.500, 1.500]).") in llama
+    assert any(line.startswith("  - static perplexity against the oracle's") and "96% above (ratio 1.961" in line
+               for line in opt)
+    assert ("  - gate perplexity against the oracle's, MLP sparse, attention dense (flag --within 0.1): at 0.25 of "
+            "neurons, attention dense: within 10% (ratio 1.048 [1.048, 1.048])") in "\n".join(llama)
+    assert not any("gate perplexity" in line for line in opt)  # OPT has no gate mode
+    # accuracy: precise rows compare, noisy rows are marked too noisy, with the flag
+    assert ("  - lastword_mc accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within "
+            "0.02): at 0.25 of neurons, 1 of 4 heads: 0.100 below (0.700 vs 0.800, standard error 0.007); at 0.5 of "
+            "neurons, 2 of 4 heads: "
+            "within 0.02 (0.795 vs 0.800).") in opt
+    assert ("  - lastword_mc accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within "
+            "0.02): too noisy to read at every budget (standard error of the difference 0.099 > 0.02; accuracies in "
+            "the table).") in llama
+
+
+def test_a_sparse_mode_without_rows_is_listed_with_its_reason():
+    from scripts.report.answer import unmeasured_modes
+    from scripts.report.inputs import row_budget
+    from scripts.report.summary import Cell, ModelSummary
+    budget = row_budget({"mode": "oracle", "block": "mlp", "mlp_topk": "0.25", "att_topk": "dense"})
+    opt = ModelSummary("opt", notes={"gate": "n/a: OPT's MLP has no gate (fc1 -> ReLU -> fc2)"})
+    llama = ModelSummary("llama")
+    for summary, modes in ((opt, ("oracle", "predictor")), (llama, ("oracle", "predictor", "gate"))):
+        summary.ppl = {("c4", mode, budget): Cell(None) for mode in modes}
+    assert unmeasured_modes([opt, llama]) == {"random": "no perplexity-sweep row for opt, llama",
+                                              "static": "no perplexity-sweep row for opt, llama",
+                                              "gate": "opt: n/a: OPT's MLP has no gate"}
+
+
+def test_a_comparison_noisier_than_its_flag_is_too_noisy_to_read():
+    from Decentralized_FM_alpha.utils.intervals import Interval
+    from scripts.report.answer import Flags, TaskResult, accuracy_clause, ratio_clause
+    from scripts.report.summary import Cell
+    wide = Cell(Interval(1.05, 0.70, 1.45, 10))  # standard error of the log: ln(1.45 / 0.70) / 3.92 = 0.186
+    assert ratio_clause(wide, Flags(within=0.1)) == ("too noisy to read (ratio 1.050 [0.700, 1.450], standard error "
+                                                     "of its log 0.186 > 0.1)")
+    assert ratio_clause(wide, Flags(within=0.3)) == "within 30% (ratio 1.050 [0.700, 1.450])"
+    far = Cell(Interval(2.0, 1.5, 2.7, 10))  # a wide interval far beyond the band still reads
+    assert ratio_clause(far, Flags(within=0.1)) == "100% above (ratio 2.000 [1.500, 2.700])"
+    # accuracy: noise decides only where the difference's interval reaches into the band of the flag
+    assert accuracy_clause(TaskResult(0.575, 0.035), TaskResult(0.925, 0.019), Flags()) == (
+        "0.350 below (0.575 vs 0.925, standard error 0.040)")
+    assert accuracy_clause(TaskResult(0.90, 0.021), TaskResult(0.925, 0.019), Flags()) == (
+        "too noisy to read (0.900 vs 0.925, standard error of the difference 0.028 > 0.02)")
+
+
+def test_every_figure_draws_a_mode_in_its_one_style(presented, monkeypatch, tmp_path):
+    """The same mode looks the same in the summary, perplexity and task figures, and as series_style says."""
+    from matplotlib.colors import to_hex
+    from scripts.analysis.common import new_figure, series_style
+    from scripts.report import plots, summary
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+    monkeypatch.setattr(plots, "save_figure", keep)
+    monkeypatch.setattr(summary, "save_figure", keep)
+    report.build_report(presented[1], tmp_path / "report")
+
+    def style(line) -> tuple:
+        return to_hex(line.get_color()), line.get_linestyle(), line.get_marker()
+    _, (reference,) = new_figure()
+    expected = {mode: style(reference.plot([0, 1], [0, 1], **series_style(mode))[0]) for mode in MODES}
+    seen = defaultdict(set)
+    for name in ("summary.png", "perplexity_sweep.png", "tasks_sweep.png"):
+        for ax in figures[name].axes:
+            for line in ax.get_lines():
+                if line.get_label() in MODES:
+                    seen[line.get_label()].add((name, style(line)))
+            assert len(ax.get_lines()) <= 7  # at most ~6 series and a reference line per panel
+    for mode in MODES:
+        assert {s for _, s in seen[mode]} == {expected[mode]}, mode
+        assert len({name for name, _ in seen[mode]}) == (2 if mode in ("static", "gate") else 3), mode  # no task row
+
+
+def test_pooled_numbers_leave_out_layer_0_and_every_input_pools_the_same_layers(presented, twin_results):
+    out, _, text = presented
+    root, results = twin_results
+    row = next(r for r in csv.DictReader(open(out / "report" / "summary.csv")) if r["model"] == "opt-twin")
+    for key in ("mlp Recall@K 0.25 lookahead", "mlp Recall@K 0.25 l-2", "mlp penalty 0.25 same - l-1",
+                "att Recall@K 0.5 same", "arch Recall lookahead"):
+        assert row[f"{key} layers"] == "2", key  # 3 layers: l-2 exists from layer 2 on
+    records = json.loads((results["opt"][1] / "recall_summary.json").read_text())["records"]
+    layer2 = [r["Recall@K"] for r in records if (r["block"], r["input"], r["label"], r["k"], r["layer"])
+              == ("mlp", "lookahead", "topk", 0.25, 2)]
+    assert float(row["mlp Recall@K 0.25 lookahead"]) == pytest.approx(np.mean(layer2))
+    drift_json = json.loads((results["opt"][1] / "drift.json").read_text())
+    means = [r["mean"] for r in drift_json["records"] if (r["kind"], r["k"], r["space"], r["dims"])
+             == ("att_x", 1, "raw", "all") and r["layer"] >= 1]
+    assert row["drift same-token raw all layers"] == "1"
+    assert float(row["drift same-token raw all"]) == pytest.approx(np.mean(means), abs=1e-6)
+    assert "| drift pairs (l, l+1) pooled | 1 | 1 |" in sections(text)["Answer"]
+
+
+def test_sections_without_input_are_listed_once_at_the_end(presented, tmp_path):
+    _, inputs, _ = presented
+    text = report.build_report([inputs[3]], tmp_path / "report").read_text()  # the sweep alone
+    titles = list(sections(text))
+    assert "Residual-stream drift" not in titles and "Decomposition" not in titles
+    assert text.count("Residual-stream drift") == 1
+    not_measured = sections(text)["Not measured in this run"]
+    assert "- section 'Residual-stream drift': no input of this kind was given" in not_measured
+    assert "- Answer: task accuracy at the budgets (no task-sweep CSV)" in not_measured
+    assert titles.index("Not measured in this run") > titles.index("Perplexity sweep")
+
+
+def test_drift_figure_starts_at_layer_1_and_gives_layer_0_in_the_legend(twin_results, monkeypatch, tmp_path):
+    from scripts.report import plots
+    _, results = twin_results
+    payload = json.loads((results["opt"][1] / "drift.json").read_text())
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plots.plot_drift([payload], {"opt-twin": "#1f77b4"}, tmp_path)
+    layer0 = {r["space"]: r["mean"] for r in payload["records"] if (r["kind"], r["layer"], r["k"], r["dims"])
+              == ("att_x", 0, 1, "all")}
+    raw, normed = figures[0].axes[:2]
+    for ax, space in ((raw, "raw"), (normed, "normed")):
+        assert ax.get_lines() and all(min(line.get_xdata()) >= 1 for line in ax.get_lines())
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert f"opt-twin same-token (layer 0: {layer0[space]:.3f})" in legend
+        assert space in ax.get_title()
+
+
+@pytest.fixture(scope="module")
+def with_baselines(twin_results, tmp_path_factory):
+    """The twins' results in the baselines' format: a static ranking with half the lookahead predictor's hits, the
+    gate (|SiLU(g)|) on Llama only (OPT's records say n/a), and drift with cross-token cosines of half the
+    same-token ones."""
+    root, results = twin_results
+    out = tmp_path_factory.mktemp("baselines")
+    for family in ("opt", "llama"):
+        recall = json.loads((results[family][1] / "recall_summary.json").read_text())
+        recall["records"] = [r for r in recall["records"] if "ranking" not in r]  # the predictors only
+        first_seed = min(r["seed"] for r in recall["records"])
+        extra = []
+        for r in recall["records"]:
+            if (r["input"], r["label"], r["seed"]) == ("lookahead", "topk", first_seed):
+                static = {**r["per_document"], "topk_hits": [h // 2 for h in r["per_document"]["topk_hits"]]}
+                extra.append({**r, "input": "static (no predictor)", "ranking": "static", "seed": None,
+                              "per_document": static})
+                if r["block"] == "mlp":
+                    extra.append({**r, "input": "gate (no predictor)", "ranking": "|SiLU(g)|", "seed": None}
+                                 if family == "llama" else
+                                 {"model": r["model"], "block": "mlp", "layer": r["layer"], "input": "gate",
+                                  "ranking": "|SiLU(g)|", "label": "topk", "k": r["k"], "K": r["K"],
+                                  "Recall@K": None, "n/a": "n/a: OPT's MLP has no gate (fc1 -> ReLU -> fc2)"})
+        recall["records"] += extra
+        drift_payload = json.loads((results[family][1] / "drift.json").read_text())
+        for x in drift_payload["k1_intervals"]:
+            half = {key: x[key] / 2 for key in ("value", "low", "high")}
+            x["cross_token"] = {**x, **half}
+            x["same_minus_cross"] = {**x, **half}
+        for r in drift_payload["records"]:
+            r["cross_token_mean"] = r["mean"] / 2
+        (out / family).mkdir()
+        (out / family / "recall_summary.json").write_text(json.dumps(recall))
+        (out / family / "drift.json").write_text(json.dumps(drift_payload))
+    text = report.build_report([results["opt"][0], results["llama"][0], out], out / "report").read_text()
+    return out, text
+
+
+def test_the_answer_sets_the_predictor_beside_the_static_and_gate_rankings_and_drift_beside_cross_token(
+        with_baselines):
+    out, text = with_baselines
+    answer = sections(text)["Answer"]
+    records = json.loads((out / "opt" / "recall_summary.json").read_text())["records"]
+    static = [r for r in records if r.get("ranking") == "static" and (r["block"], r["k"], r["layer"])
+              == ("mlp", 0.25, 2)]
+    expected = sum(sum(r["per_document"]["topk_hits"]) for r in static) / sum(
+        r["K"] * sum(r["per_document"]["tokens"]) for r in static)
+    row = next(line for line in answer.splitlines() if line.startswith("| MLP K=0.25 | static |"))
+    assert row.split(" | ")[2].startswith(f"{expected:.3f} [")
+    assert "| MLP K=0.25 | gate | n/a: OPT's MLP has no gate |" in answer  # Llama's gate beside it
+    drift_payload = json.loads((out / "opt" / "drift.json").read_text())
+    [raw] = [x for x in drift_payload["k1_intervals"] if (x["kind"], x["space"], x["dims"]) == ("att_x", "raw", "all")]
+    assert f"| cross-token cosine at k=1 (raw) | {raw['cross_token']['value']:.3f} [" in answer
+    assert (f"drift at k=1 (raw): the same-token cosine exceeds the cross-token one by "
+            f"{raw['same_minus_cross']['value']:.3f}") in answer
+    predictor = [r for r in records if (r.get("ranking"), r["block"], r["input"], r["label"], r["k"], r["layer"])
+                 == (None, "mlp", "lookahead", "topk", 0.25, 2)]
+    mean = np.mean([r["Recall@K"] for r in predictor])
+    assert (f"  - MLP Recall@K of the lookahead predictor against the static top-K: K=0.25: {mean:.3f} vs "
+            f"{expected:.3f} ({mean - expected:+.3f}); K=0.5: ") in answer
+    not_measured = sections(text)["Not measured in this run"]
+    assert "cross-token" not in not_measured and "static top-K Recall@K" not in not_measured
+    assert max(table_widths(text)) <= 10

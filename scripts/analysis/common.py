@@ -193,7 +193,36 @@ def write_csv_atomic(path: Path, records: Sequence[dict], columns: Sequence[str]
 
 # ------------------------------------------------------------------------------------- plots
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-LINE_STYLES = ("-", "--", ":", "-.")
+# One style per series kind, the same in every figure: the sparse modes, the predictor inputs and variants, the drift
+# pairings and the reference lines. A figure that shows modes draws one panel per model, so a mode keeps its colour
+# too; a panel that overlays models colours by model and keeps the kind's line and marker.
+SERIES_STYLES = {
+    "dense": {"color": "black", "linestyle": "-", "marker": None},
+    "oracle": {"color": "#2ca02c", "linestyle": "--", "marker": "s"},
+    "predictor": {"color": "#1f77b4", "linestyle": "-", "marker": "o"},
+    "random": {"color": "#7f7f7f", "linestyle": ":", "marker": "x"},
+    "static": {"color": "#ff7f0e", "linestyle": "-.", "marker": "^"},
+    "gate": {"color": "#9467bd", "linestyle": (0, (5, 1, 1, 1)), "marker": "D"},
+    "same-layer": {"color": "#17becf", "linestyle": "--", "marker": "v"},
+    "earlier input": {"color": "#8c564b", "linestyle": (0, (3, 1, 1, 1, 1, 1)), "marker": "<"},
+    "nonlinear predictor": {"color": "#e377c2", "linestyle": (0, (5, 2)), "marker": "P"},
+    "same-token": {"color": "#1f77b4", "linestyle": "-", "marker": "o"},
+    "cross-token": {"color": "#7f7f7f", "linestyle": ":", "marker": "x"},
+    "centred": {"color": "#d62728", "linestyle": "-.", "marker": "^"},
+    "uniform chance": {"color": "#7f7f7f", "linestyle": (0, (1, 3)), "marker": None},
+}
+MAX_SERIES = 6  # series per panel; more are split over panels
+
+
+def series_style(kind: str, color: str | None = None) -> dict[str, Any]:
+    """Line style of a series kind (a sparse mode, an input, a drift pairing, a reference line): the one mapping
+    every figure uses. `color` replaces the kind's colour where colour tells models apart (panels without modes)."""
+    if kind not in SERIES_STYLES:
+        raise KeyError(f"no style for series {kind!r}; known: {sorted(SERIES_STYLES)}")
+    style = dict(SERIES_STYLES[kind])
+    if color is not None:
+        style["color"] = color
+    return style
 
 
 def model_colors(models: Sequence[str]) -> dict[str, str]:
@@ -204,13 +233,46 @@ def model_colors(models: Sequence[str]) -> dict[str, str]:
     return {m: MODEL_COLORS[i] for i, m in enumerate(ordered)}
 
 
-def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
-    """A matplotlib figure drawn off-screen (Agg), so plots work on machines without a display."""
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: int = 1, sharey: bool = False):
+    """A matplotlib figure drawn off-screen (Agg), so plots work on machines without a display; axes row-major."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, sharey=sharey)
+    return fig, [ax for row in axes for ax in row]
+
+
+def plot_series(ax, x: Sequence[float], y: Sequence[float], kind: str, label: str, color: str | None = None,
+                low: Sequence[float] | None = None, high: Sequence[float] | None = None) -> None:
+    """One series in its kind's style; an interval (low, high) is drawn as a band of the same colour."""
+    style = series_style(kind, color)
+    ax.plot(x, y, markersize=4, label=label, **style)
+    if low is not None and high is not None:
+        ax.fill_between(x, low, high, color=style["color"], alpha=0.15, linewidth=0)
+
+
+def reference_line(ax, y: float, kind: str, label: str) -> None:
+    """A horizontal reference (dense, uniform chance) in its kind's style."""
+    style = series_style(kind)
+    ax.axhline(y, color=style["color"], linestyle=style["linestyle"], linewidth=1.0, label=label)
+
+
+def log_y(ax) -> None:
+    """A log y axis whose ticks read as plain numbers (1.5, 2, 6), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+
+
+def legend_outside(ax) -> None:
+    """The legend to the right of the axes, off the data (when something is labelled)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  borderaxespad=0.0)
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
@@ -218,6 +280,6 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends placed outside the axes
     plt.close(fig)
     return path

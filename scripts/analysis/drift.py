@@ -293,14 +293,16 @@ def drift_records(model: str, cosines: dict[tuple[str, str, int, int, str, str],
 
 
 def k1_intervals(cosines: dict[tuple[str, str, int, int, str, str], np.ndarray], documents: np.ndarray) -> list[dict]:
-    """Per (kind, space, dims): the mean over layers and sampled tokens of cosine(x_l, x_{l+1}), with a bootstrap
-    interval over documents (the tokens of one document are not independent draws); beside it the cross-token
-    cosine and the same-token minus cross-token difference, paired by token (both resample token i's document)."""
+    """Per (kind, space, dims): the mean over layers l >= 1 and sampled tokens of cosine(x_l, x_{l+1}), with a
+    bootstrap interval over documents (the tokens of one document are not independent draws); beside it the
+    cross-token cosine and the same-token minus cross-token difference, paired by token (both resample token i's
+    document). Layer 0's pair (the embedding against the first block's output) is left out of the pool: it is no
+    step of the residual stream's drift between blocks, and drift.csv keeps it per layer."""
     ids, inverse = np.unique(documents, return_inverse=True)
-    groups: dict[tuple[str, str, str], dict[str, list[np.ndarray]]] = {}
-    for (pairing, kind, _, k, space, dims), values in cosines.items():
-        if k == 1:
-            groups.setdefault((kind, space, dims), {}).setdefault(pairing, []).append(values)
+    groups: dict[tuple[str, str, str], dict[str, dict[int, np.ndarray]]] = {}
+    for (pairing, kind, layer, k, space, dims), values in cosines.items():
+        if k == 1 and layer >= 1:
+            groups.setdefault((kind, space, dims), {}).setdefault(pairing, {})[layer] = values
     out = []
     for (kind, space, dims), by_pairing in sorted(groups.items()):
         per_layer = by_pairing["same_token"]
@@ -310,10 +312,11 @@ def k1_intervals(cosines: dict[tuple[str, str, int, int, str, str], np.ndarray],
             sums = np.bincount(inverse, weights=values, minlength=len(ids))
             return bootstrap({"sum": sums, "count": counts}, ratio("sum", "count")).as_dict()
 
-        same = np.sum(per_layer, axis=0)
-        record = {"kind": kind, "k": 1, "space": space, "dims": dims, "layers": len(per_layer), **interval(same)}
+        same = np.sum(list(per_layer.values()), axis=0)
+        record = {"kind": kind, "k": 1, "space": space, "dims": dims, "layers": len(per_layer),
+                  "pooled_layers": sorted(per_layer), **interval(same)}
         if "cross_token" in by_pairing:
-            cross = np.sum(by_pairing["cross_token"], axis=0)
+            cross = np.sum([by_pairing["cross_token"][layer] for layer in per_layer], axis=0)
             record["cross_token"] = interval(cross)
             record["same_minus_cross"] = interval(same - cross)
         out.append(record)

@@ -1,1 +1,2 @@
-"""The report: report.py reads every result and writes report.md; summary.py pools its first page; plots.py draws the figures."""
+"""The report: report.py reads every result and writes report.md; answer.py writes its first section (the Answer);
+summary.py pools the summary's numbers; sections.py holds one function per section; plots.py draws the figures."""

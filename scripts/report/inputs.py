@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from Decentralized_FM_alpha.utils.selection import fraction_count
 from scripts.analysis.common import model_label
-from scripts.report.plots import ANALYSES
 
+ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summary")  # the JSONs' "analysis" key
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
 SEED_DIR = re.compile(r"seed\d+")
 SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
@@ -128,6 +129,97 @@ def discover(paths: Sequence[Path]) -> Inputs:
         summary = directory / f"{block}_summary.csv"
         inputs.predictors.append(PredictorSet(directory, block, records, summary if summary.is_file() else None))
     return inputs
+
+
+def model_dims(inputs: Inputs) -> dict[str, dict]:
+    """model -> its dims (num_layers, ffn_dim, num_heads, ...) from any input that records them."""
+    dims = {model_label(m): m["config"] for _, m in inputs.collections if m.get("config")}
+    for results in inputs.results.values():
+        for _, r in results:
+            dims.setdefault(r["source"]["model"], r["source"].get("dims") or {})
+    for s in inputs.predictors:
+        dims.setdefault(s.model, s.records[0][1]["data"].get("dims") or {})
+    return dims
+
+
+# ------------------------------------------------------------------------------------- budgets
+UNSET = (None, "", "dense", "n/a")
+
+
+@dataclass(frozen=True, eq=False)
+class Budget:
+    """A sweep or task row's setting: which block is sparse and what each block keeps, as the CSV gives it.
+
+    Older CSVs have no `block` and give counts or fractions in mlp_topk / att_topk; newer ones (the lead's sweep
+    columns) add block, mlp_kept, att_kept and att_unit. Both read the same here."""
+    block: str  # none (dense), mlp, att or both
+    mlp: str | None  # as given: a fraction or a count; None = dense
+    att: str | None
+    mlp_kept: int | None = None
+    att_kept: int | None = None
+    att_unit: str = "heads"
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the setting: the block and the budgets as numbers (the kept counts follow from them)."""
+        def number(value: str | None) -> float | None:
+            return None if value is None else float(value)
+        return self.block, number(self.mlp), number(self.att)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Budget) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def sort_key(self) -> tuple:
+        return (("none", "both", "mlp", "att").index(self.block), float(self.mlp or 2), float(self.att or 2))
+
+    def mlp_count(self, ffn: int | None) -> int | None:
+        if self.mlp_kept is not None or self.mlp is None:
+            return self.mlp_kept
+        value = float(self.mlp)
+        return int(value) if value >= 1 else (fraction_count(value, ffn) if ffn else None)
+
+    def att_count(self, units: int | None) -> int | None:
+        if self.att_kept is not None or self.att is None:
+            return self.att_kept
+        value = float(self.att)
+        return int(value) if value >= 1 else (fraction_count(value, units) if units else None)
+
+    def text(self, dims: dict | None = None) -> str:
+        """'0.25 of neurons, 2 of 4 heads' (kept): the budget in the units of the figures' axes."""
+        dims = dims or {}
+        parts = []
+        if self.mlp is not None:
+            value = float(self.mlp)
+            parts.append(f"{value:g} of neurons" if value < 1 else
+                         f"{int(value)} of {dims['ffn_dim']} neurons" if dims.get("ffn_dim") else
+                         f"{int(value)} neurons")
+        else:
+            parts.append("MLP dense")
+        units = dims.get("num_kv_heads") if self.att_unit == "groups" else dims.get("num_heads")
+        if self.att is not None:
+            count = self.att_count(units)
+            kept = count if count is not None else f"{float(self.att):g} of the"
+            parts.append(f"{kept} of {units} {self.att_unit}" if units else f"{kept} {self.att_unit}")
+        else:
+            parts.append("attention dense")
+        return ", ".join(parts)
+
+
+def optional_int(value: str | None) -> int | None:
+    return None if value in UNSET else int(float(value))
+
+
+def row_budget(row: dict) -> Budget:
+    """The Budget of a sweep or task CSV row."""
+    mlp = None if row.get("mlp_topk") in UNSET else str(row["mlp_topk"])
+    att = None if row.get("att_topk") in UNSET else str(row["att_topk"])
+    block = row.get("block") or ("none" if row.get("mode") == "dense" or not (mlp or att) else
+                                 "both" if mlp and att else "mlp" if mlp else "att")
+    return Budget(block, mlp, att, optional_int(row.get("mlp_kept")), optional_int(row.get("att_kept")),
+                  row.get("att_unit") if row.get("att_unit") not in UNSET else "heads")
 
 
 def all_models(inputs: Inputs) -> list[str]:

@@ -1,7 +1,10 @@
-"""Figures of the analysis results, every model overlaid in its own colour (PNG, matplotlib Agg).
+"""Figures of the analysis results (PNG, matplotlib Agg), every line styled by scripts.analysis.common.series_style.
 
 Reads the JSONs written by drift.py, lookahead.py and sparsity_stats.py (recognised by their "analysis" key),
-and predictor summaries / perplexity and task sweeps when report.py hands them over; report.py calls the same functions.
+and predictor summaries / perplexity and task sweeps when report.py hands them over; report.py calls the same
+functions. A figure that shows sparse modes draws one panel per model (a mode keeps its colour, line and marker in
+every figure); one that overlays models gives each model its colour and each series kind its line and marker. At
+most MAX_SERIES series share a panel, legends sit outside the data, intervals are bands.
 
     python scripts/report/plots.py out/drift/*/drift.json out/lookahead/*/lookahead_mlp.json \\
         out/sparsity/*/sparsity_stats.json out/sparsity/*/label_sweep.json --out-dir out/plots
@@ -20,82 +23,136 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 
 import numpy as np  # noqa: E402
 
-from scripts.analysis.common import LINE_STYLES, model_colors, new_figure, save_figure  # noqa: E402
+from scripts.analysis.common import (MAX_SERIES, legend_outside, log_y, model_colors, new_figure,  # noqa: E402
+                                     plot_series, reference_line, save_figure, series_style)
+from scripts.report.inputs import ANALYSES, Budget, row_budget  # noqa: E402
 
-ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summary")
 MARKERS = ("o", "s", "^", "v", "D", "x", "*", "+")
+SPARSE_MODES = ("oracle", "predictor", "random", "static", "gate")
 
 
 def model_of(result: dict) -> str:
     return result["source"]["model"]
 
 
-def finish_axes(ax, integer_x: bool = True) -> None:
-    """Legend (when something is labelled) and, for layer or distance axes, integer ticks."""
+def integer_ticks(ax) -> None:
     from matplotlib.ticker import MaxNLocator
-    if integer_x:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)] or [[]]
+
+
+# ------------------------------------------------------------------------------------- budgets
+def budget_axis(budgets: Sequence[Budget], dims: dict) -> tuple[list[float], list[str], str]:
+    """x positions, tick labels and axis label of a budget axis: the fraction of neurons kept (a paired run's heads
+    under it), or the heads kept of H when the MLP is dense."""
+    heads = dims.get("num_heads")
+    if budgets and all(b.mlp is not None for b in budgets):
+        ffn = dims.get("ffn_dim")
+        x = [float(b.mlp) if float(b.mlp) < 1 else (float(b.mlp) / ffn if ffn else np.nan) for b in budgets]
+        ticks = [f"{v:g}" + (f"\n{b.att_count(heads)} of {heads or '?'}" if b.att is not None else "")
+                 for v, b in zip(x, budgets)]
+        paired = any(b.att is not None for b in budgets)
+        return x, ticks, "fraction of neurons kept" + (f"\n(heads kept of {heads or '?'} under it)" if paired else "")
+    x = [float(b.att_count(heads) or np.nan) for b in budgets]
+    return x, [f"{v:g}" for v in x], f"heads kept (of {heads or '?'})"
+
+
+BLOCK_TITLES = {"both": "MLP and attention sparse", "mlp": "MLP sparse, attention dense",
+                "att": "attention sparse, MLP dense"}
 
 
 # ------------------------------------------------------------------------------------- drift
-def drift_variants(records: list[dict]) -> list[tuple[str, str]]:
-    return sorted({(r["space"], r["dims"]) for r in records}, key=lambda v: (v[1] != "all", v[0] != "raw"))
+def drift_series(records: list[dict], space: str, dims: str) -> dict[str, list[tuple[int, float, dict]]]:
+    """pairing -> (layer, mean cosine, record) at k = 1: same-token (the records of `space`), cross-token (their
+    cross_token_mean, where drift.py drew partners) and centred (the same-token records of '<space> centred')."""
+    at1 = sorted((r for r in records if r["k"] == 1 and r["dims"] == dims), key=lambda r: r["layer"])
+    series = {"same-token": [(r["layer"], r["mean"], r) for r in at1 if r["space"] == space],
+              "cross-token": [(r["layer"], r["cross_token_mean"], r) for r in at1
+                              if r["space"] == space and r.get("cross_token_mean") is not None],
+              "centred": [(r["layer"], r["mean"], r) for r in at1 if r["space"] == f"{space} centred"]}
+    return {pairing: points for pairing, points in series.items() if points}
 
 
 def plot_drift(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Per kind: (a) mean cosine vs layer at k = 1 with the raw p5-p95 band; (b) mean over layers vs distance k."""
+    """Per kind: the mean cosine at k = 1 per layer l >= 1, raw and normed in separate panels (rows: all dims, then
+    without the massive dims), one colour per model and one line per pairing (same-token, cross-token, centred); the
+    p5-p95 band of the same-token raw cosine; the mean over layers l >= 1 against the distance k. Layer 0 (the
+    embedding against the first block's output) is left out of the lines and given in the legend."""
     paths = []
     kinds = sorted({r["kind"] for result in results for r in result["records"]})
     for kind in kinds:
-        fig, (by_layer, by_distance) = new_figure(ncols=2)
-        for result in results:
-            model, records = model_of(result), [r for r in result["records"] if r["kind"] == kind]
-            for style, (space, dims) in zip(LINE_STYLES, drift_variants(records)):
-                chosen = [r for r in records if (r["space"], r["dims"]) == (space, dims)]
-                at1 = sorted((r for r in chosen if r["k"] == 1), key=lambda r: r["layer"])
-                label = f"{model} {space}, {dims} dims"
-                by_layer.plot([r["layer"] for r in at1], [r["mean"] for r in at1], style, color=colors[model],
-                              marker="o", markersize=3, label=label)
-                if (space, dims) == ("raw", "all"):
-                    by_layer.fill_between([r["layer"] for r in at1], [r["p5"] for r in at1], [r["p95"] for r in at1],
-                                          color=colors[model], alpha=0.12, label=f"{model} raw p5-p95")
+        records = {model_of(result): [r for r in result["records"] if r["kind"] == kind] for result in results}
+        pairings = {p for rs in records.values() for space in ("raw", "normed") for p in drift_series(rs, space, "all")}
+        dims_sets = [d for d in ("all", "without_massive") if any(r["dims"] == d for rs in records.values()
+                                                                  for r in rs)]
+        groups = chunks(list(records), max(1, MAX_SERIES // max(1, len(pairings))))
+        rows = [(dims, group) for dims in dims_sets for group in groups]
+        fig, axes = new_figure(ncols=3, nrows=len(rows), width=4.6, height=3.6)
+        for row, (dims, group) in enumerate(rows):
+            panels = dict(zip(("raw", "normed", "distance"), axes[3 * row: 3 * row + 3]))
+            for model in group:
+                for space in ("raw", "normed"):
+                    for pairing, points in drift_series(records[model], space, dims).items():
+                        shown = [(layer, mean, r) for layer, mean, r in points if layer >= 1]
+                        layer0 = [f"{mean:.3f}" for layer, mean, _ in points if layer == 0]
+                        band = pairing == "same-token" and space == "raw"
+                        if shown:
+                            plot_series(panels[space], [p[0] for p in shown], [p[1] for p in shown], pairing,
+                                        f"{model} {pairing}" + (f" (layer 0: {layer0[0]})" if layer0 else ""),
+                                        color=colors[model], low=[p[2]["p5"] for p in shown] if band else None,
+                                        high=[p[2]["p95"] for p in shown] if band else None)
+                chosen = [r for r in records[model] if (r["space"], r["dims"]) == ("raw", dims) and r["layer"] >= 1]
                 ks = sorted({r["k"] for r in chosen})
-                by_distance.plot(ks, [np.mean([r["mean"] for r in chosen if r["k"] == k]) for k in ks], style,
-                                 color=colors[model], marker="o", markersize=3, label=label)
-        by_layer.set(xlabel="layer l", ylabel=f"cosine({kind}_l, {kind}_(l+1))",
-                     title=f"{kind}: same-token cosine between consecutive layers (mean)")
-        by_distance.set(xlabel="layer distance k", ylabel="cosine, mean over layers of the per-layer mean",
-                        title=f"{kind}: cosine(x_l, x_(l+k)) vs distance")
-        finish_axes(by_layer)
-        finish_axes(by_distance)
+                plot_series(panels["distance"], ks, [np.mean([r["mean"] for r in chosen if r["k"] == k]) for k in ks],
+                            "same-token", model, color=colors[model])
+            where = "all dims" if dims == "all" else "without the massive dims"
+            for space in ("raw", "normed"):
+                ax = panels[space]
+                ax.set(xlabel="layer l (from 1; layer 0, the embedding's step, in the legend)",
+                       ylabel=f"cosine({kind}_l, {kind}_(l+1))")
+                ax.set_title(f"{kind}, {space}, {where}: k = 1" + (" (band: p5-p95)" if space == "raw" else ""),
+                             fontsize=9)
+                integer_ticks(ax)
+                legend_outside(ax)
+            ax = panels["distance"]
+            ax.set(xlabel="layer distance k (layers)", ylabel="same-token cosine, raw\n(mean over layers l >= 1)")
+            ax.set_title(f"{kind}, {where}: cosine(x_l, x_(l+k))", fontsize=9)
+            integer_ticks(ax)
+            legend_outside(ax)
         paths.append(save_figure(fig, out_dir / f"drift_{kind}.png"))
     return paths
 
 
 # ------------------------------------------------------------------------------------- lookahead
 def plot_lookahead(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Per block: (a) Recall@K (mean over layers) vs input distance; (b) Recall@K vs layer at distance 0 and max."""
+    """Per block: (a) Recall@K (mean over layers) vs input distance; (b) Recall@K per layer with DejaVu's input and
+    the farthest one, one colour per model."""
     paths = []
     for block in sorted({r["block"] for r in results}):
-        fig, (by_distance, by_layer) = new_figure(ncols=2)
+        fig, (by_distance, by_layer) = new_figure(ncols=2, width=5.0, height=3.6)
+        wiring = 0 if block == "mlp" else 1  # DejaVu's lookahead: MLP from att_x_l, attention from att_x_(l-1)
         for result in (r for r in results if r["block"] == block):
             model, records = model_of(result), result["records"]
             distances = sorted({r["distance"] for r in records})
-            by_distance.plot(distances, [np.mean([r["Recall@K"] for r in records if r["distance"] == j])
-                                         for j in distances], "-", marker="o", color=colors[model], label=model)
-            for style, j in zip(LINE_STYLES, sorted({distances[0], distances[-1]})):
+            plot_series(by_distance, distances, [np.mean([r["Recall@K"] for r in records if r["distance"] == j])
+                                                 for j in distances], "predictor", model, color=colors[model])
+            for j in sorted({min(wiring, distances[-1]), distances[-1]}):
                 cells = sorted((r for r in records if r["distance"] == j), key=lambda r: r["layer"])
-                by_layer.plot([r["layer"] for r in cells], [r["Recall@K"] for r in cells], style, marker="o",
-                              markersize=3, color=colors[model], label=f"{model}, input att_x_(l-{j})")
-        by_distance.set(xlabel="input distance j (predictor input att_x_(l-j))", ylabel="held-out Recall@K",
+                kind = "predictor" if j == wiring else "same-layer" if j == 0 else "earlier input"
+                plot_series(by_layer, [r["layer"] for r in cells], [r["Recall@K"] for r in cells], kind,
+                            f"{model}, input att_x_(l-{j})", color=colors[model])
+        by_distance.set(xlabel="input distance j (layers; predictor input att_x_(l-j))", ylabel="held-out Recall@K",
                         title=f"{block} predictors: Recall@K vs input distance\n"
                               "(mean over the layers l with l - j >= 0)")
         by_layer.set(xlabel="predicted layer l", ylabel="held-out Recall@K",
                      title=f"{block} predictors: Recall@K per layer")
-        finish_axes(by_distance)
-        finish_axes(by_layer)
+        for ax in (by_distance, by_layer):
+            ax.set_ylim(0, 1.05)
+            integer_ticks(ax)
+            legend_outside(ax)
         paths.append(save_figure(fig, out_dir / f"lookahead_{block}.png"))
     return paths
 
@@ -107,128 +164,160 @@ def stat_columns(results: Sequence[dict], prefix: str) -> list[str]:
 
 
 def plot_sparsity(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """(a) exact-zero and below-threshold fractions, (b) top-f magnitude share, (c) gate < 0, per layer."""
-    fig, (zeros, mass, gate) = new_figure(ncols=3, width=5.5)
-    for result in results:
+    """One row per model: (a) exact-zero and below-threshold fractions, (b) top-f magnitude share, (c) gate < 0,
+    per layer."""
+    fig, axes = new_figure(ncols=3, nrows=len(results), width=4.8, height=3.4)
+    for row, result in enumerate(results):
+        zeros, mass, gate = axes[3 * row: 3 * row + 3]
         model = model_of(result)
         records = sorted(result["records"], key=lambda r: r["layer"])
         layers = [r["layer"] for r in records]
-        for marker, key in zip(MARKERS, ["zero_fraction"] + stat_columns([result], "below_")):
-            zeros.plot(layers, [r[key] for r in records], "-", marker=marker, markersize=3, color=colors[model],
-                       label=f"{model} {key}")
-        for marker, key in zip(MARKERS, stat_columns([result], "mlp_top")):
-            mass.plot(layers, [r[key] for r in records], "-", marker=marker, markersize=3, color=colors[model],
-                      label=f"{model} {key}")
+        for ax, keys in ((zeros, ["zero_fraction"] + stat_columns([result], "below_")),
+                         (mass, stat_columns([result], "mlp_top"))):
+            for marker, key in zip(MARKERS, keys[:MAX_SERIES]):
+                ax.plot(layers, [r[key] for r in records], "-", marker=marker, markersize=3, color=colors[model],
+                        label=key)
         if any(r["gate_negative_fraction"] is not None for r in records):
             gate.plot(layers, [r["gate_negative_fraction"] for r in records], "-", marker="o", markersize=3,
-                      color=colors[model], label=model)
+                      color=colors[model], label="gate < 0")
         else:
-            gate.plot([], [], color=colors[model], label=f"{model}: mlp_gate absent")
-    zeros.set(xlabel="layer", ylabel="fraction of MLP activations",
-              title="MLP activations exactly 0 (zero_fraction) or |y| < t (below_t)")
-    mass.set(xlabel="layer", ylabel="share of the token's sum |y|",
-             title="share of MLP magnitude in the top fraction f of neurons")
-    gate.set(xlabel="layer", ylabel="fraction of gate pre-activations < 0", title="Llama gate < 0 (SiLU negative)")
-    for ax in (zeros, mass, gate):
-        finish_axes(ax)
+            gate.text(0.5, 0.5, "mlp_gate not collected\n(OPT has no gate)", ha="center", va="center",
+                      transform=gate.transAxes)
+        zeros.set(xlabel="layer", ylabel="fraction of MLP activations",
+                  title=f"{model}: exactly 0 (zero_fraction) or |y| < t (below_t)")
+        mass.set(xlabel="layer", ylabel="share of the token's sum |y|",
+                 title=f"{model}: MLP magnitude in the top fraction f")
+        gate.set(xlabel="layer", ylabel="fraction of gate pre-activations < 0", title=f"{model}: gate < 0")
+        for ax in (zeros, mass, gate):
+            ax.set_ylim(0, 1.05)
+            integer_ticks(ax)
+            legend_outside(ax)
     return [save_figure(fig, out_dir / "sparsity_stats.png")]
 
 
 def plot_label_sweep(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Recall and Recall@K (mean over the sweep's layers) for each label definition, bars per model."""
+    """Recall and Recall@K for each label definition, bars per model, beside the share of neurons each label marks
+    active (its K, or its mean active count, over the MLP width): a label that marks most neurons active is easy to
+    recall."""
     labels = list(dict.fromkeys(spec for result in results for spec in result["labels"]))
-    fig, axes = new_figure(ncols=2)
+    fig, axes = new_figure(ncols=3, width=4.8, height=3.8)
     width = 0.8 / max(1, len(results))
-    for ax, metric in zip(axes, ("Recall", "Recall@K")):
+    where = {model_of(r): (f"layer {r['layers'][0]}" if len(r["layers"]) == 1 else "mean over layers")
+             for r in results}
+    for ax, metric in zip(axes, ("Recall", "Recall@K", "active share")):
         for i, result in enumerate(results):
-            model = model_of(result)
-            trained = [[r[metric] for r in result["records"] if r["label_spec"] == spec and r["status"] == "trained"]
+            model, ffn = model_of(result), result["source"]["dims"]["ffn_dim"]
+            trained = [[r for r in result["records"] if r["label_spec"] == spec and r["status"] == "trained"]
                        for spec in labels]
-            means = [np.mean(values) if values else np.nan for values in trained]
-            ax.bar(np.arange(len(labels)) + i * width, means, width, color=colors[model], label=model)
+            means = [np.mean([r["True Sparsity"] / ffn if metric == "active share" else r[metric] for r in rs])
+                     if rs else np.nan for rs in trained]
+            ax.bar(np.arange(len(labels)) + i * width, means, width, color=colors[model],
+                   label=f"{model} ({where[model]})")
         ax.set_xticks(np.arange(len(labels)) + width * (len(results) - 1) / 2, labels, rotation=30, fontsize=8)
-        ax.set(xlabel="MLP label definition (missing bar: not trained, e.g. mlp_gate absent)",
-               ylabel=f"held-out {metric}, mean over layers", title=f"MLP predictor {metric} by label definition")
-        finish_axes(ax, integer_x=False)
+        ax.set_ylim(0, 1.05)
+        ylabel = "share of neurons labelled active" if metric == "active share" else f"held-out {metric}"
+        title = ("labelled active: (K or mean active count) / ffn" if metric == "active share" else
+                 f"MLP predictor: {metric} by label")
+        ax.set(xlabel="MLP label definition (no bar: not trained)", ylabel=ylabel, title=title)
+        legend_outside(ax)
     return [save_figure(fig, out_dir / "label_sweep.png")]
 
 
-# ------------------------------------------------------------------------------------- predictors and perplexity
+# ------------------------------------------------------------------------------------- predictors and sweeps
 def plot_predictors(summaries: dict[tuple[str, str], list[dict]], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Per block: Recall and Recall@K of the trained predictors (SPEC §7 JSONs) per layer, per model."""
+    """Per block: Recall and Recall@K of the trained predictors (SPEC §7 JSONs) per layer, per model, with the
+    uniform chance of Recall@K (K / units) where the records give the width."""
     paths = []
     for block in sorted({b for _, b in summaries}):
-        fig, axes = new_figure(ncols=2)
+        fig, axes = new_figure(ncols=2, width=5.0, height=3.6)
         for ax, metric in zip(axes, ("Recall", "Recall@K")):
             for (model, b), records in summaries.items():
-                if b == block:
-                    records = sorted(records, key=lambda r: r["layer"])
-                    ax.plot([r["layer"] for r in records], [r[metric] for r in records], "-", marker="o",
-                            markersize=3, color=colors[model], label=model)
+                if b != block:
+                    continue
+                records = sorted(records, key=lambda r: r["layer"])
+                plot_series(ax, [r["layer"] for r in records], [r[metric] for r in records], "predictor", model,
+                            color=colors[model])
+                dims = records[0].get("data", {}).get("dims", {})
+                units = dims.get("ffn_dim" if block == "mlp" else "num_heads")
+                if metric == "Recall@K" and units:
+                    plot_series(ax, [r["layer"] for r in records], [r["K"] / units for r in records],
+                                "uniform chance", f"{model} uniform chance", color=colors[model])
+            ax.set_ylim(0, 1.05)
             ax.set(xlabel="layer", ylabel=f"held-out {metric}", title=f"{block} predictors: {metric} per layer")
-            finish_axes(ax)
+            integer_ticks(ax)
+            legend_outside(ax)
         paths.append(save_figure(fig, out_dir / f"predictors_{block}.png"))
     return paths
 
 
-def plot_perplexity(rows: list[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Perplexity (log scale) vs MLP budget per model and mode, one panel per dataset; dense as horizontal lines."""
-    datasets = sorted({row["dataset"] for row in rows})
-    fig, axes = new_figure(ncols=len(datasets), width=5.5, height=4.5)
-    groups: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
-    for row in rows:
-        ax = axes[datasets.index(row["dataset"])]
-        if row["mode"] == "dense":
-            ax.axhline(float(row["perplexity"]), color=colors[row["model"]], linewidth=0.8, label=f"{row['model']} dense")
-        elif row.get("mlp_topk") not in (None, ""):
-            groups[(row["model"], row["dataset"], row["mode"])].append((float(row["mlp_topk"]), float(row["perplexity"])))
-    modes = sorted({mode for _, _, mode in groups})
-    for (model, dataset, mode), points in sorted(groups.items()):
-        points.sort()
-        axes[datasets.index(dataset)].plot(*zip(*points), LINE_STYLES[modes.index(mode) % len(LINE_STYLES)], marker="o",
-                                           markersize=3, color=colors[model], label=f"{model} {mode}")
-    for ax, dataset in zip(axes, datasets):
-        ax.set_yscale("log")
-        ax.set(xlabel="mlp_topk (count, or fraction when < 1)", ylabel="perplexity (log scale)",
-               title=f"{dataset}: sparse inference vs MLP budget")
-        finish_axes(ax, integer_x=False)
+def panel_keys(rows: list[dict], group: str) -> list[tuple[str, str, str]]:
+    """(model, dataset or task, block) of every panel, in the rows' order."""
+    return list(dict.fromkeys((r["model"], r[group], row_budget(r).block) for r in rows if r["mode"] != "dense"))
+
+
+def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
+    """Perplexity (log scale) against the budget, one panel per (model, dataset, block), one series per mode; the
+    dense perplexity as a reference line."""
+    panels = panel_keys(rows, "dataset")
+    if not panels:
+        return []
+    fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
+    for ax, (model, dataset, block) in zip(axes, panels):
+        chosen = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
+        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).block == block},
+                         key=Budget.sort_key)
+        x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
+        for mode in SPARSE_MODES:
+            points = {row_budget(r): float(r["perplexity"]) for r in chosen if r["mode"] == mode}
+            shown = [(xi, points[b]) for xi, b in zip(x, budgets) if b in points]
+            if shown:
+                plot_series(ax, *zip(*shown), mode, mode)
+        for r in chosen:
+            if r["mode"] == "dense":
+                reference_line(ax, float(r["perplexity"]), "dense", f"dense {float(r['perplexity']):.4g}")
+        log_y(ax)
+        ax.set_xticks(x, ticks, fontsize=7)
+        ax.set(xlabel=xlabel, ylabel="perplexity (log scale)")
+        ax.set_title(f"{model}, {dataset}:\n{BLOCK_TITLES[block]}", fontsize=9)
+        legend_outside(ax)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     return [save_figure(fig, out_dir / "perplexity_sweep.png")]
 
 
-def budget_of(row: dict) -> float | None:
-    """The x of a task-sweep row: its MLP budget, or its attention budget when the MLP stays dense."""
-    for key in ("mlp_topk", "att_topk"):
-        if row.get(key) not in (None, "", "dense"):
-            return float(row[key])
-    return None
-
-
-def plot_tasks(rows: list[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Downstream accuracy (task_sweep.py rows) vs budget, one panel per task, error bars = the harness's standard
-    error; dense as a horizontal line with its +-1 standard error band."""
-    tasks = list(dict.fromkeys(row["task"] for row in rows))
-    fig, axes = new_figure(ncols=len(tasks), width=5.0, height=4.0)
-    groups: dict[tuple[str, str, str], list[tuple[float, float, float]]] = defaultdict(list)
-    for row in rows:
-        if row.get("acc") in (None, ""):
-            continue
-        ax, acc = axes[tasks.index(row["task"])], float(row["acc"])
-        stderr = float(row["acc_stderr"]) if row.get("acc_stderr") not in (None, "") else 0.0
-        if row["mode"] == "dense":
-            ax.axhline(acc, color=colors[row["model"]], linewidth=0.8, label=f"{row['model']} dense")
-            ax.axhspan(acc - stderr, acc + stderr, color=colors[row["model"]], alpha=0.1)
-        elif budget_of(row) is not None:
-            groups[(row["model"], row["task"], row["mode"])].append((budget_of(row), acc, stderr))
-    modes = sorted({mode for _, _, mode in groups})
-    for (model, task, mode), points in sorted(groups.items()):
-        x, y, err = zip(*sorted(points))
-        axes[tasks.index(task)].errorbar(x, y, yerr=err, fmt=LINE_STYLES[modes.index(mode) % len(LINE_STYLES)],
-                                         marker="o", markersize=3, capsize=2, color=colors[model],
-                                         label=f"{model} {mode}")
-    for ax, task in zip(axes, tasks):
-        ax.set(xlabel="mlp_topk (att_topk when the MLP is dense); fraction when < 1", ylabel="acc (harness)",
-               title=f"{task}: accuracy vs budget")
-        finish_axes(ax, integer_x=False)
+def plot_tasks(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
+    """Downstream accuracy against the budget, one panel per (model, task, block), one series per mode with a band
+    of ± 1.96 harness standard errors; dense as a reference line with its band."""
+    rows = [r for r in rows if r.get("acc") not in (None, "")]
+    panels = panel_keys(rows, "task")
+    if not panels:
+        return []
+    fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
+    for ax, (model, task, block) in zip(axes, panels):
+        chosen = [r for r in rows if (r["model"], r["task"]) == (model, task)]
+        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).block == block},
+                         key=Budget.sort_key)
+        x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
+        for mode in SPARSE_MODES:
+            points = {row_budget(r): (float(r["acc"]), float(r.get("acc_stderr") or 0)) for r in chosen
+                      if r["mode"] == mode}
+            shown = [(xi, *points[b]) for xi, b in zip(x, budgets) if b in points]
+            if shown:
+                xs, acc, se = zip(*shown)
+                plot_series(ax, xs, acc, mode, mode, low=[a - 1.96 * s for a, s in zip(acc, se)],
+                            high=[a + 1.96 * s for a, s in zip(acc, se)])
+        for r in chosen:
+            if r["mode"] == "dense":
+                acc, se = float(r["acc"]), float(r.get("acc_stderr") or 0)
+                reference_line(ax, acc, "dense", f"dense {acc:.3f}")
+                ax.axhspan(acc - 1.96 * se, acc + 1.96 * se, color=series_style("dense")["color"], alpha=0.08)
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(x, ticks, fontsize=7)
+        ax.set(xlabel=xlabel, ylabel="accuracy (harness acc; band ± 1.96 se)")
+        ax.set_title(f"{model}, {task}:\n{BLOCK_TITLES[block]}", fontsize=9)
+        legend_outside(ax)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     return [save_figure(fig, out_dir / "tasks_sweep.png")]
 
 

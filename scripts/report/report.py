@@ -9,10 +9,13 @@ Inputs (files, or folders searched recursively) are recognised by content:
                     output_manifest, ...), one row per sparse-inference run (SPEC §8)
   task sweep        a CSV with columns model,task,mode,acc,acc_stderr (and mlp_topk, att_topk, result_json, ...),
                     one row per (mode, budget, task) of scripts/study/task_sweep.py (SPEC §11)
-Every table row carries a source id [S<n>]; the Sources table gives its file, command, git commit and manifest
-(from the provenance block every JSON of this project carries). Sentences in the report are generated from the
-numbers and only describe them. Inputs that do not exist, predictor layers without a JSON, sweep rows whose
-manifest is absent and sections with no input are listed under "Missing".
+The report opens with the Answer (per model, side by side: drift, the lookahead penalty, per budget the perplexity
+ratio of every sparse mode and Recall@K against its floors, task accuracy), generated from the numbers: a sentence
+only compares numbers, and a threshold it uses is a flag (--within, --acc-within) printed with it. Then the summary
+tables, the decomposition and one section per kind of input; what was not measured, the missing inputs, a glossary,
+the commands, sources and provenance come last. Every table row carries a source id [S<n>]; the Sources table gives
+its file, command, git commit and manifest (from the provenance block every JSON of this project carries). Markdown
+tables have at most 10 columns (wider ones are split; summary.csv and the inputs' CSVs hold everything).
 
     python scripts/report/report.py data/opt-6.7b_c4 data/llama-3.2-3b_c4 out/drift out/lookahead out/sparsity \\
         data/opt-6.7b_c4_sparse_predictor data/llama-3.2-3b_c4_sparse_predictor out/sweep.csv --out-dir out/report
@@ -30,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS  # noqa: E402
 from scripts.analysis.common import model_colors  # noqa: E402
-from scripts.report.plots import plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
+from scripts.report.answer import Flags, answer_section, task_results  # noqa: E402
 from scripts.report.baselines import baselines_section  # noqa: E402
-from scripts.report.inputs import Sources, all_models, discover  # noqa: E402
+from scripts.report.inputs import Sources, all_models, discover, model_dims  # noqa: E402
+from scripts.report.plots import plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.report.sections import (collections_section, drift_section, figure_lines,  # noqa: E402
                                      label_sweep_section, lookahead_section, perplexity_section,
                                      predictors_section, result_source, sparsity_section,
@@ -41,16 +45,48 @@ from scripts.report.sections import (collections_section, drift_section, figure_
 
 SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity statistics", "Label sensitivity",
             "Predictors", "Perplexity sweep", "Downstream tasks")
-DEFINITIONS = {
+GLOSSARY = {
+    "dense": "the unmodified model (every neuron and head computed); perplexity ratios divide by its perplexity",
+    "oracle": "sparse mode keeping the true top-K units of each token (from the exact activations): the best any "
+              "predictor of that budget could do; its Recall@K is 1 by definition",
+    "predictor": "sparse mode keeping the top-K units of DejaVu's trained predictor, fed the lookahead input",
+    "random": "sparse mode keeping K units drawn uniformly at random per token",
+    "static": "sparse mode / ranking keeping, per layer, the K units most often in the true top-K over the training "
+              "documents: input-independent, the floor a predictor must beat",
+    "gate": "sparse mode / ranking keeping the top-K units by |SiLU(g)| with g the exact gate pre-activation "
+            "(CATS-style, Llama MLP only, no training; OPT has no gate: n/a)",
+    "budget": "what a sparse block keeps: a fraction of the MLP neurons, and heads kept of H (or key/value groups)",
+    "same-layer input": "a predictor for layer l fed layer l's own block input (mlp_x_l for the MLP, att_x_l for "
+                        "attention): not available in time at inference",
+    "lookahead input": "DejaVu's wiring: the MLP predictor of layer l fed att_x_l, the attention predictor fed "
+                       "att_x_(l-1), so the prediction can run ahead of the layer",
+    "lookahead penalty": "Recall@K(same-layer input) - Recall@K(lookahead input), paired by layer, seed and document",
+    "uniform chance": "what a ranking that ignores the input scores: Recall@K = K / units, a difference 0, a cosine 0",
+    "layers pooled": "a pooled number sums over these layers (and seeds); every input of a model pools the same "
+                     "set, layer 0 left out (its input is the embedding)",
+    "value [low, high]": "an estimate and its 95% percentile-bootstrap interval over held-out documents (perplexity: "
+                         "over requests, paired with dense); 's a to b' after it: min to max over training seeds",
+    "too noisy to read": "a comparison whose standard error exceeds the flag value its sentence names while its 95% "
+                         "interval reaches into the flag's band (so neither 'within' nor 'beyond' can be read): for a "
+                         "perplexity ratio the standard error of its log, (ln high - ln low) / 3.92; for an accuracy "
+                         "difference the two rows' harness standard errors combined, sqrt(se1^2 + se2^2)",
+    "--within": "flag: a perplexity ratio within this relative distance of 1 is called 'within'",
+    "--acc-within": "flag: an accuracy difference within this is called 'within'",
     **{k: METRIC_DEFINITIONS[k]
        for k in ("Recall", "True Sparsity", "Classifier Sparsity", "Precision", "Recall@K", "K")},
-    "Drift cosine": "cosine similarity between the same token's x_l and x_{l+k} (att_x: residual stream entering "
-                    "the layer; mlp_x: after the attention residual add). raw: as stored; normed: both through layer "
-                    "l+k's norm (see each result's normalisation line). 'without_massive' drops the listed dims",
+    "Captured Mass": "the share of the true top-K's |activation| mass (attention: head-norm mass) held by the "
+                     "ranking's top-K (1 for the oracle)",
+    "drift cosine (same-token)": "cosine between the same token's att_x_l and att_x_(l+k) (att_x: the residual "
+                                 "stream entering the layer; mlp_x: after the attention residual add)",
+    "cross-token / centred": "the same cosine for pairs of different tokens, and after subtracting each layer's mean "
+                             "vector: the baselines of the same-token cosine",
+    "raw / normed": "raw: the stored stream; normed: both vectors through layer l+k's norm (each result's "
+                    "normalisation line says which)",
+    "massive dims": "the few hidden dimensions of largest mean |activation|; 'without massive' drops them",
     "Lookahead cell (l, j)": "held-out metrics of a predictor for layer l's labels trained from att_x_{l-j}",
     **{f"sparsity: {k}": v for k, v in STATISTIC_DEFINITIONS.items()},
-    "Perplexity": "exp(-mean of token_logprobs[1:] over all requests), the original DejaVu convention",
-    "Downstream acc": "lm-evaluation-harness accuracy of the task (acc: the highest-likelihood choice is the gold "
+    "perplexity": "exp(-mean of token_logprobs[1:] over all requests), the original DejaVu convention",
+    "downstream acc": "lm-evaluation-harness accuracy of the task (acc: the highest-likelihood choice is the gold "
                       "one, or the gold continuation is the greedy one; acc_norm: likelihoods normalised by the "
                       "choice's length in bytes) with the harness's standard error, on the model of the row's mode "
                       "and budget (scripts/study/task_sweep.py)",
@@ -58,19 +94,23 @@ DEFINITIONS = {
 
 
 # ------------------------------------------------------------------------------------- the report
-def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()) -> Path:
-    """Write <out_dir>/report.md (and figures) from the inputs; returns its path. `notes` are printed first."""
+def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = (), flags: Flags = Flags()) -> Path:
+    """Write <out_dir>/report.md (and figures) from the inputs; returns its path. The Answer comes first; `notes`
+    (context such as what the models are) follow it; commands, sources and provenance are at the end."""
     provenance = base_manifest(kind="report")
     inputs = discover(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = out_dir / "figures"
     models = all_models(inputs)
     colors = model_colors(models)
+    dims = model_dims(inputs)
     for results in inputs.results.values():  # every table and sentence lists the models in one order
         results.sort(key=lambda item: models.index(item[1]["source"]["model"]))
     inputs.predictors.sort(key=lambda s: models.index(s.model))
     sources, missing = Sources(), list(inputs.missing)
-    summary_lines, decomposition_lines = summary_section(inputs, sources, out_dir, missing)
+    parts = summary_section(inputs, sources, out_dir, missing, colors)
+    answer, not_measured = answer_section(parts.summaries, task_results(inputs.task_sweeps), parts.fractions,
+                                          parts.distance, flags)
     baseline_lines, baseline_figures = baselines_section(
         [(result_source(sources, p, r), r) for p, r in inputs.results["recall_summary"]],
         [(result_source(sources, p, r), r) for p, r in inputs.results["drift"]], out_dir)
@@ -94,37 +134,50 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
         body["Predictors"] = predictors_section(inputs.predictors, sources, missing) + figure_lines(
             plot_predictors(summaries, colors, figures), out_dir)
     if present["Perplexity sweep"]:
-        body["Perplexity sweep"] = perplexity_section(inputs.sweeps, sources, missing) + figure_lines(
-            plot_perplexity([row for _, rows in inputs.sweeps for row in rows], colors, figures), out_dir)
+        body["Perplexity sweep"] = perplexity_section(inputs.sweeps, sources, missing, dims) + figure_lines(
+            plot_perplexity([row for _, rows in inputs.sweeps for row in rows], dims, figures), out_dir)
     if present["Downstream tasks"]:
-        body["Downstream tasks"] = tasks_section(inputs.task_sweeps, sources, missing) + figure_lines(
-            plot_tasks([row for _, rows in inputs.task_sweeps for row in rows], colors, figures), out_dir)
-    missing += [f"section '{title}': no input of this kind was given" for title in SECTIONS if not present[title]]
+        body["Downstream tasks"] = tasks_section(inputs.task_sweeps, sources, missing, dims,
+                                                 flags.acc_within) + figure_lines(
+            plot_tasks([row for _, rows in inputs.task_sweeps for row in rows], dims, figures), out_dir)
+    not_measured += [f"section '{title}': no input of this kind was given" for title in SECTIONS if not present[title]]
+    if not parts.summary:
+        not_measured.append("Summary: no recall_summary.py, drift.py or sweep result was given")
+    if not parts.decomposition:
+        not_measured.append("Decomposition: no recall_summary.py result was given")
 
-    lines = ["# DejaVu on OPT and Llama: analysis report", "",
-             f"Generated by `{provenance['command']}` at commit `{provenance['git_commit']}` on "
-             f"{provenance['start_time']}. Every table row names its source [S<n>]: see Sources for the file, "
-             f"command, commit and manifest.", ""]
-    lines += [f"> **Note.** {note}\n" for note in notes]
-    lines += ["## Summary", ""] + summary_lines
-    lines += ["## Decomposition", ""] + decomposition_lines
-    lines += ["## Baselines and controls", ""] + baseline_lines + figure_lines(baseline_figures, out_dir)
+    lines = ["# DejaVu on OPT and Llama: analysis report", "", "## Answer", ""] + answer
+    if notes:
+        lines += ["## About this run", ""] + [f"> **Note.** {note}\n" for note in notes]
+    if parts.summary:
+        lines += ["## Summary", ""] + parts.summary
+    if parts.decomposition:
+        lines += ["## Decomposition", ""] + parts.decomposition
+    if baseline_figures or not baseline_lines[0].startswith("Missing"):
+        lines += ["## Baselines and controls", ""] + baseline_lines + figure_lines(baseline_figures, out_dir)
+    else:
+        not_measured.append("section 'Baselines and controls': " + baseline_lines[0])
+    for title in SECTIONS:
+        if title in body:
+            lines += [f"## {title}", ""] + body[title]
+    lines += ["## Not measured in this run", ""] + ([f"- {m}" for m in not_measured] or ["Everything was."]) + [""]
+    lines += ["## Missing inputs", ""] + ([f"- {m}" for m in missing] or ["Nothing missing."]) + [""]
+    lines += ["## Glossary", ""] + [f"- **{k}**: {v}" for k, v in GLOSSARY.items()] + [""]
     if inputs.studies:
         lines += ["## Study stages", ""] + stages_section(inputs.studies, sources)
     lines += ["## Inputs", ""]
     lines += [f"- `{p}`" for p in paths]
     lines += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]
-    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
-    for title in SECTIONS:
-        lines += [f"## {title}", ""] + body.get(title, ["Missing: no input of this kind was given.", ""])
-    lines += ["## Missing", ""] + ([f"- {m}" for m in missing] or ["Nothing missing."]) + [""]
-    lines += ["## Sources", ""] + table(["id", "file", "command", "commit", "manifest"],
-                                        [[s["id"], s["file"], f"`{s['command']}`", s["commit"], s["manifest"]]
-                                         for s in sources.rows])
+    lines += ["", "## Sources", "", "Every table row names its source [S<n>]: its file, command, commit and "
+              "manifest.", ""]
+    lines += table(["id", "file", "command", "commit", "manifest"],
+                   [[s["id"], s["file"], f"`{s['command']}`", s["commit"], s["manifest"]] for s in sources.rows])
+    lines += ["## Provenance", "", f"Generated by `{provenance['command']}` at commit `{provenance['git_commit']}` on "
+              f"{provenance['start_time']}, with --within {flags.within:g} and --acc-within {flags.acc_within:g}.", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     print(f"wrote {report}: {sum(present.values())} of {len(SECTIONS)} sections, {len(sources.rows)} sources, "
-          f"{len(missing)} missing items, figures in {figures}")
+          f"{len(missing)} missing inputs, {len(not_measured)} items not measured, figures in {figures}")
     return report
 
 
@@ -135,9 +188,14 @@ def main(argv: list[str] | None = None) -> Path:
                              "predictor out-dirs, perplexity-sweep and task-sweep CSVs")
     parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and figures/ are written")
     parser.add_argument("--note", action="append", default=[],
-                        help="a sentence shown at the top of the report (repeat), e.g. what the models are")
+                        help="a sentence shown right after the Answer (repeat), e.g. what the models are")
+    parser.add_argument("--within", type=float, default=Flags.within,
+                        help="the Answer calls a perplexity ratio 'within' when it is within this relative distance "
+                             "of 1, and 'too noisy to read' when its standard error exceeds it (default %(default)s)")
+    parser.add_argument("--acc-within", type=float, default=Flags.acc_within,
+                        help="the same for an accuracy difference (absolute; default %(default)s)")
     args = parser.parse_args(argv)
-    return build_report(args.inputs, args.out_dir, args.note)
+    return build_report(args.inputs, args.out_dir, args.note, Flags(args.within, args.acc_within))
 
 
 if __name__ == "__main__":

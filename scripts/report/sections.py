@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -9,9 +10,12 @@ import numpy as np
 
 from sparse_predictor.trainer.records import SUMMARY_COLUMNS
 from scripts.analysis.common import PERCENTILES, model_label, write_csv_atomic
-from scripts.report.summary import (budget_curves, build_summaries, decomposition_tables, per_layer_tables,
-                                    plot_summary, ppl_key, summary_tables, csv_rows as summary_csv_rows)
-from scripts.report.inputs import SWEEP_REQUIRED, Inputs, PredictorSet, Sources, all_models, read_json_file
+from scripts.report.answer import too_noisy
+from scripts.report.summary import (MAX_COLUMNS, ModelSummary, build_summaries, decomposition_tables, layer_text,
+                                    per_layer_tables, plot_recall_by_layer, plot_summary, summary_tables,
+                                    csv_rows as summary_csv_rows, table as markdown_table)
+from scripts.report.inputs import (Inputs, PredictorSet, Sources, all_models, model_dims, read_json_file,
+                                   row_budget)
 
 
 # ------------------------------------------------------------------------------------- formatting
@@ -24,9 +28,21 @@ def fmt(value: Any) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return lines + [""]
+    return markdown_table(headers, rows, render=fmt)
+
+
+def split_table(key_headers: Sequence[str], value_headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                tail_headers: Sequence[str] = ("src",)) -> list[str]:
+    """A table too wide for the column limit as several: every part repeats the key (and tail) columns and takes the
+    next value columns. rows: key values, then value values, then tail values."""
+    keys, tails = len(key_headers), len(tail_headers)
+    width = MAX_COLUMNS - keys - tails
+    lines = []
+    for start in range(0, max(1, len(value_headers)), width):
+        part = slice(keys + start, keys + min(start + width, len(value_headers)))
+        lines += table([*key_headers, *value_headers[start:start + width], *tail_headers],
+                       [[*row[:keys], *row[part], *row[len(row) - tails:]] for row in rows])
+    return lines
 
 
 def by_model(values: dict[str, float]) -> str:
@@ -44,25 +60,29 @@ def figure_lines(paths: Sequence[Path], report_dir: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------- sections
 def collections_section(inputs: Inputs, sources: Sources) -> list[str]:
-    rows = []
+    shapes, facts = [], []
     for directory, m in inputs.collections:
         src = sources.add(directory / "manifest.json", m, str(directory / "manifest.json"))
         cfg, data = m.get("config", {}), m.get("source_data") or {}
-        rows.append([model_label(m), m.get("model_type"), m.get("rows_written"), m.get("capacity"),
-                     cfg.get("num_layers"), cfg.get("hidden_size"), cfg.get("ffn_dim"), cfg.get("num_heads"),
-                     cfg.get("num_kv_heads"), ", ".join(m.get("kinds", [])), m.get("complete"), m.get("dtype"),
-                     (m.get("weights") or {}).get("note", "not recorded"),
-                     (m.get("tokenizer") or {}).get("position_0", "not recorded"),
-                     data.get("path"), (data.get("sha256") or "n/a")[:12], src])
-    return table(["model", "model_type", "rows", "capacity", "layers", "d", "ffn", "heads", "kv heads", "kinds",
-                  "complete", "dtype", "weights", "position 0", "source data", "sha256", "src"], rows)
+        shapes.append([model_label(m), m.get("model_type"), m.get("rows_written"), m.get("capacity"),
+                       cfg.get("num_layers"), cfg.get("hidden_size"), cfg.get("ffn_dim"), cfg.get("num_heads"),
+                       cfg.get("num_kv_heads"), src])
+        facts.append([model_label(m), ", ".join(m.get("kinds", [])), m.get("complete"), m.get("dtype"),
+                      (m.get("weights") or {}).get("note", "not recorded"),
+                      (m.get("tokenizer") or {}).get("position_0", "not recorded"),
+                      data.get("path"), (data.get("sha256") or "n/a")[:12], src])
+    return (table(["model", "model_type", "rows", "capacity", "layers", "d", "ffn", "heads", "kv heads", "src"], shapes)
+            + table(["model", "kinds", "complete", "dtype", "weights", "position 0", "source data", "sha256", "src"],
+                    facts))
 
 
 def drift_section(results: list[tuple[Path, dict]], sources: Sources) -> list[str]:
+    """Per model: how the cosines were computed, the mean over layers l >= 1 by distance (layer 0, the embedding
+    against the first block's output, only in the per-layer table), and every layer at k=1."""
     lines = []
-    summary_rows, layer_rows = [], []
-    k1: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    summary_rows, k1 = [], defaultdict(dict)
     max_k = max(r["max_distance"] for _, r in results)
+    per_layer = []
     for path, r in results:
         src = result_source(sources, path, r)
         model = r["source"]["model"]
@@ -76,24 +96,30 @@ def drift_section(results: list[tuple[Path, dict]], sources: Sources) -> list[st
                   f"first token excluded: {r['exclude_first_token']} ({r['sample']['first_token_rows_dropped']} rows "
                   f"dropped; position 0 is {r['sample'].get('position_0', 'not recorded')}); massive dims: "
                   f"{massive_text}"]
-        groups = defaultdict(dict)
-        for s in r["summary"]:
-            groups[(s["kind"], s["space"], s["dims"])][s["k"]] = s["mean_of_layer_means"]
-            if s["k"] == 1:
-                k1[(s["kind"], s["space"], s["dims"])][model] = s["mean_of_layer_means"]
-        summary_rows += [[model, kind, space, dims, *[ks.get(k) for k in range(1, max_k + 1)], src]
-                         for (kind, space, dims), ks in sorted(groups.items())]
-        layer_rows += [[model, x["kind"], x["layer"], x["space"], x["dims"], x["mean"],
-                        *[x[f"p{p}"] for p in PERCENTILES], x["n"], src]
-                       for x in r["records"] if x["k"] == 1]
-    lines += [""] + [f"- mean cosine at k=1 ({kind}, {space}, {dims} dims; mean over layers of the per-layer mean): "
-                     f"{by_model(values)}" for (kind, space, dims), values in sorted(k1.items())]
-    lines += ["", "Mean over layers of the per-layer mean cosine, by distance k:", ""]
-    lines += table(["model", "kind", "space", "dims", *[f"k={k}" for k in range(1, max_k + 1)], "src"], summary_rows)
-    lines += ["Per layer at k=1 (all distances are in each result's drift.csv):", ""]
-    lines += table(["model", "kind", "layer l", "space", "dims", "mean", *[f"p{p}" for p in PERCENTILES], "n", "src"],
-                   layer_rows)
-    return lines
+        groups = defaultdict(lambda: defaultdict(list))
+        for x in r["records"]:
+            if x["layer"] >= 1:
+                groups[(x["kind"], x["space"], x["dims"])][x["k"]].append((x["layer"], x["mean"]))
+        for (kind, space, dims), ks in sorted(groups.items()):
+            means = {k: float(np.mean([m for _, m in v])) for k, v in ks.items()}
+            summary_rows.append([model, kind, space, dims, layer_text([layer for layer, _ in ks.get(1, [])]),
+                                 *[means.get(k) for k in range(1, max_k + 1)], src])
+            if 1 in means:
+                k1[(kind, space, dims)][model] = means[1]
+        n = {x["n"] for x in r["records"] if x["k"] == 1}
+        per_layer += [f"**{model}** [{src}], k=1, {', '.join(map(str, sorted(n)))} tokens per layer:", ""]
+        per_layer += table(["kind", "layer l", "space", "dims", "mean", *[f"p{p}" for p in PERCENTILES]],
+                           [[x["kind"], x["layer"], x["space"], x["dims"], x["mean"],
+                             *[x[f"p{p}"] for p in PERCENTILES]]
+                            for x in r["records"] if x["k"] == 1])
+    lines += [""] + [f"- mean cosine at k=1 ({kind}, {space}, {dims} dims; mean over layers l >= 1 of the per-layer "
+                     f"mean; layer 0 in the per-layer table): {by_model(values)}"
+                     for (kind, space, dims), values in sorted(k1.items())]
+    lines += ["", "Mean over layers l >= 1 (the pairs (l, l+k) named) of the per-layer mean cosine, by distance k:", ""]
+    lines += split_table(["model", "kind", "space", "dims", "layers at k=1"], [f"k={k}" for k in range(1, max_k + 1)],
+                         summary_rows)
+    lines += ["Per layer at k=1, layer 0 included (all distances are in each result's drift.csv):", ""]
+    return lines + per_layer
 
 
 def lookahead_section(results: list[tuple[Path, dict]], sources: Sources) -> list[str]:
@@ -104,11 +130,12 @@ def lookahead_section(results: list[tuple[Path, dict]], sources: Sources) -> lis
         model, distances = r["source"]["model"], r["distances"]
         for j in distances:
             cells = [x["Recall@K"] for x in r["records"] if x["distance"] == j]
-            at_distance[(r["block"], j)][model] = f"{fmt(float(np.mean(cells)))} ({len(cells)} layer{'s' * (len(cells) != 1)})"
+            at_distance[(r["block"], j)][model] = (f"{fmt(float(np.mean(cells)))} ({len(cells)} "
+                                                   f"layer{'s' * (len(cells) != 1)})")
         lines += [f"**{model}**, {r['block']} labels ({r['label_definition']}), Recall@K by predicted layer l and "
                   f"input distance j (input att_x_(l-j)) [{src}]:", ""]
-        lines += table(["layer l", *[f"j={j}" for j in distances], "src"],
-                       [[l, *row, src] for l, row in zip(r["layers"], r["matrix"]["Recall@K"])])
+        lines += split_table(["layer l"], [f"j={j}" for j in distances],
+                             [[layer, *row, src] for layer, row in zip(r["layers"], r["matrix"]["Recall@K"])])
     lines += [f"- mean Recall@K over the layers with l-j >= 0, {block}, j={j}: {by_model(values)}"
               for (block, j), values in sorted(at_distance.items())]
     return lines + [""]
@@ -126,7 +153,7 @@ def sparsity_section(results: list[tuple[Path, dict]], sources: Sources) -> list
             if values and c != "tokens_with_zero_mlp_mass":
                 means[c][model] = float(np.mean(values))
         lines += [f"**{model}** [{src}]: {r['sample']['rows_used']} rows; {r['mlp_gate']}", ""]
-        lines += table(["layer", *columns, "src"], [[x["layer"], *[x[c] for c in columns], src] for x in r["records"]])
+        lines += split_table(["layer"], columns, [[x["layer"], *[x[c] for c in columns], src] for x in r["records"]])
     lines += [f"- mean over layers of {c}: {by_model(values)}" for c, values in means.items()]
     return lines + [""]
 
@@ -137,17 +164,23 @@ def label_sweep_section(results: list[tuple[Path, dict]], sources: Sources) -> l
     for path, r in results:
         src = result_source(sources, path, r)
         model = r["source"]["model"]
-        lines += [f"**{model}**, MLP predictors with input `{r['input']}`, mean over layers {r['layers']} [{src}]:", ""]
+        layers = r["layers"]
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"mean over layers {layer_text(layers)}"
+        lines += [f"**{model}**, MLP predictors with input `{r['input']}`, {where} [{src}] (K: the label's top-K "
+                  f"count, or the mean active count of a thresholded label; True Sparsity: units labelled active per "
+                  f"token):", ""]
         rows = []
         for spec in r["labels"]:
             trained = [x for x in r["records"] if x["label_spec"] == spec and x["status"] == "trained"]
             statuses = sorted({x["status"] for x in r["records"] if x["label_spec"] == spec})
             rows.append([spec, len(trained), *[np.mean([x[m] for x in trained if x[m] is not None])
-                                               if trained else None for m in metrics], "; ".join(statuses), src])
-        lines += table(["label", "layers trained", *metrics, "status", "src"], rows)
-        lines += table(["layer", "label", *metrics, "K", "status", "src"],
-                       [[x["layer"], x["label_spec"], *[x.get(m) for m in metrics], x.get("K"), x["status"], src]
-                        for x in r["records"]])
+                                               if trained else None for m in (*metrics, "K")], "; ".join(statuses),
+                         src])
+        lines += table(["label", "layers trained", *metrics, "K", "status", "src"], rows)
+        if len(layers) > 1:
+            lines += table(["layer", "label", *metrics, "K", "status", "src"],
+                           [[x["layer"], x["label_spec"], *[x.get(m) for m in metrics], x.get("K"), x["status"], src]
+                            for x in r["records"]])
     return lines
 
 
@@ -184,10 +217,11 @@ def resolve_manifest(value: str, csv_path: Path) -> Path | None:
     return None
 
 
-def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, missing: list[str]) -> list[str]:
+def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, missing: list[str],
+                       dims: dict[str, dict]) -> list[str]:
+    """Every sweep row with its ratio to the dense run; the CSV itself keeps every column."""
     lines = []
     for csv_path, rows in sweeps:
-        columns = list(rows[0]) if rows else list(SWEEP_REQUIRED)
         dense = {(r["model"], r["dataset"]): float(r["perplexity"]) for r in rows if r["mode"] == "dense"}
         out = []
         for i, r in enumerate(rows, start=2):  # line numbers of the CSV, header = 1
@@ -199,24 +233,27 @@ def perplexity_section(sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
             else:
                 src = sources.add(manifest, read_json_file(manifest), str(manifest))
             base = dense.get((r["model"], r["dataset"]))
-            ratio = float(r["perplexity"]) / base if base else None
-            out.append([*(r[c] for c in columns), ratio, src])
-        lines += [f"From `{csv_path}`:", ""]
-        lines += table([*columns, "ppl / dense ppl", "src"], out)
+            budget = row_budget(r)
+            out.append([r["model"], r["dataset"], r["mode"], budget.block,
+                        "dense" if r["mode"] == "dense" else budget.text(dims.get(r["model"])),
+                        float(r["perplexity"]), r.get("tokens"), float(r["perplexity"]) / base if base else None, src])
+        lines += [f"From `{csv_path}` (which keeps every column of the sweep):", ""]
+        lines += table(["model", "dataset", "mode", "block", "budget", "perplexity", "tokens", "ppl / dense ppl",
+                        "src"], out)
         lines += against_dense(rows, "dataset", dict(sorted(dense.items())), "perplexity",
-                               lambda r: float(r["perplexity"])) + [""]
+                               lambda r: float(r["perplexity"]), dims) + [""]
     return lines
 
 
 def against_dense(rows: list[dict], group: str, dense: dict[tuple[str, str], Any], metric: str,
-                  value: Callable[[dict], Any]) -> list[str]:
+                  value: Callable[[dict], Any], dims: dict[str, dict]) -> list[str]:
     """One sentence per (model, `group`) of `dense`: the dense run's `metric`, then every other run's."""
     lines = []
     for (model, name), base in dense.items():
         others = [r for r in rows if (r["model"], r[group]) == (model, name) and r["mode"] != "dense"]
         lines.append(f"- {model} / {name}: dense {metric} {fmt(base)}; " + (
-            "other runs: " + ", ".join(f"{r['mode']} (mlp_topk {fmt(r.get('mlp_topk'))}, att_topk "
-                                      f"{fmt(r.get('att_topk'))}) {fmt(value(r))}" for r in others)
+            "other runs: " + ", ".join(f"{r['mode']} ({row_budget(r).text(dims.get(model))}) {fmt(value(r))}"
+                                      for r in others)
             if others else "no other run"))
     return lines
 
@@ -225,11 +262,14 @@ def number(value: str | None) -> float | None:
     return None if value in (None, "") else float(value)
 
 
-def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, missing: list[str]) -> list[str]:
-    """Downstream accuracy per (model, task, mode, budget), next to the dense model's, with the harness's stderr."""
+def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, missing: list[str],
+                  dims: dict[str, dict], acc_within: float) -> list[str]:
+    """Downstream accuracy per (model, task, mode, budget), next to the dense model's, with the harness's stderr; a
+    difference whose standard error exceeds the flag --acc-within is marked too noisy to read."""
     lines = []
     for csv_path, rows in task_sweeps:
-        dense = {(r["model"], r["task"]): number(r["acc"]) for r in rows if r["mode"] == "dense"}
+        dense = {(r["model"], r["task"]): (number(r["acc"]), number(r["acc_stderr"])) for r in rows
+                 if r["mode"] == "dense"}
         out = []
         for i, r in enumerate(rows, start=2):
             result = resolve_manifest(r.get("result_json", ""), csv_path)
@@ -238,16 +278,36 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
                 src = sources.add(f"{csv_path} line {i}", None, None)
             else:
                 src = sources.add(result, read_json_file(result), str(result))
-            acc, base = number(r["acc"]), dense.get((r["model"], r["task"]))
-            out.append([r["model"], r["task"], r["mode"], r.get("mlp_topk"), r.get("att_topk"), acc,
-                        number(r["acc_stderr"]), number(r.get("acc_norm")), number(r.get("acc_norm_stderr")),
-                        None if acc is None or base is None else acc - base, r.get("samples"),
-                        r.get("num_fewshot"), src])
-        lines += [f"From `{csv_path}`:", ""]
-        lines += table(["model", "task", "mode", "mlp_topk", "att_topk", "acc", "acc stderr", "acc_norm",
-                        "acc_norm stderr", "acc - dense acc", "samples", "shots", "src"], out)
-        lines += against_dense(rows, "task", dense, "acc", lambda r: number(r["acc"])) + [""]
+            acc, stderr = number(r["acc"]), number(r["acc_stderr"])
+            base, base_stderr = dense.get((r["model"], r["task"]), (None, None))
+            out.append([r["model"], r["task"], r["mode"],
+                        "dense" if r["mode"] == "dense" else row_budget(r).text(dims.get(r["model"])), r.get("samples"),
+                        plus_minus(acc, stderr),
+                        plus_minus(number(r.get("acc_norm")), number(r.get("acc_norm_stderr"))),
+                        "" if r["mode"] == "dense" else difference_text(acc, stderr, base, base_stderr, acc_within),
+                        src])
+        lines += [f"From `{csv_path}` (accuracy ± the harness's standard error; the "
+                  f"difference to dense is marked too noisy when its standard error, the two rows' combined, exceeds "
+                  f"the flag --acc-within {acc_within:g}; every column in the CSV):", ""]
+        lines += table(["model", "task", "mode", "budget", "samples", "acc", "acc_norm", "acc - dense acc", "src"],
+                       out)
+        lines += against_dense(rows, "task", {k: v[0] for k, v in dense.items()}, "acc", lambda r: number(r["acc"]),
+                               dims) + [""]
     return lines
+
+
+def plus_minus(value: float | None, stderr: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+
+def difference_text(acc: float | None, stderr: float | None, base: float | None, base_stderr: float | None,
+                    acc_within: float) -> str:
+    """The difference to dense, marked too noisy to read as the Answer marks it (answer.too_noisy)."""
+    if acc is None or base is None:
+        return "n/a"
+    difference, se = acc - base, float(np.hypot(stderr or 0.0, base_stderr or 0.0))
+    noisy = too_noisy(se, acc_within, difference - 1.96 * se, difference + 1.96 * se)
+    return f"{difference:+.3f}" + (f" (too noisy to read: se {se:.3f} > {acc_within:g})" if noisy else "")
 
 
 def stages_section(studies: list[tuple[Path, dict]], sources: Sources) -> list[str]:
@@ -265,12 +325,24 @@ def stages_section(studies: list[tuple[Path, dict]], sources: Sources) -> list[s
 
 
 # ------------------------------------------------------------------------------------- summary
-def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: list[str]) -> tuple[list, list]:
-    """The first page (one row per model, identical definitions, intervals), its figure and summary.csv; and the
-    decomposition tables. Sources are registered first, so the summary's rows carry the lowest ids."""
+@dataclass
+class SummaryParts:
+    """What the summary stage hands to the report: the per-model cells (the Answer reads them too), the K fractions,
+    the distance K, and the markdown of the Summary and Decomposition sections."""
+    summaries: list[ModelSummary]
+    fractions: list[float]
+    distance: float | None
+    summary: list[str]
+    decomposition: list[str]
+
+
+def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: list[str],
+                    colors: dict[str, str]) -> SummaryParts:
+    """The pooled numbers (identical definitions, intervals), their figures and summary.csv, and the decomposition
+    tables. Sources are registered first, so the summary's rows carry the lowest ids."""
     recall = [(result_source(sources, path, r), r) for path, r in inputs.results["recall_summary"]]
     drift = [(result_source(sources, path, r), r) for path, r in inputs.results["drift"]]
-    sweeps, ppl_keys = [], []
+    sweeps = []
     for csv_path, rows in inputs.sweeps:
         for i, row in enumerate(rows, start=2):
             manifest_path = resolve_manifest(row.get("output_manifest", ""), csv_path)
@@ -280,28 +352,27 @@ def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: li
                                f"(rerun the sweep with this version): no interval")
                 continue
             sweeps.append(([sources.add(manifest_path, manifest, str(manifest_path))], row, manifest))
-            if row["mode"] != "dense":
-                ppl_keys.append(ppl_key(row))
-    if not (recall or drift or sweeps):
-        return (["Missing: no recall_summary.py, drift.py or sweep result was given.", ""],
-                ["Missing: no recall_summary.py result was given.", ""])
     models = all_models(inputs)
-    summaries = build_summaries(models, recall, drift, sweeps)
+    summaries = build_summaries(models, recall, drift, sweeps, model_dims(inputs))
     fractions = recall[0][1]["fractions"] if recall else []
     distance = recall[0][1]["distance_fraction"] if recall else None
-    lines = summary_tables(summaries, fractions, distance, list(dict.fromkeys(ppl_keys)))
-    ratios = budget_curves(summaries, sweeps[0][1]["dataset"]) if sweeps else {}
-    figure = plot_summary([r for _, r in recall], [r for _, r in drift], ratios, distance or 0.25,
-                          out_dir / "figures")
+    if not (recall or drift or sweeps):
+        return SummaryParts(summaries, fractions, distance, [], [])
+    lines = summary_tables(summaries, fractions, distance)
+    figures = [plot_summary(summaries, fractions, out_dir / "figures")]
+    if recall and distance is not None:
+        figures.append(plot_recall_by_layer([r for _, r in recall], distance, colors, out_dir / "figures"))
     csv_path = out_dir / "summary.csv"
     rows = summary_csv_rows(summaries)
     write_csv_atomic(csv_path, rows, list(dict.fromkeys(k for row in rows for k in row)))
-    lines += figure_lines([figure], out_dir) + [f"All numbers with their intervals, seed spreads, chance levels and "
-                                                 f"sources: `{csv_path.name}`.", ""]
+    lines += figure_lines([f for f in figures if f is not None], out_dir)
+    lines += [f"All numbers with their intervals, seed spreads, uniform-chance levels, layer sets and sources, and "
+              f"every perplexity ratio against the oracle: `{csv_path.name}`.", ""]
     activations = {model_label(m): (m.get("label_definitions") or {}).get("mlp_label", "not recorded")
                    for _, m in inputs.collections}
     if not recall:
-        return lines, ["Missing: no recall_summary.py result was given.", ""]
+        return SummaryParts(summaries, fractions, distance, lines, [])
     sparsity = [(result_source(sources, path, r), r) for path, r in inputs.results["sparsity_stats"]]
-    return lines, (decomposition_tables(summaries, fractions, distance, activations)
-                   + per_layer_tables(recall, drift, sparsity, distance))
+    return SummaryParts(summaries, fractions, distance, lines,
+                        decomposition_tables(summaries, fractions, distance, activations)
+                        + per_layer_tables(recall, drift, sparsity, distance))

@@ -1,10 +1,16 @@
-"""The report's first page: one row per model on identical definitions, with 95% intervals, and one figure.
+"""The report's summary: one row per model on identical definitions, with 95% intervals, and its figures.
 
 Read by report.py from the results it found: recall_summary.py JSONs (Recall@K of predictors trained on the same
-"top-K by |activation|" label for every model, per-document counts, seeds), drift.py JSONs (cosine at k = 1 with
-intervals) and perplexity sweeps (each run's manifest holds per-request log-prob sums). Every number is pooled over
-layers (and seeds), its interval is a bootstrap over documents (Decentralized_FM_alpha/utils/intervals.py), the
-spread over training seeds is shown beside it, and every row names its sources.
+"top-K by |activation|" label for every model, per-document counts, seeds; the input-independent and training-free
+rankings scored on the same documents when present), drift.py JSONs (cosine at k = 1 with intervals) and perplexity
+sweeps (each run's manifest holds per-request log-prob sums). Every interval is a bootstrap over documents
+(Decentralized_FM_alpha/utils/intervals.py), the spread over training seeds is shown beside it, and every row names
+its sources.
+
+Pooling: every pooled Recall@K, captured-mass and penalty number of a model pools one layer set, the layers that
+every input of the summary has (same-layer, lookahead, l-1, l-2, the baselines), without layer 0 (its input is the
+embedding); drift pools the pairs (l, l+1) with l >= 1 where drift.py records it. The set is named beside the
+numbers, so columns that compare inputs compare the same layers.
 """
 from __future__ import annotations
 
@@ -12,32 +18,47 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from Decentralized_FM_alpha.utils.intervals import METHOD, Interval, bootstrap, cluster_sums, ratio, seed_spread
-from scripts.analysis.common import model_colors, new_figure, save_figure
+from scripts.analysis.common import legend_outside, log_y, new_figure, plot_series, reference_line, save_figure
+from scripts.report.inputs import Budget, row_budget
+from scripts.report.plots import BLOCK_TITLES, budget_axis
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
 ATT_INPUTS = ("same", "lookahead", "l-2")
-INPUT_NAMES = {"same": "same-layer", "lookahead": "DejaVu lookahead", "l-1": "from l-1", "l-2": "from l-2"}
+INPUT_NAMES = {"same": "same-layer", "lookahead": "lookahead", "l-1": "from l-1", "l-2": "from l-2"}
+SPARSE_MODES = ("oracle", "predictor", "random", "static", "gate")  # the sweep's modes besides dense, in table order
+BASELINES = ("static", "gate", "random")  # rankings scored without a trained predictor, beside the predictor's
+BASELINE_RANKINGS = {"static": "static", "|SiLU(g)|": "gate", "random": "random"}  # recall_summary "ranking" -> name
+MAX_COLUMNS = 10  # widest markdown table; wider ones are split (the CSVs keep everything)
+GATE_LINEAR_NOTE = ("same-layer: g = W_g(γ ⊙ x / rms(x)) is a linear threshold of mlp_x, a linearly separable "
+                    "label; only the lookahead version tests DejaVu")
 
 
 @dataclass
 class Cell:
-    """One summary number: its interval, the spread over seeds (predictors), its chance level and sources."""
+    """One summary number: its interval, the spread over seeds (predictors), its uniform-chance level, the layers it
+    pools and its sources."""
     interval: Interval | None
     seeds: dict | None = None
     chance: float | None = None
     sources: list[str] = field(default_factory=list)
+    layers: list[int] | None = None
 
-    def text(self) -> str:
+    def text(self, digits: int = 3) -> str:
         if self.interval is None:
             return "n/a"
-        seeds = (f" s {self.seeds['min']:.3f}-{self.seeds['max']:.3f}"
+        seeds = (f" s {self.seeds['min']:.{digits}f} to {self.seeds['max']:.{digits}f}"
                  if self.seeds and self.seeds["seeds"] > 1 else "")
-        return self.interval.text() + seeds
+        return self.interval.text(digits) + seeds
+
+    @property
+    def standard_error(self) -> float | None:
+        """The interval's width in standard errors of a normal estimate: (high - low) / (2 * 1.96)."""
+        return None if self.interval is None else (self.interval.high - self.interval.low) / 3.92
 
     def csv(self, prefix: str) -> dict:
         i = self.interval
@@ -45,8 +66,20 @@ class Cell:
                 f"{prefix} high": i.high if i else None, f"{prefix} documents": i.documents if i else None,
                 f"{prefix} seed min": (self.seeds or {}).get("min"),
                 f"{prefix} seed max": (self.seeds or {}).get("max"),
-                f"{prefix} seeds": (self.seeds or {}).get("seeds"), f"{prefix} chance": self.chance,
+                f"{prefix} seeds": (self.seeds or {}).get("seeds"), f"{prefix} uniform chance": self.chance,
+                f"{prefix} layers": layer_text(self.layers) if self.layers is not None else None,
                 f"{prefix} sources": " ".join(self.sources)}
+
+
+def layer_text(layers: Sequence[int]) -> str:
+    """'2-5' or '1, 3-5': a layer set as ranges."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "none"
 
 
 # ------------------------------------------------------------------------------------- Recall@K cells
@@ -64,38 +97,39 @@ def document_columns(records: Sequence[dict], numerator: str, scale: Callable[[d
     return {"num": num, "den": den}
 
 
-def recall_cell(records: Sequence[dict], source: str) -> Cell:
+def recall_cell(records: Sequence[dict], source: str, layers: list[int] | None = None) -> Cell:
     """Recall@K pooled over the records' layers and seeds (= their mean: equal K and documents per layer)."""
     if not records:
-        return Cell(None, sources=[source])
+        return Cell(None, sources=[source], layers=layers)
     interval = bootstrap(document_columns(records, "topk_hits", lambda r: r["K"]), ratio("num", "den"))
     per_seed = defaultdict(list)
     for r in records:
         per_seed[r.get("seed")].append(r)
     seeds = seed_spread([pooled_ratio(document_columns(rs, "topk_hits", lambda r: r["K"]))
                          for rs in per_seed.values()])
-    return Cell(interval, seeds, float(np.mean([r["chance Recall@K"] for r in records])), [source])
+    return Cell(interval, seeds, float(np.mean([r["chance Recall@K"] for r in records])), [source], layers)
 
 
 def pooled_ratio(columns: dict) -> float:
     return float(columns["num"].sum() / columns["den"].sum())
 
 
-def ratio_cell(records: Sequence[dict], numerator: str, denominator: str, source: str) -> Cell:
-    """A per-document count ratio pooled over records, e.g. Precision = tp / predicted."""
-    if not records:
-        return Cell(None, sources=[source])
+def ratio_cell(records: Sequence[dict], numerator: str, denominator: str, source: str,
+               layers: list[int] | None = None) -> Cell:
+    """A per-document sum ratio pooled over records, e.g. Precision = tp / predicted, captured mass."""
+    if not records or any(r["per_document"].get(numerator) is None for r in records):
+        return Cell(None, sources=[source], layers=layers)
     columns = {"num": sum(np.asarray(r["per_document"][numerator], dtype=np.float64) for r in records),
                "den": sum(np.asarray(r["per_document"][denominator], dtype=np.float64) for r in records)}
-    return Cell(bootstrap(columns, ratio("num", "den")), sources=[source])
+    return Cell(bootstrap(columns, ratio("num", "den")), sources=[source], layers=layers)
 
 
-def penalty_cell(same: Sequence[dict], other: Sequence[dict], source: str) -> Cell:
+def penalty_cell(same: Sequence[dict], other: Sequence[dict], source: str, layers: list[int] | None = None) -> Cell:
     """Recall@K(same-layer) - Recall@K(other input), on the (layer, seed) pairs both have, documents paired."""
     other_by_key = {(r["layer"], r["seed"]): r for r in other}
     pairs = [(r, other_by_key[(r["layer"], r["seed"])]) for r in same if (r["layer"], r["seed"]) in other_by_key]
     if not pairs:
-        return Cell(None, sources=[source])
+        return Cell(None, sources=[source], layers=layers)
     a = document_columns([p[0] for p in pairs], "topk_hits", lambda r: r["K"])
     b = document_columns([p[1] for p in pairs], "topk_hits", lambda r: r["K"])
     interval = bootstrap({"num": a["num"] - b["num"], "den": a["den"]}, ratio("num", "den"))
@@ -105,7 +139,7 @@ def penalty_cell(same: Sequence[dict], other: Sequence[dict], source: str) -> Ce
     spread = seed_spread([pooled_ratio(document_columns([p[0] for p in ps], "topk_hits", lambda r: r["K"]))
                           - pooled_ratio(document_columns([p[1] for p in ps], "topk_hits", lambda r: r["K"]))
                           for ps in per_seed.values()])
-    return Cell(interval, spread, 0.0, [source])
+    return Cell(interval, spread, 0.0, [source], layers)
 
 
 def select(records: Sequence[dict], block: str, input_name: str, label: str, k: float | None) -> list[dict]:
@@ -113,116 +147,188 @@ def select(records: Sequence[dict], block: str, input_name: str, label: str, k: 
             and (k is None or r["k"] == k)]
 
 
+def baseline_of(record: dict) -> str | None:
+    """static / gate / random for a ranking scored without a predictor (recall_summary records with a "ranking" and a
+    Recall@K), else None."""
+    return BASELINE_RANKINGS.get(record.get("ranking")) if record.get("Recall@K") is not None else None
+
+
+def is_predictor(record: dict) -> bool:
+    """A trained predictor's record (the rankings that need none carry a "ranking")."""
+    return "ranking" not in record
+
+
+def common_layers(records: Sequence[dict]) -> list[int]:
+    """The layers that every (block, input) of the summary's top-K records has, layer 0 left out."""
+    sets: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for r in records:
+        if r["label"] == "topk":
+            sets[(r["block"], baseline_of(r) or r["input"])].add(r["layer"])
+    return sorted(set.intersection(*sets.values()) - {0}) if sets else []
+
+
 # ------------------------------------------------------------------------------------- perplexity and drift cells
 def read_manifest(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def perplexity_ratio_cell(run: dict, dense: dict, sources: list[str]) -> Cell:
-    """perplexity(run) / perplexity(dense) on the same requests: exp(-(S_run - S_dense) / T), requests paired."""
-    a, b = run["perplexity"]["per_request"], dense["perplexity"]["per_request"]
+def perplexity_ratio_cell(run: dict, base: dict, sources: list[str]) -> Cell:
+    """perplexity(run) / perplexity(base) on the same requests: exp(-(S_run - S_base) / T), requests paired."""
+    a, b = run["perplexity"]["per_request"], base["perplexity"]["per_request"]
     if a["tokens"] != b["tokens"]:
-        raise ValueError(f"{run['output_path']} and {dense['output_path']} score different tokens: not comparable")
-    columns = {"run": a["logprob_sums"], "dense": b["logprob_sums"], "tokens": a["tokens"]}
+        raise ValueError(f"{run['output_path']} and {base['output_path']} score different tokens: not comparable")
+    columns = {"run": a["logprob_sums"], "base": b["logprob_sums"], "tokens": a["tokens"]}
     method = METHOD.replace("documents", "requests")
     if "articles" in a:  # WikiText-2 windows: resample whole articles (a cluster bootstrap)
         columns, method = cluster_sums(columns, a["articles"]), METHOD.replace("documents", "articles (WikiText-2)")
-    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["dense"]) / s["tokens"]), method=method),
+    return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["base"]) / s["tokens"]), method=method),
                 chance=None, sources=sources)
 
 
-def drift_cell(payload: dict, space: str, dims: str, source: str) -> Cell:
+DRIFT_PAIRINGS = ("same-token", "cross-token", "centred")
+
+
+def drift_cells(payload: dict, source: str) -> dict[str, Cell]:
+    """Cells 'drift <pairing> <space> <dims>' from drift.py's k1_intervals of att_x: same-token (the entry), and where
+    drift.py gives them, cross-token (its "cross_token"), same-token minus cross-token and centred (the same-token
+    cosine in the space "<space> centred"); each with the layers it pools ("pooled_layers")."""
+    cells = {}
     for x in payload.get("k1_intervals", []):
-        if (x["kind"], x["space"], x["dims"]) == ("att_x", space, dims):
-            return Cell(Interval(x["value"], x["low"], x["high"], x["documents"], x["method"]), chance=0.0,
-                        sources=[source])
-    return Cell(None, sources=[source])
+        if x["kind"] != "att_x":
+            continue
+        space, centred = (x["space"][: -len(" centred")], True) if x["space"].endswith(" centred") else (x["space"],
+                                                                                                            False)
+        parts = {"centred": x} if centred else {"same-token": x, "cross-token": x.get("cross_token"),
+                                                "same-minus-cross": x.get("same_minus_cross")}
+        for pairing, value in parts.items():
+            if value:
+                cells[f"drift {pairing} {space} {x['dims']}"] = Cell(
+                    Interval(value["value"], value["low"], value["high"], value["documents"], value["method"]),
+                    chance=0.0, sources=[source], layers=x.get("pooled_layers"))
+    return cells
 
 
 # ------------------------------------------------------------------------------------- the summary
+RunKey = tuple[str, str, Budget]  # (dataset, mode, budget)
+
+
 @dataclass
 class ModelSummary:
     model: str
     cells: dict[str, Cell] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-    ppl: dict[tuple[str, str, str, str], Cell] = field(default_factory=dict)  # (dataset, mode, mlp, att) -> ratio
+    dims: dict = field(default_factory=dict)
+    ppl: dict[RunKey, Cell] = field(default_factory=dict)  # perplexity / dense perplexity
+    vs_oracle: dict[RunKey, Cell] = field(default_factory=dict)  # perplexity / the oracle's at the same budget
+    dense_ppl: dict[str, float] = field(default_factory=dict)  # dataset -> dense perplexity
 
 
 def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    records = [r for r in payload["records"] if "per_document" in r and "ranking" not in r]  # predictors only
+    records = [r for r in payload["records"] if "per_document" in r and (is_predictor(r) or baseline_of(r))]
+    layers = common_layers(records)
+    summary.notes["layers"] = layer_text(layers)
+    records = [r for r in records if r["layer"] in layers]
+    predictors = [r for r in records if is_predictor(r)]
+    no_gate = next((r["n/a"] for r in payload["records"] if r.get("ranking") == "|SiLU(g)|" and "n/a" in r), None)
+    if no_gate:
+        summary.notes["gate"] = no_gate
     for block, inputs in (("mlp", ("same", "lookahead")), ("att", ("same", "lookahead"))):
         for k in payload["fractions"]:
             for name in inputs:
-                summary.cells[f"{block} Recall@K {k:g} {name}"] = recall_cell(select(records, block, name, "topk", k),
-                                                                              source)
+                chosen = select(predictors, block, name, "topk", k)
+                summary.cells[f"{block} Recall@K {k:g} {name}"] = recall_cell(chosen, source, layers)
+                summary.cells[f"{block} Captured Mass {k:g} {name}"] = ratio_cell(
+                    chosen, "mass_predicted", "mass_true", source, layers)
+            for baseline in BASELINES:
+                chosen = [r for r in records if baseline_of(r) == baseline and r["block"] == block and r["k"] == k]
+                if chosen:
+                    summary.cells[f"{block} {baseline} Recall@K {k:g}"] = recall_cell(chosen, source, layers)
+                    summary.cells[f"{block} {baseline} Captured Mass {k:g}"] = ratio_cell(
+                        chosen, "mass_predicted", "mass_true", source, layers)
     d = payload["distance_fraction"]
     for block, others in (("mlp", ("lookahead", "l-1", "l-2")), ("att", ("lookahead", "l-2"))):
-        same = select(records, block, "same", "topk", d)
+        same = select(predictors, block, "same", "topk", d)
         for name in others[1:]:
-            summary.cells[f"{block} Recall@K {d:g} {name}"] = recall_cell(select(records, block, name, "topk", d),
-                                                                          source)
+            summary.cells[f"{block} Recall@K {d:g} {name}"] = recall_cell(select(predictors, block, name, "topk", d),
+                                                                          source, layers)
         for name in others:
             summary.cells[f"{block} penalty {d:g} same - {name}"] = penalty_cell(
-                same, select(records, block, name, "topk", d), source)
-    arch = [r for r in records if r["block"] == "mlp" and r["label"] in ("relu", "gate")]
+                same, select(predictors, block, name, "topk", d), source, layers)
+    arch = [r for r in predictors if r["block"] == "mlp" and r["label"] in ("relu", "gate")]
     summary.notes["architecture label"] = payload.get("architecture_label", "")
     for name in ("same", "lookahead"):
         chosen = [r for r in arch if r["input"] == name]
-        summary.cells[f"arch Recall@K {name}"] = recall_cell(chosen, source)
-        summary.cells[f"arch Recall {name}"] = ratio_cell(chosen, "tp", "active", source)
-        summary.cells[f"arch Precision {name}"] = ratio_cell(chosen, "tp", "predicted", source)
-        summary.cells[f"arch Classifier Sparsity {name}"] = ratio_cell(chosen, "predicted", "tokens", source)
+        summary.cells[f"arch Recall@K {name}"] = recall_cell(chosen, source, layers)
+        summary.cells[f"arch Recall {name}"] = ratio_cell(chosen, "tp", "active", source, layers)
+        summary.cells[f"arch Precision {name}"] = ratio_cell(chosen, "tp", "predicted", source, layers)
+        summary.cells[f"arch Classifier Sparsity {name}"] = ratio_cell(chosen, "predicted", "tokens", source, layers)
         if chosen:
             summary.cells[f"arch Precision {name}"].chance = float(np.mean([r["chance Precision"] for r in chosen]))
 
 
 def gate_cells(summary: ModelSummary, payload: dict, source: str) -> None:
-    gate = [r for r in payload["records"] if r["input"] == "gate (no predictor)"
-            and r["ranking"] in ("|g|", "g", "sign(g)")]
+    """The gate alone (decomposition (c)): pooled over the summary's layer set."""
+    records = [r for r in payload["records"] if "per_document" in r and (is_predictor(r) or baseline_of(r))]
+    layers = common_layers(records)
+    gate = [r for r in payload["records"] if r.get("ranking") in ("|g|", "g", "sign(g)") and "per_document" in r
+            and r["layer"] in layers]
     for k in payload["fractions"] if gate else []:
         for ranking in ("|g|", "g", "sign(g)"):
             chosen = [r for r in gate if r["k"] == k and r["ranking"] == ranking]
             cell = Cell(bootstrap(document_columns(chosen, "topk_hits", lambda r: r["K"]), ratio("num", "den")),
-                        chance=chosen[0]["chance Recall@K"], sources=[source])
+                        chance=chosen[0]["chance Recall@K"], sources=[source], layers=layers)
             summary.cells[f"gate {ranking} Recall@K {k:g}"] = cell
         share = [r["gate_positive_share"] for r in gate if "gate_positive_share" in r]  # the sign(g) records
         summary.notes["gate positive share"] = f"{np.mean(share):.3f}"
 
 
 def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[str, dict]],
-                    sweeps: Sequence[tuple[str, dict, dict]]) -> list[ModelSummary]:
+                    sweeps: Sequence[tuple[list[str], dict, dict]], dims: dict[str, dict] | None = None
+                    ) -> list[ModelSummary]:
     """One ModelSummary per model. recall / drift: (source id, payload); sweeps: (source ids, row, manifest)."""
-    summaries = {m: ModelSummary(m) for m in models}
+    summaries = {m: ModelSummary(m, dims=(dims or {}).get(m, {})) for m in models}
     for source, payload in recall:
         summary = summaries[payload["source"]["model"]]
         recall_cells(summary, payload, source)
         gate_cells(summary, payload, source)
     for source, payload in drift:
         summary = summaries[payload["source"]["model"]]
-        for space in ("raw", "normed"):
-            for dims in ("all", "without_massive"):
-                summary.cells[f"drift {space} {dims}"] = drift_cell(payload, space, dims, source)
+        summary.cells.update(drift_cells(payload, source))
         massive = payload.get("massive_dims")
         summary.notes["massive dims"] = f"{massive['count']}" if massive else "not excluded"
-    dense = {(row["model"], row["dataset"]): (ids, manifest) for ids, row, manifest in sweeps if row["mode"] == "dense"}
-    for ids, row, manifest in sweeps:
-        if row["mode"] == "dense" or (row["model"], row["dataset"]) not in dense:
+    dense = {(row["model"], row["dataset"]): (ids, row, manifest) for ids, row, manifest in sweeps
+             if row["mode"] == "dense"}
+    runs = {(row["model"], row["dataset"], row["mode"], row_budget(row)): (ids, manifest)
+            for ids, row, manifest in sweeps if row["mode"] != "dense"}
+    for (model, dataset), (_, row, _) in dense.items():
+        summaries[model].dense_ppl[dataset] = float(row["perplexity"])
+    for (model, dataset, mode, budget), (ids, manifest) in runs.items():
+        if (model, dataset) not in dense:
             continue
-        dense_ids, dense_manifest = dense[(row["model"], row["dataset"])]
+        dense_ids, _, dense_manifest = dense[(model, dataset)]
         cell = perplexity_ratio_cell(manifest, dense_manifest, [*ids, *dense_ids])
-        summaries[row["model"]].cells[ppl_key(row)] = cell
-        summaries[row["model"]].ppl[(row["dataset"], row["mode"], row.get("mlp_topk"), row.get("att_topk"))] = cell
+        summaries[model].cells[run_key_text(dataset, mode, budget)] = cell
+        summaries[model].ppl[(dataset, mode, budget)] = cell
+        oracle = runs.get((model, dataset, "oracle", budget))
+        if mode != "oracle" and oracle is not None:
+            summaries[model].vs_oracle[(dataset, mode, budget)] = perplexity_ratio_cell(
+                manifest, oracle[1], [*ids, *oracle[0]])
     return [summaries[m] for m in models]
 
 
-def ppl_key(row: dict) -> str:
-    return f"ppl ratio {row['dataset']} {row['mode']} mlp {row.get('mlp_topk')} att {row.get('att_topk')}"
+def run_key_text(dataset: str, mode: str, budget: Budget) -> str:
+    """The summary.csv column of a perplexity ratio."""
+    return f"ppl ratio {dataset} {mode} {budget.block} mlp {budget.mlp or 'dense'} att {budget.att or 'dense'}"
 
 
-def budget_curves(summaries: Sequence[ModelSummary], dataset: str) -> dict[str, dict[tuple[str, float], Cell]]:
-    """model -> (mode, MLP budget) -> perplexity-ratio cell, for the runs of `dataset` with an MLP budget."""
-    return {s.model: {(mode, float(mlp)): cell for (ds, mode, mlp, _), cell in s.ppl.items()
-                      if ds == dataset and mlp not in (None, "", "dense")} for s in summaries}
+def headline_dataset(summaries: Sequence[ModelSummary]) -> str | None:
+    datasets = list(dict.fromkeys(dataset for s in summaries for dataset, _, _ in s.ppl))
+    return "c4" if "c4" in datasets else (datasets[0] if datasets else None)
+
+
+def budgets_of(summaries: Sequence[ModelSummary], dataset: str, block: str) -> list[Budget]:
+    return sorted({b for s in summaries for ds, _, b in s.ppl if ds == dataset and b.block == block},
+                  key=Budget.sort_key)
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -230,14 +336,17 @@ def cell_sources(summary: ModelSummary, keys: Sequence[str]) -> str:
     return ", ".join(dict.fromkeys(s for k in keys if k in summary.cells for s in summary.cells[k].sources))
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], render: Callable[[Any], str] = str) -> list[str]:
+    """A markdown table; wider than MAX_COLUMNS is an error (split it, the CSVs keep every column)."""
+    if len(headers) > MAX_COLUMNS:
+        raise ValueError(f"a markdown table of {len(headers)} columns (at most {MAX_COLUMNS}): {list(headers)}")
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows], ""]
+            *["| " + " | ".join(render(v).replace("|", "\\|") for v in row) + " |" for row in rows], ""]
 
 
-def grid(summaries: Sequence[ModelSummary], columns: Sequence[tuple[str, str]], extra: Callable | None = None
-         ) -> list[str]:
-    """One row per model: the cells of `columns` ((header, cell key)), then the chance levels and sources."""
+def grid(summaries: Sequence[ModelSummary], columns: Sequence[tuple[str, str]], extra: Callable | None = None,
+         chance: bool = True) -> list[list[str]]:
+    """One row per model: the cells of `columns` ((header, cell key)), then the uniform-chance levels and sources."""
     rows = []
     for s in summaries:
         keys = [key for _, key in columns]
@@ -245,56 +354,118 @@ def grid(summaries: Sequence[ModelSummary], columns: Sequence[tuple[str, str]], 
             continue
         chances = sorted({f"{s.cells[k].chance:.3f}" for k in keys if k in s.cells and s.cells[k].chance is not None},
                          key=float)
-        rows.append([s.model, *(extra(s) if extra else []), *(s.cells[k].text() if k in s.cells else "n/a"
-                                                               for k in keys), ", ".join(chances) or "n/a",
-                     cell_sources(s, keys)])
+        rows.append([s.model, *(extra(s) if extra else []),
+                     *(s.cells[k].text() if k in s.cells else "n/a" for k in keys),
+                     *([", ".join(chances) or "n/a"] if chance else []), cell_sources(s, keys)])
     return rows
 
 
-def summary_tables(summaries: Sequence[ModelSummary], fractions: Sequence[float], distance: float,
-                   ppl_keys: Sequence[str]) -> list[str]:
-    """The summary section's markdown (every table one row per model)."""
+def ranking_rows(summaries: Sequence[ModelSummary], block: str, fractions: Sequence[float], metric: str
+                 ) -> tuple[list[str], list[list[str]]]:
+    """Rows (model, K): the lookahead predictor, the same-layer one and the baselines present, for `metric`."""
+    present = [b for b in BASELINES if any(f"{block} {b} {metric} {k:g}" in s.cells for s in summaries
+                                           for k in fractions)]
+    headers = ["model", "K", "layers", "lookahead predictor", "same-layer predictor", *present]
+    rows = []
+    for s in summaries:
+        for k in fractions:
+            keys = [f"{block} {metric} {k:g} lookahead", f"{block} {metric} {k:g} same",
+                    *(f"{block} {b} {metric} {k:g}" for b in present)]
+            cells = [s.cells.get(key) for key in keys]
+            if not any(c is not None and c.interval for c in cells):
+                continue
+            chance = cells[0].chance if cells[0] is not None else None
+            rows.append([s.model, f"{k:g}", s.notes.get("layers", "n/a"),
+                         *(c.text() if c is not None else "n/a" for c in cells),
+                         *([f"{chance:.3f}"] if metric == "Recall@K" else []), cell_sources(s, keys)])
+    return headers + (["uniform chance"] if metric == "Recall@K" else []) + ["src"], rows
+
+
+def summary_tables(summaries: Sequence[ModelSummary], fractions: Sequence[float], distance: float | None) -> list[str]:
+    """The summary section's markdown."""
     lines = ["Every cell: value [95% interval: bootstrap over held-out documents] and, for trained predictors, "
-             "s min-max over training seeds. Values are pooled over layers (and seeds). Chance: what a ranking that "
-             "ignores the input scores (Recall@K = K / units; a difference: 0; a cosine: 0).", ""]
+             "s min to max over training seeds. Values pool the layers named in each row (the same set for every "
+             "input of a model, layer 0 left out) and the seeds. Uniform chance: a ranking that ignores the input "
+             "(Recall@K = K / units; a difference: 0; a cosine: 0); the static top-K is the floor that matters.", ""]
     for block, title in (("mlp", "MLP neurons"), ("att", "Attention heads (query heads)")):
-        columns = [(f"K={k:g} {INPUT_NAMES[i]}", f"{block} Recall@K {k:g} {i}") for k in fractions
-                   for i in ("same", "lookahead")]
-        rows = grid(summaries, columns)
-        if rows:
-            lines += [f"**{title}: Recall@K, label top-K by |activation| for every model** (OPT: the ReLU output; "
-                      f"Llama: |SiLU(g)·u|; attention: the head output norm)", ""]
-            lines += table(["model", *(h for h, _ in columns), "chance", "src"], rows)
-    arch_columns = [(f"{metric} {INPUT_NAMES[i]}", f"arch {metric} {i}") for i in ("same", "lookahead")
+        for metric in ("Recall@K", "Captured Mass"):
+            headers, rows = ranking_rows(summaries, block, fractions, metric)
+            if rows:
+                lines += [f"**{title}: {metric}, label top-K by |activation| for every model** (OPT: the ReLU "
+                          f"output; Llama: |SiLU(g)·u|; attention: the head output norm)", ""]
+                lines += table(headers, rows)
+    arch_columns = [(f"{metric} lookahead", f"arch {metric} lookahead")
                     for metric in ("Recall", "Precision", "Classifier Sparsity", "Recall@K")]
-    rows = grid(summaries, arch_columns, extra=lambda s: [s.notes.get("architecture label", "")])
+    rows = grid(summaries, arch_columns, extra=lambda s: [s.notes.get("architecture label", ""),
+                                                          s.notes.get("layers", "n/a")])
     if rows:
-        lines += ["**MLP, the architecture's own label** (OPT: relu, y > 0; Llama: gate, g > 0): Recall = TP / "
-                  "active, Precision = TP / predicted, Classifier Sparsity = units predicted active per token, "
-                  "Recall@K at K = the mean active count; chance = the Precision of a random set", ""]
-        lines += table(["model", "label", *(h for h, _ in arch_columns), "chance", "src"], rows)
-    penalty_columns = [(f"MLP same - {INPUT_NAMES[i]}", f"mlp penalty {distance:g} same - {i}")
-                       for i in ("lookahead", "l-1", "l-2")] if distance is not None else []
-    penalty_columns += [(f"att same - {INPUT_NAMES[i]}", f"att penalty {distance:g} same - {i}")
-                        for i in ("lookahead", "l-2")] if distance is not None else []
-    rows = grid(summaries, penalty_columns) if penalty_columns else []
+        lines += ["**MLP, the architecture's own label, lookahead input** (OPT: relu, y > 0; Llama: gate, g > 0): "
+                  "Recall = TP / active, Precision = TP / predicted, Classifier Sparsity = units predicted active "
+                  "per token (a count), Recall@K at K = the mean active count; uniform chance = the Precision of a "
+                  f"random set. The same-layer version is in the per-layer table ({GATE_LINEAR_NOTE}).", ""]
+        lines += table(["model", "label", "layers", *(h for h, _ in arch_columns), "uniform chance", "src"], rows)
+    if distance is not None:
+        penalty_columns = [(f"MLP same - {INPUT_NAMES[i]}", f"mlp penalty {distance:g} same - {i}")
+                           for i in ("lookahead", "l-1", "l-2")]
+        penalty_columns += [(f"att same - {INPUT_NAMES[i]}", f"att penalty {distance:g} same - {i}")
+                            for i in ("lookahead", "l-2")]
+        rows = grid(summaries, penalty_columns, extra=lambda s: [s.notes.get("layers", "n/a")], chance=False)
+        if rows:
+            lines += [f"**Lookahead penalty at K={distance:g}**: Recall@K(same-layer input) - Recall@K(earlier "
+                      f"input), paired by layer, seed and document; uniform chance 0 (MLP lookahead = att_x_l; "
+                      f"attention lookahead = att_x_(l-1), so its l-1 column is the lookahead column)", ""]
+            lines += table(["model", "layers", *(h for h, _ in penalty_columns), "src"], rows)
+    lines += drift_tables(summaries)
+    lines += perplexity_tables(summaries)
+    return lines
+
+
+def drift_tables(summaries: Sequence[ModelSummary]) -> list[str]:
+    lines = []
+    columns = [(f"{space}, {dims.replace('_', ' ')} dims", f"drift same-token {space} {dims}")
+               for space in ("raw", "normed") for dims in ("all", "without_massive")]
+    rows = grid(summaries, columns, extra=lambda s: [drift_layers(s), s.notes.get("massive dims", "")], chance=False)
     if rows:
-        lines += [f"**Lookahead penalty at K={distance:g}**: Recall@K(same-layer input) - Recall@K(earlier input), "
-                  f"paired by layer, seed and document (MLP lookahead = att_x_l; attention lookahead = att_x_(l-1), "
-                  f"so its l-1 column is the lookahead column)", ""]
-        lines += table(["model", *(h for h, _ in penalty_columns), "chance", "src"], rows)
-    drift_columns = [(f"{space}, {dims.replace('_', ' ')} dims", f"drift {space} {dims}")
-                     for space in ("raw", "normed") for dims in ("all", "without_massive")]
-    rows = grid(summaries, drift_columns, extra=lambda s: [s.notes.get("massive dims", "")])
-    if rows:
-        lines += ["**Residual-stream drift at k=1**: cosine(att_x_l, att_x_(l+1)) of the same token, mean over layers "
-                  "and tokens", ""]
-        lines += table(["model", "massive dims left out", *(h for h, _ in drift_columns), "chance", "src"], rows)
-    rows = grid(summaries, [(key, key) for key in ppl_keys])
-    if rows:
-        lines += ["**Perplexity as a ratio to the model's dense perplexity** (same requests, paired bootstrap over "
-                  "requests; 1.0 = no loss)", ""]
-        lines += table(["model", *(k.replace("ppl ratio ", "") for k in ppl_keys), "chance", "src"], rows)
+        lines += ["**Residual-stream drift at k=1**: cosine(att_x_l, att_x_(l+1)) of the same token, mean over the "
+                  "layers named and tokens; uniform chance 0", ""]
+        lines += table(["model", "layers", "massive dims left out", *(h for h, _ in columns), "src"], rows)
+    others = [p for p in DRIFT_PAIRINGS[1:] if any(f"drift {p} raw all" in s.cells for s in summaries)]
+    if others:
+        columns = [(f"{pairing} {space}", f"drift {pairing} {space} all") for space in ("raw", "normed")
+                   for pairing in ("same-token", *others)]
+        if len(columns) > 6:  # with the layers, model and src columns: at most 10
+            columns = [c for c in columns if c[1].endswith(("raw all",))] + [c for c in columns if "normed" in c[1]
+                                                                               and "same-token" in c[1]]
+        lines += ["**Drift against its baselines** (all dims): the same cosine for pairs of different tokens "
+                  "(cross-token) and after subtracting each layer's mean vector (centred)", ""]
+        lines += table(["model", "layers", *(h for h, _ in columns), "src"],
+                       grid(summaries, columns, extra=lambda s: [drift_layers(s)], chance=False))
+    return lines
+
+
+def drift_layers(summary: ModelSummary) -> str:
+    cell = summary.cells.get("drift same-token raw all")
+    if cell is None or cell.layers is None:
+        return "all (layer 0 included: drift.json predates the layer set)"
+    return layer_text(cell.layers)
+
+
+def perplexity_tables(summaries: Sequence[ModelSummary]) -> list[str]:
+    """Per dataset: rows (model, budget), columns the sparse modes; ratio to the model's dense perplexity."""
+    lines = []
+    datasets = list(dict.fromkeys(dataset for s in summaries for dataset, _, _ in s.ppl))
+    modes = [m for m in SPARSE_MODES if any(mode == m for s in summaries for _, mode, _ in s.ppl)]
+    for dataset in datasets:
+        rows = []
+        for s in summaries:
+            for budget in sorted({b for ds, _, b in s.ppl if ds == dataset}, key=Budget.sort_key):
+                keys = [run_key_text(dataset, mode, budget) for mode in modes]
+                rows.append([s.model, budget.text(s.dims), *(s.ppl[(dataset, m, budget)].text()
+                                                             if (dataset, m, budget) in s.ppl else "n/a"
+                                                             for m in modes), cell_sources(s, keys)])
+        lines += [f"**{dataset}: perplexity as a ratio to the model's dense perplexity** (same requests, paired "
+                  f"bootstrap over requests; 1.0 = no loss)", ""]
+        lines += table(["model", "budget", *modes, "src"], rows)
     return lines
 
 
@@ -304,59 +475,103 @@ def csv_rows(summaries: Sequence[ModelSummary]) -> list[dict]:
         row = {"model": s.model, **{f"note {k}": v for k, v in s.notes.items()}}
         for key, cell in s.cells.items():
             row.update(cell.csv(key))
+        for (dataset, mode, budget), cell in s.vs_oracle.items():
+            row.update(cell.csv(run_key_text(dataset, mode, budget).replace("ppl ratio", "ppl vs oracle")))
         rows.append(row)
     return rows
 
 
-# ------------------------------------------------------------------------------------- the figure
-def plot_summary(recall: Sequence[dict], drift: Sequence[dict], ratios: dict[str, dict[tuple[str, float], Cell]],
-                 distance: float, out_dir: Path) -> Path:
-    """Per layer (relative depth): Recall@K same vs lookahead (MLP, attention), drift; perplexity ratio vs budget."""
-    models = list(dict.fromkeys([p["source"]["model"] for p in recall] + [p["source"]["model"] for p in drift]
-                                + list(ratios)))
-    colors = model_colors(models)
-    fig, axes = new_figure(ncols=4, width=4.6, height=4.0)
+# ------------------------------------------------------------------------------------- the figures
+def plot_budget_panel(ax, summary: ModelSummary, dataset: str, block: str, cells_of: str = "ppl") -> None:
+    """Perplexity / dense against the budget for every mode of one model: one series per mode, intervals as bands,
+    dense = 1 as a reference line."""
+    budgets = budgets_of([summary], dataset, block)
+    x, ticks, xlabel = budget_axis(budgets, summary.dims)
+    cells = summary.ppl if cells_of == "ppl" else summary.vs_oracle
+    for mode in SPARSE_MODES:
+        points = [(xi, cells[(dataset, mode, b)]) for xi, b in zip(x, budgets)
+                  if (dataset, mode, b) in cells and cells[(dataset, mode, b)].interval]
+        if points:
+            plot_series(ax, [p for p, _ in points], [c.interval.value for _, c in points], mode, mode,
+                        low=[c.interval.low for _, c in points], high=[c.interval.high for _, c in points])
+    reference_line(ax, 1.0, "dense", "dense (ratio 1)")
+    log_y(ax)
+    ax.set_xticks(x, ticks, fontsize=7)
+    ax.set(xlabel=xlabel, ylabel="perplexity / dense (log scale)")
+    ax.set_title(f"{summary.model}, {dataset}:\n{BLOCK_TITLES[block]}", fontsize=9)
+    legend_outside(ax)
+
+
+def plot_recall_panel(ax, summary: ModelSummary, block: str, fractions: Sequence[float]) -> None:
+    """Recall@K against K for one model and block: the lookahead predictor (band), same-layer, baselines, uniform
+    chance; the oracle's is 1."""
+    for kind, key in (("predictor", "{block} Recall@K {k:g} lookahead"), ("same-layer", "{block} Recall@K {k:g} same"),
+                      *((b, f"{{block}} {b} Recall@K {{k:g}}") for b in BASELINES if b != "random")):
+        cells = [(k, summary.cells.get(key.format(block=block, k=k))) for k in fractions]
+        cells = [(k, c) for k, c in cells if c is not None and c.interval]
+        if cells:
+            label = {"predictor": "predictor (lookahead)", "same-layer": "predictor (same-layer)"}.get(kind, kind)
+            plot_series(ax, [k for k, _ in cells], [c.interval.value for _, c in cells], kind, label,
+                        low=[c.interval.low for _, c in cells], high=[c.interval.high for _, c in cells])
+    chance = [(k, summary.cells[f"{block} Recall@K {k:g} lookahead"].chance) for k in fractions
+              if f"{block} Recall@K {k:g} lookahead" in summary.cells
+              and summary.cells[f"{block} Recall@K {k:g} lookahead"].chance is not None]
+    if chance:
+        plot_series(ax, *zip(*chance), "uniform chance", "uniform chance (K / units)")
+    reference_line(ax, 1.0, "oracle", "oracle (1 by definition)")
+    unit = "neurons" if block == "mlp" else "heads"
+    ax.set_ylim(0, 1.05)
+    ax.set(xlabel=f"K as a fraction of {unit}", ylabel="held-out Recall@K")
+    ax.set_title(f"{summary.model}: {'MLP' if block == 'mlp' else 'attention'} Recall@K\n(layers "
+                 f"{summary.notes.get('layers', 'n/a')})", fontsize=9)
+    legend_outside(ax)
+
+
+def plot_summary(summaries: Sequence[ModelSummary], fractions: Sequence[float], out_dir: Path) -> Path | None:
+    """One row per model: Recall@K against K (MLP, attention) with the baselines and uniform chance, and the
+    perplexity ratio against the budget of the first page's dataset, one panel per sparse block."""
+    dataset = headline_dataset(summaries)
+    blocks = [b for b in ("both", "mlp", "att") if any(ds == dataset and budget.block == b
+                                                       for s in summaries for ds, _, budget in s.ppl)]
+    shown = [s for s in summaries if any(key.startswith(("mlp Recall@K", "att Recall@K")) for key in s.cells)
+             or any(ds == dataset for ds, _, _ in s.ppl)]
+    if not shown:
+        return None
+    ncols = 2 + len(blocks)
+    fig, axes = new_figure(ncols=ncols, nrows=len(shown), width=4.2, height=3.4)
+    for row, s in enumerate(shown):
+        panels = axes[ncols * row: ncols * (row + 1)]
+        for ax, b in zip(panels[:2], ("mlp", "att")):
+            plot_recall_panel(ax, s, b, fractions)
+        for ax, block in zip(panels[2:], blocks):
+            if budgets_of([s], dataset, block):
+                plot_budget_panel(ax, s, dataset, block)
+            else:
+                ax.set_axis_off()
+    return save_figure(fig, out_dir / "summary.png")
+
+
+def plot_recall_by_layer(recall: Sequence[dict], distance: float, colors: dict[str, str], out_dir: Path) -> Path:
+    """Per layer: held-out Recall@K (K = `distance`) of the same-layer and lookahead predictors, MLP and attention;
+    one colour per model, the line style of the input."""
+    fig, axes = new_figure(ncols=2, width=5.0, height=3.6)
     for payload in recall:
-        model, layers = payload["source"]["model"], payload["source"]["dims"]["num_layers"]
-        for ax, block in zip(axes[:2], ("mlp", "att")):
-            for name, style in (("same", "-"), ("lookahead", "--")):
+        model = payload["source"]["model"]
+        for ax, block in zip(axes, ("mlp", "att")):
+            for kind, name in (("predictor", "lookahead"), ("same-layer", "same")):
                 by_layer = defaultdict(list)
                 for r in select(payload["records"], block, name, "topk", distance):
-                    by_layer[r["layer"]].append(r["Recall@K"])
-                points = sorted((l / max(layers - 1, 1), float(np.mean(v))) for l, v in by_layer.items())
+                    if is_predictor(r):
+                        by_layer[r["layer"]].append(r["Recall@K"])
+                points = sorted((layer, float(np.mean(v))) for layer, v in by_layer.items())
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", markersize=2, color=colors[model],
-                            label=f"{model} {INPUT_NAMES[name]}")
-    for ax, block in zip(axes[:2], ("MLP", "attention")):
-        ax.set(xlabel="relative depth l / (L-1)", ylabel=f"held-out Recall@K (K={distance:g})",
-               title=f"{block}: same-layer vs lookahead input")
-    for payload in drift:
-        model, layers = payload["source"]["model"], payload["source"]["dims"]["num_layers"]
-        for space, style in (("raw", "-"), ("normed", "--")):
-            points = sorted((r["layer"] / max(layers - 1, 1), r["mean"]) for r in payload["records"]
-                            if (r["kind"], r["k"], r["space"], r["dims"]) == ("att_x", 1, space, "all"))
-            if points:
-                axes[2].plot(*zip(*points), style, marker="o", markersize=2, color=colors[model],
-                             label=f"{model} {space}")
-    axes[2].set(xlabel="relative depth l / (L-1)", ylabel="cosine(att_x_l, att_x_(l+1))", title="drift at k=1")
-    for model, cells in ratios.items():
-        for mode, style in (("predictor", "-"), ("oracle", "--"), ("random", ":")):
-            points = sorted((budget, cell) for (m, budget), cell in cells.items() if m == mode and cell.interval)
-            if points:
-                x = [b for b, _ in points]
-                y = [c.interval.value for _, c in points]
-                err = [[c.interval.value - c.interval.low for _, c in points],
-                       [c.interval.high - c.interval.value for _, c in points]]
-                axes[3].errorbar(x, y, yerr=err, fmt=style, marker="o", markersize=3, capsize=2,
-                                 color=colors[model], label=f"{model} {mode}")
-    axes[3].axhline(1.0, color="black", linewidth=0.6)
-    axes[3].set_yscale("log")
-    axes[3].set(xlabel="MLP budget (fraction of neurons kept)", ylabel="perplexity / dense perplexity (log)",
-                title="C4: sparse inference cost")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    return save_figure(fig, out_dir / "summary.png")
+                    plot_series(ax, *zip(*points), kind, f"{model} {INPUT_NAMES[name]}", color=colors[model])
+    for ax, block in zip(axes, ("MLP", "attention")):
+        ax.set_ylim(0, 1.05)
+        ax.set(xlabel="layer l", ylabel=f"held-out Recall@K (K = {distance:g} of units)",
+               title=f"{block}: same-layer vs lookahead input, per layer")
+        legend_outside(ax)
+    return save_figure(fig, out_dir / "recall_by_layer.png")
 
 
 # ------------------------------------------------------------------------------------- the decomposition
@@ -365,28 +580,34 @@ def decomposition_tables(summaries: Sequence[ModelSummary], fractions: Sequence[
     """(a) activation function, (b) input distance, (c) the gate alone: tables of the summary's own cells."""
     lines = ["(a) **Activation function**: the same label and inputs on every model; models that differ only in the "
              "MLP activation (e.g. the bundled tiny Llama and Llama-ReLU: same size, data and steps) isolate it.", ""]
-    columns = [(f"K={k:g} same-layer", f"mlp Recall@K {k:g} same") for k in fractions]
-    columns += [("arch label Precision", "arch Precision same")]
-    lines += table(["model", "MLP activation", *(h for h, _ in columns), "chance", "src"],
-                   grid(summaries, columns, extra=lambda s: [activations.get(s.model, "not recorded")]))
+    columns = [(f"K={k:g} lookahead", f"mlp Recall@K {k:g} lookahead") for k in fractions]
+    columns += [("arch label Precision, lookahead", "arch Precision lookahead")]
+    lines += table(["model", "MLP activation", "layers", *(h for h, _ in columns), "uniform chance", "src"],
+                   grid(summaries, columns, extra=lambda s: [activations.get(s.model, "not recorded"),
+                                                             s.notes.get("layers", "n/a")]))
     lines += [f"(b) **Drift**: Recall@K at K={distance:g} against how far back the predictor's input is taken (MLP: "
-              "mlp_x_l, att_x_l, att_x_(l-1), att_x_(l-2); attention: att_x_l, att_x_(l-1), att_x_(l-2)).", ""]
+              "mlp_x_l, att_x_l, att_x_(l-1), att_x_(l-2); attention: att_x_l, att_x_(l-1), att_x_(l-2)), every "
+              "column on the same layers as the lookahead penalty.", ""]
     columns = [(f"MLP {INPUT_NAMES[i]}", f"mlp Recall@K {distance:g} {i}") for i in MLP_INPUTS]
     columns += [(f"att {INPUT_NAMES[i]}", f"att Recall@K {distance:g} {i}") for i in ATT_INPUTS]
-    lines += table(["model", *(h for h, _ in columns), "chance", "src"], grid(summaries, columns))
-    columns = []
-    for k in fractions:
-        columns += [(f"K={k:g} predictor", f"mlp Recall@K {k:g} same"),
-                    (f"K={k:g} top-K by abs(g)", f"gate |g| Recall@K {k:g}"),
-                    (f"K={k:g} top-K by g", f"gate g Recall@K {k:g}"),
-                    (f"K={k:g} covered by g > 0", f"gate sign(g) Recall@K {k:g}")]
-    with_gate = [s for s in summaries if any(key.startswith("gate") for key in s.cells)]
-    rows = grid(with_gate, columns, extra=lambda s: [s.notes.get("gate positive share", "n/a")])
+    lines += table(["model", "layers", *(h for h, _ in columns), "src"],
+                   grid(summaries, columns, extra=lambda s: [s.notes.get("layers", "n/a")], chance=False))
+    with_gate = [s for s in summaries if any(key.startswith("gate ") for key in s.cells)]
+    rows = []
+    for s in with_gate:
+        for k in fractions:
+            keys = [f"mlp Recall@K {k:g} lookahead", f"gate |g| Recall@K {k:g}", f"gate g Recall@K {k:g}",
+                    f"gate sign(g) Recall@K {k:g}"]
+            chance = s.cells[keys[1]].chance if keys[1] in s.cells else None
+            rows.append([s.model, f"{k:g}", s.notes.get("layers", "n/a"), s.notes.get("gate positive share", "n/a"),
+                         *(s.cells[key].text() if key in s.cells else "n/a" for key in keys),
+                         "n/a" if chance is None else f"{chance:.3f}", cell_sources(s, keys)])
     if rows:
         lines += ["(c) **The gate alone** (Llama with mlp_gate collected; no training): the true top-K by "
                   "|SiLU(g)·u| against the top-K by |g|, the top-K by g, and the share of it with g > 0 (a set of "
-                  "varying size), next to the same-layer predictor.", ""]
-        lines += table(["model", "share of g > 0", *(h for h, _ in columns), "chance", "src"], rows)
+                  "varying size), next to the lookahead predictor.", ""]
+        lines += table(["model", "K", "layers", "share of g > 0", "lookahead predictor", "top-K by abs(g)",
+                        "top-K by g", "covered by g > 0", "uniform chance", "src"], rows)
     return lines
 
 
@@ -397,13 +618,15 @@ def three_decimals(value: float | None) -> str:
 
 def per_layer_tables(recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[str, dict]],
                      sparsity: Sequence[tuple[str, dict]], distance: float) -> list[str]:
-    """(d) One table per model, one row per layer: drift at k=1, the gate's negative share, and Recall@K at K =
-    `distance` of the same-layer and DejaVu lookahead inputs (mean over seeds), with their chance levels."""
+    """(d) One table per model, one row per layer: drift at k=1, the gate's negative share, Recall@K at K =
+    `distance` of the same-layer and DejaVu lookahead inputs (mean over seeds), and the Recall of the architecture's
+    own label from both inputs; uniform chance in the heading."""
     drift_of = {p["source"]["model"]: (src, p) for src, p in drift}
     sparsity_of = {p["source"]["model"]: (src, p) for src, p in sparsity}
     lines = [f"(d) **Per layer** (K={distance:g}; Recall@K is the mean over seeds of each layer's held-out Recall@K; "
              "drift is cosine(att_x_l, att_x_(l+1)) over all dims; gate < 0 is the share of gate pre-activations "
-             "below zero, from sparsity_stats.py).", ""]
+             "below zero, from sparsity_stats.py; arch label: the Recall of the architecture's own label, the "
+             f"same-layer one marked † ({GATE_LINEAR_NOTE}).", ""]
     for src, payload in recall:
         model = payload["source"]["model"]
         d_src, d = drift_of.get(model, ("", {"records": []}))
@@ -411,22 +634,26 @@ def per_layer_tables(recall: Sequence[tuple[str, dict]], drift: Sequence[tuple[s
         cosine = {(r["layer"], r["space"]): r["mean"] for r in d["records"]
                   if (r["kind"], r["k"], r["dims"]) == ("att_x", 1, "all")}
         gate = {r["layer"]: r.get("gate_negative_fraction") for r in s["records"]}
-        rows = []
+        rows, chances = [], {}
         for layer in range(payload["source"]["dims"]["num_layers"]):
-            cells, chances = [], {}
+            cells = []
             for block in ("mlp", "att"):
                 for name in ("same", "lookahead"):
                     chosen = [r for r in select(payload["records"], block, name, "topk", distance)
-                              if r["layer"] == layer]
+                              if r["layer"] == layer and is_predictor(r)]
                     cells.append(three_decimals(np.mean([r["Recall@K"] for r in chosen]) if chosen else None))
                     chances.update({block: r["chance Recall@K"] for r in chosen})
+            for name in ("same", "lookahead"):
+                chosen = [r for r in payload["records"] if r["block"] == "mlp" and r["label"] in ("relu", "gate")
+                          and r["input"] == name and r["layer"] == layer and is_predictor(r)]
+                cells.append(three_decimals(np.mean([r["Recall"] for r in chosen]) if chosen else None))
             if all(c == "n/a" for c in cells):
                 continue
             rows.append([layer, three_decimals(cosine.get((layer, "raw"))),
-                         three_decimals(cosine.get((layer, "normed"))), three_decimals(gate.get(layer)), *cells,
-                         three_decimals(chances.get("mlp")), three_decimals(chances.get("att"))])
-        lines += [f"**{model}** [{', '.join(x for x in (src, d_src, s_src) if x)}]", ""]
+                         three_decimals(cosine.get((layer, "normed"))), three_decimals(gate.get(layer)), *cells])
+        lines += [f"**{model}** [{', '.join(x for x in (src, d_src, s_src) if x)}]; uniform chance of Recall@K: MLP "
+                  f"{three_decimals(chances.get('mlp'))}, attention {three_decimals(chances.get('att'))}", ""]
         lines += table(["layer", "drift k=1 raw", "drift k=1 normed", "gate < 0", "MLP same-layer",
-                        "MLP DejaVu lookahead", "att same-layer", "att DejaVu lookahead", "chance MLP", "chance att"],
-                       rows)
+                        "MLP lookahead", "att same-layer", "att lookahead", "arch label same-layer †",
+                        "arch label lookahead"], rows)
     return lines
