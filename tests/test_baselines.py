@@ -143,18 +143,22 @@ def test_gate_ranking_is_top_k_of_abs_silu_g_and_opt_says_n_a(tmp_path):
 
 # ------------------------------------------------------------------------------------- drift baselines
 def stream_collection(path, shift: float) -> dict:
-    """x_1 = x_0 + small noise, x_0 i.i.d. isotropic plus `shift` times a direction every token shares; through
-    drift.py with cross-token pairs and centring."""
-    dims, lengths = ModelDims(hidden_size=64, ffn_dim=8, num_heads=2, num_kv_heads=1, num_layers=2), [10] * 40
+    """x_{l+1} = x_l + small noise, x_0 i.i.d. isotropic plus `shift` times a direction every token shares; through
+    drift.py with cross-token pairs and centring. Three layers: the pooled k=1 interval leaves out layer 0's pair,
+    so it pools the pair (1, 2), whose record is returned."""
+    dims, lengths = ModelDims(hidden_size=64, ffn_dim=8, num_heads=2, num_kv_heads=1, num_layers=3), [10] * 40
     rng = np.random.default_rng(11)
     direction = rng.standard_normal(64)
     x0 = rng.standard_normal((400, 64)) + shift * direction / np.linalg.norm(direction) * 8  # |noise| ~ 8
     x1 = x0 + 0.3 * rng.standard_normal(x0.shape)
-    values = {("att_x", 0): x0.astype(np.float32), ("att_x", 1): x1.astype(np.float32)}
+    x2 = x1 + 0.3 * rng.standard_normal(x0.shape)
+    values = {("att_x", layer): x.astype(np.float32) for layer, x in enumerate((x0, x1, x2))}
     data = write_collection(path / "data", dims, lengths, values, "meta-llama/stream", "llama-save")
     drift.main(["--data-dir", str(data), "--out-dir", str(path / "out"), "--kinds", "att_x", "--max-distance", "1"])
     result = json.loads((path / "out" / "drift.json").read_text())
-    return {r["space"]: r for r in result["records"]} | {("k1", x["space"]): x for x in result["k1_intervals"]}
+    assert all(x["pooled_layers"] == [1] for x in result["k1_intervals"])
+    return ({r["space"]: r for r in result["records"] if (r["layer"], r["k"]) == (1, 1)}
+            | {("k1", x["space"]): x for x in result["k1_intervals"]})
 
 
 def test_cross_token_cosine_is_zero_for_isotropic_rows_and_high_for_a_shared_direction_until_centred(tmp_path):

@@ -18,6 +18,7 @@ from Decentralized_FM_alpha.utils.intervals import Interval
 from scripts.analysis.capacity import pooled_interval, pooled_value
 from scripts.analysis.common import model_colors, new_figure, save_figure, write_csv_atomic
 from scripts.report.sections import table
+from scripts.report.summary import layer_text, summary_layers
 
 BLOCK_TITLES = {"mlp": "MLP neurons", "att": "attention heads"}
 RANKINGS = (("predictor (lookahead)", None), ("static", "static"), ("gate abs(SiLU(g))", "|SiLU(g)|"),
@@ -29,15 +30,6 @@ def interval_text(interval: Interval | None) -> str:
     return "n/a" if interval is None else interval.text()
 
 
-def layer_text(layers: Sequence[int]) -> str:
-    layers = sorted(layers)
-    if not layers:
-        return "none"
-    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(map(str, layers))
-
-
 def ranking_records(records: Sequence[dict], block: str, k: float, ranking: str | None) -> list[dict]:
     """A ranking's records at (block, k): ranking None = the lookahead predictor (every seed)."""
     if ranking is None:
@@ -45,13 +37,6 @@ def ranking_records(records: Sequence[dict], block: str, k: float, ranking: str 
                 and "ranking" not in r]
     return [r for r in records if (r["block"], r["k"], r.get("ranking")) == (block, k, ranking)
             and r.get("Recall@K") is not None]
-
-
-def common_layers(groups: Sequence[Sequence[dict]]) -> list[int]:
-    """The layers every non-empty group has, without layer 0 (its input is the embedding; attention has no
-    lookahead input there), so that every column of a row pools the same layers."""
-    sets = [{r["layer"] for r in g} for g in groups if g]
-    return sorted(set.intersection(*sets) - {0}) if sets else []
 
 
 class Csv:
@@ -79,8 +64,8 @@ def ranking_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
             model, records = payload["source"]["model"], payload["records"]
             for k in payload["fractions"]:
                 groups = [ranking_records(records, block, k, ranking) for _, ranking in RANKINGS]
-                layers = common_layers(groups)
-                if not layers:
+                layers = summary_layers(payload)  # the summary's one layer set per model: every input has them
+                if not layers or not any(r["layer"] in layers for g in groups for r in g):
                     continue
                 chosen = [[r for r in g if r["layer"] in layers] for g in groups]
                 K = next(r["K"] for g in chosen for r in g)
@@ -93,8 +78,9 @@ def ranking_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
                     recall_cells[2] = mass_cells[2] = "n/a (MLP only)"
                 elif gate_note:  # OPT: no gate; Llama: mlp_gate not collected
                     recall_cells[2] = mass_cells[2] = "n/a (no gate)" if "no gate" in gate_note else "n/a (not collected)"
-                recall_rows.append([model, f"{k:g} ({K})", *recall_cells, f"{chance:.3f}", source])
-                mass_rows.append([model, f"{k:g} ({K})", *mass_cells, source])
+                where = [model, f"{k:g} ({K})", layer_text(layers)]
+                recall_rows.append([*where, *recall_cells, f"{chance:.3f}", source])
+                mass_rows.append([*where, *mass_cells, source])
                 keys = {"block": block, "k": k, "K": K, "layers": layer_text(layers)}
                 for (name, _), r, m in zip(RANKINGS, recalls, masses):
                     csv.add("rankings", model, f"{name} Recall@K", r, **keys)
@@ -103,16 +89,16 @@ def ranking_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
         if recall_rows:
             names = [name for name, _ in RANKINGS]
             lines += [f"**{BLOCK_TITLES[block]}: Recall@K of the lookahead predictor against its floors** "
-                      "(pooled over seeds and layers 1 to L-1, the layers every ranking has, layer 0 reading the "
-                      "embedding; baselines.csv names them per model; static = the K units most often in the "
+                      "(pooled over seeds and the layers named, the summary's set: those every input of the model "
+                      "has, layer 0 left out; static = the K units most often in the "
                       "true top-K over the training documents, one set for every token; gate = top-K by |SiLU(g)|, "
                       "computed, no training; random = a drawn uniform K-subset per token; uniform chance = K / "
                       "units)", ""]
-            lines += table(["model", "K (units)", *names, "uniform chance", "src"], recall_rows)
+            lines += table(["model", "K (units)", "layers", *names, "uniform chance", "src"], recall_rows)
             lines += [f"**{BLOCK_TITLES[block]}: captured mass**: the share of the true top-K's "
                       f"{'|activation|' if block == 'mlp' else 'head output norm'} mass held by the picked K "
                       "(1 for the oracle)", ""]
-            lines += table(["model", "K (units)", *names, "src"], mass_rows)
+            lines += table(["model", "K (units)", "layers", *names, "src"], mass_rows)
     return lines
 
 

@@ -158,6 +158,11 @@ def is_predictor(record: dict) -> bool:
     return "ranking" not in record
 
 
+def summary_layers(payload: dict) -> list[int]:
+    """The one layer set every pooled number of a recall_summary.py result uses (see common_layers)."""
+    return common_layers([r for r in payload["records"] if "per_document" in r and (is_predictor(r) or baseline_of(r))])
+
+
 def common_layers(records: Sequence[dict]) -> list[int]:
     """The layers that every (block, input) of the summary's top-K records has, layer 0 left out."""
     sets: dict[tuple[str, str], set[int]] = defaultdict(set)
@@ -225,7 +230,7 @@ class ModelSummary:
 
 def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
     records = [r for r in payload["records"] if "per_document" in r and (is_predictor(r) or baseline_of(r))]
-    layers = common_layers(records)
+    layers = summary_layers(payload)
     summary.notes["layers"] = layer_text(layers)
     records = [r for r in records if r["layer"] in layers]
     predictors = [r for r in records if is_predictor(r)]
@@ -268,8 +273,7 @@ def recall_cells(summary: ModelSummary, payload: dict, source: str) -> None:
 
 def gate_cells(summary: ModelSummary, payload: dict, source: str) -> None:
     """The gate alone (decomposition (c)): pooled over the summary's layer set."""
-    records = [r for r in payload["records"] if "per_document" in r and (is_predictor(r) or baseline_of(r))]
-    layers = common_layers(records)
+    layers = summary_layers(payload)
     gate = [r for r in payload["records"] if r.get("ranking") in ("|g|", "g", "sign(g)") and "per_document" in r
             and r["layer"] in layers]
     for k in payload["fractions"] if gate else []:
