@@ -15,9 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from scripts.analysis.common import LINE_STYLES, model_colors, new_figure, save_figure
+from scripts.analysis.common import (legend_outside, model_colors, new_figure, plot_series, reference_line,
+                                     save_figure)
 
-MARKERS = {"dense": "*", "oracle": "o", "predictor": "s", "random": "x", "static": "^", "gate": "D"}
 BOUND_MODES = {"oracle": "its masks need the dense activations", "gate": "it needs the exact gate pre-activation"}
 MISSING = (None, "", "n/a", "dense")
 
@@ -116,25 +116,24 @@ def kernel_lines(bench: dict, model: str) -> list[str]:
 
 
 def plot_speed(points: list[dict], figures_dir: Path) -> Path:
-    """Speedup at batch 1 against perplexity / dense perplexity, one panel per dataset, colour per model, marker per
-    mode; the dense model is the point (1, 1)."""
+    """Speedup at batch 1 against perplexity / dense perplexity, one panel per dataset, colour per model, line and
+    marker per mode (scripts/analysis/common.series_style); dense is the point (1, 1), on the reference line."""
     datasets = sorted({p["dataset"] for p in points})
     colors = model_colors([p["model"] for p in points])
     fig, axes = new_figure(ncols=max(1, len(datasets)), width=5.5, height=4.5)
     groups: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
-        groups[(p["dataset"], p["model"], p["mode"])].append((p["ppl_ratio"], p["speedup"]))
+        if p["mode"] != "dense":
+            groups[(p["dataset"], p["model"], p["mode"])].append((p["ppl_ratio"], p["speedup"]))
     for (dataset, model, mode), xy in sorted(groups.items()):
         x, y = zip(*sorted(xy))
-        axes[datasets.index(dataset)].plot(x, y, LINE_STYLES[0] if mode != "dense" else "", marker=MARKERS.get(mode, "."),
-                                           color=colors[model], linewidth=0.6, label=f"{model} {mode}")
+        plot_series(axes[datasets.index(dataset)], x, y, mode, f"{model} {mode}", color=colors[model])
     for ax, dataset in zip(axes, datasets):
         ax.set_xscale("log")
-        ax.axhline(1.0, color="grey", linewidth=0.5)
+        reference_line(ax, 1.0, "dense", "dense (speedup 1 at ratio 1)")
         ax.set(xlabel="perplexity / dense perplexity (log scale)", ylabel="decode speedup at batch 1 (x dense)",
                title=f"{dataset}: what the accuracy cost buys")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        legend_outside(ax)
     return save_figure(fig, figures_dir / "speed_vs_perplexity.png")
 
 
