@@ -235,13 +235,12 @@ def test_generated_sentences_follow_the_numbers(presented):
             "neurons, attention dense: within 10% (ratio 1.048 [1.048, 1.048])") in "\n".join(llama)
     assert not any("gate perplexity" in line for line in opt)  # OPT has no gate mode
     # accuracy: precise rows compare, noisy rows are marked too noisy, with the flag
-    assert ("  - lastword_mc accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within "
-            "0.02): at 0.25 of neurons, 1 of 4 heads: 0.100 below (0.700 vs 0.800, standard error 0.007); at 0.5 of "
-            "neurons, 2 of 4 heads: "
-            "within 0.02 (0.795 vs 0.800).") in opt
-    assert ("  - lastword_mc accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within "
-            "0.02): too noisy to read at every budget (standard error of the difference 0.099 > 0.02; accuracies in "
-            "the table).") in llama
+    assert ("  - task accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within 0.02; "
+            "accuracies in the table): lastword_mc: at 0.25 of neurons, 1 of 4 heads: 0.100 below (0.700 vs 0.800, "
+            "standard error 0.007); at 0.5 of neurons, 2 of 4 heads: within 0.02 (0.795 vs 0.800).") in opt
+    assert ("  - task accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within 0.02; "
+            "accuracies in the table): too noisy to read at every budget on lastword_mc (standard error of the "
+            "difference 0.099 > 0.02).") in llama
 
 
 def test_a_sparse_mode_without_rows_is_listed_with_its_reason():

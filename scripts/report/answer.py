@@ -265,24 +265,9 @@ def model_sentences(s: ModelSummary, tasks: TaskResults, task_names: Sequence[st
         if clauses:
             out.append(f"{mode} perplexity against the oracle's, {BLOCK_TITLES[where]} (flag --within "
                        f"{flags.within:g}): " + "; ".join(clauses))
-    for task in task_names:
-        base = tasks.get((s.model, task, "dense", None))
-        budgets = sorted((b for model, t, mode, b in tasks if (model, t, mode) == (s.model, task, "predictor")
-                          and b is not None and b.block == block), key=Budget.sort_key)
-        if not base or not budgets:
-            continue
-        results = [tasks[(s.model, task, "predictor", b)] for b in budgets]
-        errors = [accuracy_se(r, base) for r in results]
-        if all(accuracy_noisy(r, base, flags) for r in results):  # one clause instead of one per budget
-            spread = (f"{min(errors):.3f}" if f"{min(errors):.3f}" == f"{max(errors):.3f}" else
-                      f"{min(errors):.3f} to {max(errors):.3f}")
-            body = (f"too noisy to read at every budget (standard error of the difference {spread} > "
-                    f"{flags.acc_within:g}; accuracies in the table)")
-        else:
-            body = "; ".join(f"at {b.text(s.dims)}: {accuracy_clause(r, base, flags)}"
-                             for b, r in zip(budgets, results))
-        out.append(f"{task} accuracy of the predictor against dense, {BLOCK_TITLES[block]} (flag --acc-within "
-                   f"{flags.acc_within:g}): {body}")
+    tasks_sentence = accuracy_sentence(s, tasks, task_names, block, flags)
+    if tasks_sentence:
+        out.append(tasks_sentence)
     for block_name, name in (("mlp", "MLP"), ("att", "attention")):
         for baseline, what in (("static", "the static top-K"), ("gate", "the gate's top-K by |SiLU(g)|")):
             clauses = []
@@ -295,6 +280,43 @@ def model_sentences(s: ModelSummary, tasks: TaskResults, task_names: Sequence[st
             if clauses:
                 out.append(f"{name} Recall@K of the lookahead predictor against {what}: " + "; ".join(clauses))
     return out
+
+
+def span(values: Sequence[float]) -> str:
+    low, high = f"{min(values):.3f}", f"{max(values):.3f}"
+    return low if low == high else f"{low} to {high}"
+
+
+def accuracy_sentence(s: ModelSummary, tasks: TaskResults, task_names: Sequence[str], block: str | None,
+                      flags: Flags) -> str | None:
+    """One sentence for every task: the predictor's accuracy against dense at each budget of `block`; tasks too noisy
+    (or within the flag) at every budget are named together, the others get a clause per budget."""
+    noisy, within, detailed = [], [], []
+    for task in task_names:
+        base = tasks.get((s.model, task, "dense", None))
+        budgets = sorted((b for model, t, mode, b in tasks if (model, t, mode) == (s.model, task, "predictor")
+                          and b is not None and b.block == block), key=Budget.sort_key)
+        if not base or not budgets:
+            continue
+        results = [tasks[(s.model, task, "predictor", b)] for b in budgets]
+        if all(accuracy_noisy(r, base, flags) for r in results):
+            noisy.append((task, [accuracy_se(r, base) for r in results]))
+        elif all(abs(r.acc - base.acc) <= flags.acc_within and not accuracy_noisy(r, base, flags) for r in results):
+            within.append(task)
+        else:
+            detailed.append(f"{task}: " + "; ".join(f"at {b.text(s.dims)}: {accuracy_clause(r, base, flags)}"
+                                                  for b, r in zip(budgets, results)))
+    parts = []
+    if noisy:
+        parts.append(f"too noisy to read at every budget on {', '.join(t for t, _ in noisy)} (standard error of the "
+                     f"difference {span([e for _, errors in noisy for e in errors])} > {flags.acc_within:g})")
+    if within:
+        parts.append(f"within {flags.acc_within:g} at every budget on {', '.join(within)}")
+    parts += detailed
+    if not parts:
+        return None
+    return (f"task accuracy of the predictor against dense, {BLOCK_TITLES[block]} (flag --acc-within "
+            f"{flags.acc_within:g}; accuracies in the table): " + "; ".join(parts))
 
 
 def unmeasured_modes(summaries: Sequence[ModelSummary]) -> dict[str, str]:
@@ -326,12 +348,18 @@ def answer_section(summaries: Sequence[ModelSummary], tasks: TaskResults, fracti
         absent.append("Answer: drift and the lookahead penalty (no drift.py or recall_summary.py result)")
     if not any("drift cross-token raw all" in s.cells for s in summaries):
         absent.append("Answer: cross-token drift (drift.py result without a cross-token pairing)")
+    block = task_block(summaries, tasks)
+    task_names = list(dict.fromkeys(task for model, task, _, _ in tasks if model in {s.model for s in summaries}))
+    for s in summaries:  # the comparisons first, the tables they read from after them
+        sentences = model_sentences(s, tasks, task_names if block else [], dataset, block, fractions, flags)
+        if sentences:
+            lines += [f"- **{s.model}**"] + [f"  - {sentence}." for sentence in sentences]
+    lines += [""] if lines[-1] else []
     if dataset:
         lines += perplexity_tables(summaries, dataset)
         absent += [f"Answer: sparse mode {mode}: {why}" for mode, why in unmeasured_modes(summaries).items()]
     else:
         absent.append("Answer: perplexity at the budgets (no perplexity sweep with per-request log-probs)")
-    block = task_block(summaries, tasks)
     task_lines, task_names = task_tables(summaries, tasks, block) if block else ([], [])
     lines += task_lines
     if not task_names:
@@ -346,8 +374,4 @@ def answer_section(summaries: Sequence[ModelSummary], tasks: TaskResults, fracti
     if rows and not any(f"{b} static Recall@K {k:g}" in s.cells for s in summaries for b in ("mlp", "att")
                         for k in fractions):
         absent.append("Answer: the static top-K Recall@K (recall_summary.py result without static records)")
-    for s in summaries:
-        sentences = model_sentences(s, tasks, task_names, dataset, block, fractions, flags)
-        if sentences:
-            lines += [f"- **{s.model}**"] + [f"  - {sentence}." for sentence in sentences]
     return lines + [""], absent
