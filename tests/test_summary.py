@@ -243,6 +243,20 @@ def test_generated_sentences_follow_the_numbers(presented):
             "difference 0.099 > 0.02).") in llama
 
 
+def test_rows_keeping_whole_key_value_groups_are_a_budget_of_their_own():
+    from scripts.report.inputs import row_budget
+    row = {"mode": "oracle", "block": "att", "mlp_topk": "dense", "att_topk": "0.5"}
+    heads = row_budget({**row, "att_kept": "2", "att_unit": "heads"})
+    groups = row_budget({**row, "att_kept": "2", "att_unit": "groups"})  # att_kept counts heads for groups too
+    assert heads != groups and (heads.panel, groups.panel) == ("att", "att groups")
+    dims = {"num_heads": 4, "num_kv_heads": 2}
+    assert (heads.text(dims), groups.text(dims)) == ("MLP dense, 2 of 4 heads",
+                                                     "MLP dense, 0.5 of kv groups = 1 of 2 kv groups (2 of 4 heads)")
+    unpaired = row_budget({**row, "att_topk": "0.25", "att_unit": "groups"})  # no kept count: the rule, in groups
+    assert unpaired.att_count(8, 4) == 2 and unpaired.text({"num_heads": 8, "num_kv_heads": 4}) == (
+        "MLP dense, 0.25 of kv groups = 1 of 4 kv groups (2 of 8 heads)")
+
+
 def test_a_sparse_mode_without_rows_is_listed_with_its_reason():
     from scripts.report.answer import unmeasured_modes
     from scripts.report.inputs import row_budget

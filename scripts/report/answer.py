@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from scripts.report.inputs import Budget, row_budget
+from scripts.report.inputs import PANELS, Budget, row_budget
 from scripts.report.summary import (BASELINES, BLOCK_TITLES, MAX_COLUMNS, SPARSE_MODES, Cell, ModelSummary,
                                     headline_dataset, layer_text, table)
 
@@ -131,8 +131,9 @@ def drift_rows(summaries: Sequence[ModelSummary], distance: float | None) -> lis
     return rows if any(not row[0].startswith(("layers", "drift pairs")) for row in rows) else []
 
 
-BLOCK_ORDER = ("both", "mlp", "att")
-BLOCK_SHORT = {"both": "MLP + attention", "mlp": "MLP only", "att": "attention only"}
+BLOCK_ORDER = PANELS[1:]
+BLOCK_SHORT = {"both": "MLP + attention", "both groups": "MLP + attention groups", "mlp": "MLP only",
+               "att": "attention only", "att groups": "attention groups only"}
 
 
 def level(budget: Budget) -> float:
@@ -143,7 +144,7 @@ def level(budget: Budget) -> float:
 
 def level_label(value: float, budgets: Sequence[Budget], summaries: Sequence[ModelSummary]) -> str:
     """The budget in units (from the paired row when there is one): '0.25 of neurons, 2 of 9 heads'."""
-    at_level = sorted((b for b in budgets if level(b) == value), key=lambda b: BLOCK_ORDER.index(b.block))
+    at_level = sorted((b for b in budgets if level(b) == value), key=lambda b: BLOCK_ORDER.index(b.panel))
     texts = {at_level[0].text(s.dims) for s in summaries}
     return texts.pop() if len(texts) == 1 else at_level[0].text()
 
@@ -160,12 +161,12 @@ def side_by_side(keys: Sequence[str], summaries: Sequence[ModelSummary]) -> list
 def perplexity_tables(summaries: Sequence[ModelSummary], dataset: str) -> list[str]:
     """Rows (budget, mode), columns (block, model): perplexity / dense for every block the sweep made sparse."""
     runs = [(mode, b) for s in summaries for ds, mode, b in s.ppl if ds == dataset]
-    blocks = [b for b in BLOCK_ORDER if any(budget.block == b for _, budget in runs)]
+    blocks = [b for b in BLOCK_ORDER if any(budget.panel == b for _, budget in runs)]
     modes = [m for m in SPARSE_MODES if any(mode == m for mode, _ in runs)]
     budgets = list({b for _, b in runs})
     lines = [f"**{dataset} perplexity / dense perplexity** (1 = no loss; a column per sparse block and model: "
              f"MLP + attention = both sparse at the row's budget, MLP only = attention dense, attention only = MLP "
-             f"dense):", ""]
+             f"dense; groups = attention kept in whole key-value (kv) groups):", ""]
     for columns in side_by_side(blocks, summaries):
         headers = ["budget", "mode", *(f"{s.model}: {BLOCK_SHORT[block]}" for block, s in columns)]
         rows = []
@@ -173,7 +174,7 @@ def perplexity_tables(summaries: Sequence[ModelSummary], dataset: str) -> list[s
             label = level_label(value, budgets, summaries)
             for mode in modes:
                 cells = [cell_text(next((c for (ds, m, b), c in s.ppl.items()
-                                         if (ds, m, b.block) == (dataset, mode, block) and level(b) == value), None))
+                                         if (ds, m, b.panel) == (dataset, mode, block) and level(b) == value), None))
                          for block, s in columns]
                 if any(c != "n/a" for c in cells):
                     rows.append([label, mode, *cells])
@@ -187,7 +188,7 @@ def task_tables(summaries: Sequence[ModelSummary], tasks: TaskResults, block: st
     task_names = list(dict.fromkeys(task for model, task, _, b in tasks if model in models))
     if not task_names:
         return [], []
-    budgets = list({b for model, _, _, b in tasks if b is not None and b.block == block and model in models})
+    budgets = list({b for model, _, _, b in tasks if b is not None and b.panel == block and model in models})
     modes = [m for m in SPARSE_MODES if any(mode == m for model, _, mode, b in tasks if b in budgets)]
     lines = [f"**Task accuracy ± the harness's standard error, {BLOCK_TITLES[block]}:**", ""]
     for columns in side_by_side(task_names, summaries):
@@ -205,7 +206,7 @@ def task_tables(summaries: Sequence[ModelSummary], tasks: TaskResults, block: st
 
 def task_block(summaries: Sequence[ModelSummary], tasks: TaskResults) -> str | None:
     """The block whose task rows the Answer shows: both blocks sparse when measured, else MLP, else attention."""
-    blocks = {b.block for model, _, _, b in tasks if b is not None}
+    blocks = {b.panel for model, _, _, b in tasks if b is not None}
     return next((b for b in BLOCK_ORDER if b in blocks), None)
 
 
@@ -235,7 +236,7 @@ def recall_rows(summaries: Sequence[ModelSummary], fractions: Sequence[float]) -
 def mode_block(s: ModelSummary, dataset: str, mode: str) -> str | None:
     """The block in which a mode's perplexity is compared with the oracle's: both blocks sparse when the sweep has
     it for that mode, else MLP only (the gate ranks MLP neurons only), else attention only."""
-    blocks = {b.block for ds, m, b in s.vs_oracle if (ds, m) == (dataset, mode)}
+    blocks = {b.panel for ds, m, b in s.vs_oracle if (ds, m) == (dataset, mode)}
     return next((b for b in BLOCK_ORDER if b in blocks), None)
 
 
@@ -259,7 +260,7 @@ def model_sentences(s: ModelSummary, tasks: TaskResults, task_names: Sequence[st
                    f"{abs(gap.interval.value):.3f} (difference {gap.text()}, tokens paired)")
     for mode in ("predictor", "static", "gate") if dataset else ():  # random is the floor: its numbers are above
         where = mode_block(s, dataset, mode)
-        budgets = sorted((b for ds, m, b in s.vs_oracle if (ds, m) == (dataset, mode) and b.block == where),
+        budgets = sorted((b for ds, m, b in s.vs_oracle if (ds, m) == (dataset, mode) and b.panel == where),
                          key=Budget.sort_key)
         clauses = [f"at {b.text(s.dims)}: {ratio_clause(s.vs_oracle[(dataset, mode, b)], flags)}" for b in budgets]
         if clauses:
@@ -295,7 +296,7 @@ def accuracy_sentence(s: ModelSummary, tasks: TaskResults, task_names: Sequence[
     for task in task_names:
         base = tasks.get((s.model, task, "dense", None))
         budgets = sorted((b for model, t, mode, b in tasks if (model, t, mode) == (s.model, task, "predictor")
-                          and b is not None and b.block == block), key=Budget.sort_key)
+                          and b is not None and b.panel == block), key=Budget.sort_key)
         if not base or not budgets:
             continue
         results = [tasks[(s.model, task, "predictor", b)] for b in budgets]

@@ -144,6 +144,7 @@ def model_dims(inputs: Inputs) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------- budgets
 UNSET = (None, "", "dense", "n/a")
+PANELS = ("none", "both", "both groups", "mlp", "att", "att groups")  # Budget.panel, in the order tables show them
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +165,13 @@ class Budget:
         """What identifies the setting: the block and the budgets as numbers (the kept counts follow from them)."""
         def number(value: str | None) -> float | None:
             return None if value is None else float(value)
-        return self.block, number(self.mlp), number(self.att)
+        return self.panel, number(self.mlp), number(self.att)
+
+    @property
+    def panel(self) -> str:
+        """The block with its attention unit: none, both, mlp, att, and 'both groups' / 'att groups' when whole
+        key/value groups are kept (rows of their own beside the head rows)."""
+        return f"{self.block} groups" if self.att is not None and self.att_unit == "groups" else self.block
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Budget) and self.key == other.key
@@ -173,7 +180,7 @@ class Budget:
         return hash(self.key)
 
     def sort_key(self) -> tuple:
-        return (("none", "both", "mlp", "att").index(self.block), float(self.mlp or 2), float(self.att or 2))
+        return (PANELS.index(self.panel), float(self.mlp or 2), float(self.att or 2))
 
     def mlp_count(self, ffn: int | None) -> int | None:
         if self.mlp_kept is not None or self.mlp is None:
@@ -181,11 +188,17 @@ class Budget:
         value = float(self.mlp)
         return int(value) if value >= 1 else (fraction_count(value, ffn) if ffn else None)
 
-    def att_count(self, units: int | None) -> int | None:
+    def att_count(self, heads: int | None, kv_heads: int | None = None) -> int | None:
+        """Query heads kept: the CSV's att_kept (a head count for group rows too), else the budget as a count, or a
+        fraction of the heads (of the key/value groups for group rows, times the heads a group holds)."""
         if self.att_kept is not None or self.att is None:
             return self.att_kept
         value = float(self.att)
-        return int(value) if value >= 1 else (fraction_count(value, units) if units else None)
+        if value >= 1:
+            return int(value)
+        if self.att_unit == "groups":
+            return fraction_count(value, kv_heads) * (heads // kv_heads) if heads and kv_heads else None
+        return fraction_count(value, heads) if heads else None
 
     def text(self, dims: dict | None = None) -> str:
         """'0.25 of neurons, 2 of 4 heads' (kept): the budget in the units of the figures' axes."""
@@ -198,13 +211,19 @@ class Budget:
                          f"{int(value)} neurons")
         else:
             parts.append("MLP dense")
-        units = dims.get("num_kv_heads") if self.att_unit == "groups" else dims.get("num_heads")
-        if self.att is not None:
-            count = self.att_count(units)
-            kept = count if count is not None else f"{float(self.att):g} of the"
-            parts.append(f"{kept} of {units} {self.att_unit}" if units else f"{kept} {self.att_unit}")
-        else:
+        heads, kv_heads = dims.get("num_heads"), dims.get("num_kv_heads")
+        if self.att is None:
             parts.append("attention dense")
+        else:
+            count = self.att_count(heads, kv_heads)
+            kept = f"{count} of {heads} heads" if count is not None and heads else (
+                f"{count} heads" if count is not None else f"{float(self.att):g} of the {self.att_unit}")
+            if self.att_unit == "groups" and count is not None and heads and kv_heads:
+                fraction = f"{float(self.att):g} of kv groups = " if float(self.att) < 1 else ""
+                kept = f"{fraction}{count // (heads // kv_heads)} of {kv_heads} kv groups ({kept})"
+            elif self.att_unit == "groups":
+                kept += " in whole kv groups"
+            parts.append(kept)
         return ", ".join(parts)
 
 

@@ -48,20 +48,21 @@ def chunks(items: Sequence, size: int) -> list[list]:
 def budget_axis(budgets: Sequence[Budget], dims: dict) -> tuple[list[float], list[str], str]:
     """x positions, tick labels and axis label of a budget axis: the fraction of neurons kept (a paired run's heads
     under it), or the heads kept of H when the MLP is dense."""
-    heads = dims.get("num_heads")
+    heads, kv_heads = dims.get("num_heads"), dims.get("num_kv_heads")
     if budgets and all(b.mlp is not None for b in budgets):
         ffn = dims.get("ffn_dim")
         x = [float(b.mlp) if float(b.mlp) < 1 else (float(b.mlp) / ffn if ffn else np.nan) for b in budgets]
-        ticks = [f"{v:g}" + (f"\n{b.att_count(heads)} of {heads or '?'}" if b.att is not None else "")
+        ticks = [f"{v:g}" + (f"\n{b.att_count(heads, kv_heads)} of {heads or '?'}" if b.att is not None else "")
                  for v, b in zip(x, budgets)]
         paired = any(b.att is not None for b in budgets)
         return x, ticks, "fraction of neurons kept" + (f"\n(heads kept of {heads or '?'} under it)" if paired else "")
-    x = [float(b.att_count(heads) or np.nan) for b in budgets]
+    x = [float(b.att_count(heads, kv_heads) or np.nan) for b in budgets]
     return x, [f"{v:g}" for v in x], f"heads kept (of {heads or '?'})"
 
 
-BLOCK_TITLES = {"both": "MLP and attention sparse", "mlp": "MLP sparse, attention dense",
-                "att": "attention sparse, MLP dense"}
+BLOCK_TITLES = {"both": "MLP and attention sparse", "both groups": "MLP and attention sparse (whole kv groups)",
+                "mlp": "MLP sparse, attention dense", "att": "attention sparse, MLP dense",
+                "att groups": "attention sparse in whole kv groups, MLP dense"}
 
 
 # ------------------------------------------------------------------------------------- drift
@@ -252,7 +253,7 @@ def plot_predictors(summaries: dict[tuple[str, str], list[dict]], colors: dict[s
 
 def panel_keys(rows: list[dict], group: str) -> list[tuple[str, str, str]]:
     """(model, dataset or task, block) of every panel, in the rows' order."""
-    return list(dict.fromkeys((r["model"], r[group], row_budget(r).block) for r in rows if r["mode"] != "dense"))
+    return list(dict.fromkeys((r["model"], r[group], row_budget(r).panel) for r in rows if r["mode"] != "dense"))
 
 
 def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
@@ -264,7 +265,7 @@ def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> l
     fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
     for ax, (model, dataset, block) in zip(axes, panels):
         chosen = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
-        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).block == block},
+        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).panel == block},
                          key=Budget.sort_key)
         x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
         for mode in SPARSE_MODES:
@@ -295,7 +296,7 @@ def plot_tasks(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[P
     fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
     for ax, (model, task, block) in zip(axes, panels):
         chosen = [r for r in rows if (r["model"], r["task"]) == (model, task)]
-        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).block == block},
+        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).panel == block},
                          key=Budget.sort_key)
         x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
         for mode in SPARSE_MODES:

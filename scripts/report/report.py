@@ -55,7 +55,8 @@ GLOSSARY = {
               "documents: input-independent, the floor a predictor must beat",
     "gate": "sparse mode / ranking keeping the top-K units by |SiLU(g)| with g the exact gate pre-activation "
             "(CATS-style, Llama MLP only, no training; OPT has no gate: n/a)",
-    "budget": "what a sparse block keeps: a fraction of the MLP neurons, and heads kept of H (or key/value groups)",
+    "budget": "what a sparse block keeps: a fraction of the MLP neurons, and heads kept of H (or whole key-value "
+              "groups, kv groups)",
     "same-layer input": "a predictor for layer l fed layer l's own block input (mlp_x_l for the MLP, att_x_l for "
                         "attention): not available in time at inference",
     "lookahead input": "DejaVu's wiring: the MLP predictor of layer l fed att_x_l, the attention predictor fed "

@@ -24,7 +24,7 @@ import numpy as np
 
 from Decentralized_FM_alpha.utils.intervals import METHOD, Interval, bootstrap, cluster_sums, ratio, seed_spread
 from scripts.analysis.common import legend_outside, log_y, new_figure, plot_series, reference_line, save_figure
-from scripts.report.inputs import Budget, row_budget
+from scripts.report.inputs import PANELS, Budget, row_budget
 from scripts.report.plots import BLOCK_TITLES, budget_axis
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
@@ -322,7 +322,7 @@ def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], d
 
 def run_key_text(dataset: str, mode: str, budget: Budget) -> str:
     """The summary.csv column of a perplexity ratio."""
-    return f"ppl ratio {dataset} {mode} {budget.block} mlp {budget.mlp or 'dense'} att {budget.att or 'dense'}"
+    return f"ppl ratio {dataset} {mode} {budget.panel} mlp {budget.mlp or 'dense'} att {budget.att or 'dense'}"
 
 
 def headline_dataset(summaries: Sequence[ModelSummary]) -> str | None:
@@ -331,7 +331,7 @@ def headline_dataset(summaries: Sequence[ModelSummary]) -> str | None:
 
 
 def budgets_of(summaries: Sequence[ModelSummary], dataset: str, block: str) -> list[Budget]:
-    return sorted({b for s in summaries for ds, _, b in s.ppl if ds == dataset and b.block == block},
+    return sorted({b for s in summaries for ds, _, b in s.ppl if ds == dataset and b.panel == block},
                   key=Budget.sort_key)
 
 
@@ -535,7 +535,7 @@ def plot_summary(summaries: Sequence[ModelSummary], fractions: Sequence[float], 
     """One row per model: Recall@K against K (MLP, attention) with the baselines and uniform chance, and the
     perplexity ratio against the budget of the first page's dataset, one panel per sparse block."""
     dataset = headline_dataset(summaries)
-    blocks = [b for b in ("both", "mlp", "att") if any(ds == dataset and budget.block == b
+    blocks = [b for b in PANELS[1:] if any(ds == dataset and budget.panel == b
                                                        for s in summaries for ds, _, budget in s.ppl)]
     shown = [s for s in summaries if any(key.startswith(("mlp Recall@K", "att Recall@K")) for key in s.cells)
              or any(ds == dataset for ds, _, _ in s.ppl)]
