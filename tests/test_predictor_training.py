@@ -248,7 +248,7 @@ def learnable_store(tmp_path_factory) -> Path:
 def test_learnable_layer_reaches_high_recall_and_writes_the_contract_files(learnable_store, tmp_path):
     [json_path] = main_mlp.main(["--data-dir", str(learnable_store), "--out-dir", str(tmp_path), "--L", "0",
                                  "--epochs", "8", "--D", "128", "--lr", "0.001", "--batch_size", "128",
-                                 "--selection", "last", "--device", "cpu"])
+                                 "--selection", "last", "--device", "cpu", "--input", "same"])
     record = json.loads(json_path.read_text())
     assert record["Recall"] >= 0.95
     assert record["Precision"] >= 0.6 and record["Recall@K"] >= 0.85  # not reached by predicting everything
@@ -267,7 +267,7 @@ def test_learnable_layer_reaches_high_recall_and_writes_the_contract_files(learn
 def test_original_selection_stops_once_held_out_recall_exceeds_0_99(learnable_store, tmp_path):
     [json_path] = main_mlp.main(["--data-dir", str(learnable_store), "--out-dir", str(tmp_path), "--L", "0",
                                  "--epochs", "8", "--D", "128", "--lr", "0.001", "--batch_size", "128",
-                                 "--device", "cpu"])
+                                 "--device", "cpu", "--input", "same"])
     record = json.loads(json_path.read_text())
     recalls = [h["Recall"] for h in record["history"]]
     assert recalls[-1] > 0.99 and all(r <= 0.99 for r in recalls[:-1]) and len(recalls) < 8
@@ -334,11 +334,13 @@ def test_sparse_runner_keeps_exactly_the_count_the_trainer_labelled_at_k_0_3(tmp
     store = tmp_path / "store"
     write_synthetic_store(store, dims, 3000, ("mlp_x", "mlp_label"), doc_len=32, seed=3)
     [json_path] = main_mlp_llama.main(["--data-dir", str(store), "--out-dir", str(tmp_path / "pred"), "--L", "0",
-                                       "--k", "0.3", "--epochs", "1", "--D", "16", "--device", "cpu"])
+                                       "--k", "0.3", "--epochs", "1", "--D", "16", "--device", "cpu", "--input",
+                                       "same"])
     record = json.loads(json_path.read_text())
     labels = make_label_spec("mlp", "topk", 0.3, None, 96).labels(torch.randn(5, 96).abs())
     assert (labels.sum(dim=1) == record["K"]).all()  # the training labels hold K units per token
-    plan = SparsityPlan("predictor", mlp_budgets={0: parse_budget("0.3")}, predictor_dir=tmp_path / "pred")
+    plan = SparsityPlan("predictor", mlp_budgets={0: parse_budget("0.3")}, predictor_dir=tmp_path / "pred",
+                        predictor_input="same")
     controller = SparsityController(plan, dims, range(1), torch.device("cpu"))
     x = torch.randn(2, 7, 32)
     controller.observe(0, "mlp_x", lambda: x)  # the input the JSON says the predictor was trained on
@@ -358,7 +360,7 @@ def test_default_split_holds_out_at_least_30_documents_and_records_them(tmp_path
     store = tmp_path / "store"
     write_synthetic_store(store, ModelDims(32, 64, 4, 4, 1), 2400, ("mlp_x", "mlp_label"), doc_len=32, seed=4)
     [json_path] = main_mlp.main(["--data-dir", str(store), "--out-dir", str(tmp_path / "out"), "--L", "0",
-                                 "--epochs", "1", "--D", "16", "--device", "cpu", "--test-docs", "12"])
+                                 "--epochs", "1", "--D", "16", "--device", "cpu", "--test-docs", "12", "--input", "same"])
     record = json.loads(json_path.read_text())
     docs = ActivationStore(store).document_ids()
     assert record["documents_test"] == 12 and record["test_documents"] == sorted(np.unique(docs)[-12:].tolist())
