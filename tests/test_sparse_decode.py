@@ -301,11 +301,12 @@ def test_speed_section_prices_each_sweep_row_with_its_bench_row(smoke_bench, tmp
     assert "random weights at the real shapes" in text and "union" in text
     assert (tmp_path / "figures" / "speed_vs_perplexity.png").is_file() and "figures/speed_vs_perplexity.png" in text
     bench = {(r["batch"], r["mode"], r["masks"], r["mlp_kept"], r["att_kept"]): r for r in llama["decode"]}
-    cells = {tuple(line.split(" | ")[2:4]): line.split(" | ") for line in lines if line.startswith("| meta-llama")}
-    predictor = cells[("predictor", "mlp")]
-    assert predictor[6] == f"{13.0 / 10.0:.2f}"
-    assert predictor[7] == f"{bench[(1, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
-    assert predictor[8] == f"{bench[(2, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
-    oracle = cells[("oracle", "both")]
-    assert oracle[7] == f"{bench[(1, 'given', 'one', mlp_kept, att_kept)]['speedup_vs_dense']:.2f}"
-    assert "a bound" in oracle[9] and "smollm2-135m" in text  # no bench at its shape, said so
+    cells = {(line.split(" | ")[2], line.split(" | ")[4]): line.split(" | ") for line in lines
+             if line.startswith("| meta-llama")}  # (mode, att_topk)
+    predictor = cells[("predictor", "dense")]
+    assert predictor[5] == f"{13.0 / 10.0:.2f}"
+    assert predictor[6] == f"{bench[(1, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
+    assert predictor[7] == f"{bench[(2, 'predictor', 'predicted', mlp_kept, None)]['speedup_vs_dense']:.2f}"
+    oracle = cells[("oracle", "0.5")]
+    assert oracle[6] == f"{bench[(1, 'given', 'one', mlp_kept, att_kept)]['speedup_vs_dense']:.2f}"
+    assert "a bound" in oracle[8] and "smollm2-135m" in text  # no bench at its shape, said so

@@ -353,6 +353,10 @@ class StaticDecoder:
                  backend: Optional[str] = None, glue: Glue = EAGER):
         self.embeddings, self.blocks, self.lm_head = embeddings, list(blocks), lm_head
         self.masks, self.cache, self.backend, self.glue = masks, cache, backend, glue
+        for block in self.blocks:  # rotary frequencies on the cache's device: no host copy inside a captured step
+            attention = block.self_attn
+            if hasattr(attention, "inv_freq"):
+                attention.inv_freq = attention.inv_freq.to(cache.slots.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embeddings.embed_tokens(ids)

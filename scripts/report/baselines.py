@@ -157,7 +157,8 @@ def capacity_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
                     k, full = points[0][3][0]["k"], points[0][3][0]["full_rank"]
                     static = pooled_interval([r for r in ranking_records(payload["records"], block, k, "static")
                                               if r["layer"] in layers], "Recall@K")
-                    cells = {x: interval_text(i) for x, _, i, _ in points}
+                    # full rank differs between models: one column for it, whatever its D
+                    cells = {("full" if curve == "D" and x == full else x): interval_text(i) for x, _, i, _ in points}
                     xs |= set(cells)
                     rows.append((model, f"{predictor} (layers {layer_text(layers)}, K={k:g})", cells,
                                  interval_text(static), source, full))
@@ -167,9 +168,8 @@ def capacity_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
                     csv.add(f"capacity {curve}", model, "static", static, **keys)
             if not rows:
                 continue
-            columns = sorted(xs)
-            fulls = sorted({r[5] for r in rows})
-            names = [f"D={x:g}" + (" (full rank)" if x in fulls else "") if curve == "D" else
+            columns = sorted(x for x in xs if x != "full") + (["full"] if "full" in xs else [])
+            names = [("full rank" if x == "full" else f"D={x:g}") if curve == "D" else
                      ("all rows" if x == 1 else f"{x:g} of the rows")
                      for x in columns]
             lines += [f"**{BLOCK_TITLES[block]}: Recall@K of the lookahead predictor against its {title}** (pooled "

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from Decentralized_FM_alpha.utils.selection import fraction_count
 from scripts.analysis.common import model_label
+from scripts.report.speed import is_bench
 
 ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summary")  # the JSONs' "analysis" key
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
@@ -65,6 +66,7 @@ class Inputs:
     sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
     task_sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
     studies: list[tuple[Path, dict]] = field(default_factory=list)  # run_study.py manifests: stage wall times
+    benches: list[tuple[Path, dict]] = field(default_factory=list)  # bench_sparse_decode.py JSONs: decode speed
     missing: list[str] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)
 
@@ -100,6 +102,9 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
             return True
         if isinstance(payload, dict) and payload.get("analysis") in ANALYSES:
             inputs.results[payload["analysis"]].append((path, payload))
+            return True
+        if is_bench(payload):
+            inputs.benches.append((path, payload))
             return True
         return False
     if path.suffix == ".csv":

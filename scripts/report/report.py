@@ -36,6 +36,7 @@ from scripts.analysis.common import model_colors  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
 from scripts.report.answer import Flags, answer_section, task_results  # noqa: E402
 from scripts.report.baselines import baselines_section  # noqa: E402
+from scripts.report.speed import speed_section  # noqa: E402
 from scripts.report.inputs import Sources, all_models, discover, model_dims  # noqa: E402
 from scripts.report.plots import plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
 from scripts.report.sections import (collections_section, drift_section, figure_lines,  # noqa: E402
@@ -158,6 +159,12 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
         lines += ["## Baselines and controls", ""] + baseline_lines + figure_lines(baseline_figures, out_dir)
     else:
         not_measured.append("section 'Baselines and controls': " + baseline_lines[0])
+    for path, bench in inputs.benches:
+        rows = [row for _, sweep_rows in inputs.sweeps for row in sweep_rows]
+        lines += ["## What it buys: decode speed with sparse kernels", ""] + speed_section(
+            rows, bench, figures, out_dir, source=sources.add(path, bench.get("provenance"), None))
+    if not inputs.benches:
+        not_measured.append("section 'What it buys': no bench_sparse_decode.py JSON was given")
     for title in SECTIONS:
         if title in body:
             lines += [f"## {title}", ""] + body[title]

@@ -157,11 +157,13 @@ def speed_section(sweep_rows: Sequence[dict], bench: dict, figures_dir: Path, re
              f"independent random masks are the worst case, one shared mask the best; a trained model's masks lie "
              f"between. Floor speedup = the dense step's bytes floor over this step's (the most any kernel could "
              f"give); floor x = measured time over this step's floor.", ""]
-    headers = ["model", "batch", "mlp", "att", "given tok/s", "given speedup", "shared-mask speedup",
-               "predictor tok/s", "predictor speedup", "predictor share", "mlp union", "floor speedup", "floor x",
-               "src"]
     rows = [row for model in bench_models for row in speed_table(bench, model, source)]
-    lines += table(headers, rows)
+    lines += ["Mask-given (the kernels alone):", ""]
+    lines += table(["model", "batch", "mlp", "att", "tok/s", "speedup", "shared-mask speedup", "mlp union",
+                    "floor speedup", "floor x"], [r[:7] + r[10:13] for r in rows])
+    lines += ["With the predictors run in the step:", ""]
+    lines += table(["model", "batch", "mlp", "att", "tok/s", "speedup", "predictor share", "src"],
+                   [r[:4] + r[7:10] + r[13:] for r in rows])
     hf = [[model, r["batch"], r["tokens_per_s"], r.get("ours_dense_speedup"), source] for model in bench_models
           for r in bench["models"][model].get("hf_generate", [])]
     if hf:
@@ -188,13 +190,13 @@ def speed_section(sweep_rows: Sequence[dict], bench: dict, figures_dir: Path, re
             speeds.append(None if row is None else row.get("speedup_vs_dense"))
             what = what or (what_b if row is not None else "")
         note = what + (f"; a bound: {BOUND_MODES[r['mode']]}" if r["mode"] in BOUND_MODES else "")
-        cost_rows.append([r["model"], r["dataset"], r["mode"], r.get("block", "n/a"), r.get("mlp_topk", "n/a"),
-                          r.get("att_topk", "n/a"), ratio, *speeds, note or "not benched at this budget", source])
+        cost_rows.append([r["model"], r["dataset"], r["mode"], r.get("mlp_topk", "n/a"), r.get("att_topk", "n/a"),
+                          ratio, *speeds, note or "not benched at this budget", source])
         if speeds and speeds[0] is not None:
             points.append({"dataset": r["dataset"], "model": r["model"], "mode": r["mode"], "ppl_ratio": ratio,
                            "speedup": speeds[0]})
     lines += ["Accuracy cost (perplexity sweep) against the measured speedup:", ""]
-    lines += table(["model", "dataset", "mode", "block", "mlp_topk", "att_topk", "ppl / dense ppl",
+    lines += table(["model", "dataset", "mode", "mlp_topk", "att_topk", "ppl / dense ppl",
                     *[f"speedup b{b}" for b in batches], "speed from", "src"], cost_rows)
     if unmatched:
         lines += [f"- no bench at this model's shape (or no dense row to divide by): {', '.join(sorted(unmatched))}",
