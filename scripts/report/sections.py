@@ -310,15 +310,23 @@ def difference_text(acc: float | None, stderr: float | None, base: float | None,
     return f"{difference:+.3f}" + (f" (too noisy to read: se {se:.3f} > {acc_within:g})" if noisy else "")
 
 
+def stage_time(stage: dict) -> str:
+    """A stage's wall time; a stage stopped before it finished says so; one done by an earlier run has none here."""
+    if stage["seconds"] is not None:
+        return f"{stage['seconds']:.0f}"
+    if stage.get("interrupted_seconds"):
+        return f"stopped after {stage['interrupted_seconds']:.0f} (not finished)"
+    return "n/a (done before this manifest)"
+
+
 def stages_section(studies: list[tuple[Path, dict]], sources: Sources) -> list[str]:
     """Wall time of every stage of the study (the run that did it; a resumed run keeps earlier times)."""
     lines = []
     for path, study in studies:
         src = sources.add(path, study, str(path))
-        rows = [[s["model"], s["stage"], "n/a (done before this manifest)" if s["seconds"] is None else
-                 f"{s['seconds']:.0f}", "<br>".join(f"`{c}`" for c in s["commands"]) or "n/a", src]
+        rows = [[s["model"], s["stage"], stage_time(s), "<br>".join(f"`{c}`" for c in s["commands"]) or "n/a", src]
                 for s in study["stages"]]
-        total = sum(s["seconds"] or 0 for s in study["stages"])
+        total = sum(s["seconds"] or s.get("interrupted_seconds") or 0 for s in study["stages"])
         lines += [f"`{study['command']}` (commit {study['git_commit']}): {total:.0f} s over the stages below.", ""]
         lines += table(["model", "stage", "wall time (s)", "commands", "src"], rows)
     return lines
