@@ -6,7 +6,7 @@
 # Environment (defaults): MODEL (opt-125m), DATASET (c4), DATA_DIR (<repo>/data/$MODEL_$DATASET),
 #   OUT_DIR (<repo>/data/$MODEL_$DATASET_sparse_predictor), LOG_DIR ($OUT_DIR/logs), LR (0.0001), K (0.3),
 #   JOBS_PER_GPU (1), LAYERS_PER_JOB (1: a process per layer),
-#   SEEDS (1: predictors per layer, trained together; the study uses 3),
+#   SEEDS (1: predictors per layer, trained together),
 #   EXTRA_ARGS (more flags for main_att.py, e.g. "--input from:0 --epochs 10").
 [[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
 set -euo pipefail

@@ -265,7 +265,7 @@ def test_report_section_shows_every_ranking_the_curves_and_folds_in_narrow_table
     lines, figures = baselines_section([("S1", curves)], [], tmp_path)
     text = "\n".join(lines)
     assert "static" in text and "gate abs(SiLU(g))" in text and "n/a (not collected)" in text
-    assert "D=4" in text and "D=16 (full rank)" in text and "0.5 of the rows" in text and "over folds" in text
+    assert "D=4" in text and "full rank D=16" in text and "| full rank |" in text and "0.5 of the rows" in text and "over folds" in text
     widths = [line.count("|") - 1 for line in lines if line.startswith("| ")]
     assert widths and max(widths) <= 10
     assert [f.name for f in figures] == ["capacity.png"] and figures[0].is_file()
