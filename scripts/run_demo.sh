@@ -9,7 +9,7 @@
 # Llama 3.2 3B.
 #
 # Environment (defaults): OUT (out/demo), MODEL_ROOT (pretrained_models), MODELS ("tiny-opt tiny-llama tiny-llama-relu"),
-#   TRAIN_DOCS (120), COLLECT_ROWS (20000), EPOCHS (4), RANK (128: predictor width D), SEEDS (1),
+#   TRAIN_DOCS (120), COLLECT_ROWS (12000), EPOCHS (4), RANK (128: predictor width D), SEEDS (1),
 #   VAL_DOCS (16), WIKI_WINDOWS (12), MAX_SEQ_LEN (256), MLP_BUDGETS ("0.25 0.5": fractions; predictors are
 #   trained at each; the GPU study uses 0.1 0.25 0.5), ATT_BUDGETS (empty: the MLP fractions of each model's heads), TASK_MODES ("oracle predictor
 #   random static") and TASK_BLOCKS ("both": the paired rows; the sweep runs every mode and block),
@@ -53,7 +53,7 @@ MODEL_PATHS=()
 for model in $MODELS; do MODEL_PATHS+=("$MODEL_ROOT/$model"); done
 
 python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEVICE:-cpu}" \
-  --train-docs "${TRAIN_DOCS:-120}" --collect-tokens "${COLLECT_ROWS:-20000}" --epochs "${EPOCHS:-4}" \
+  --train-docs "${TRAIN_DOCS:-120}" --collect-tokens "${COLLECT_ROWS:-12000}" --epochs "${EPOCHS:-4}" \
   --D "${RANK:-128}" --seeds "${SEEDS:-1}" --val-docs "${VAL_DOCS:-16}" --wiki-windows "${WIKI_WINDOWS:-12}" \
   --max-seq-len "${MAX_SEQ_LEN:-256}" --mlp-budgets ${MLP_BUDGETS:-0.25 0.5} \
   ${ATT_BUDGETS:+--att-budgets $ATT_BUDGETS} --fractions ${FRACTIONS:-0.25 0.5} \
@@ -65,6 +65,6 @@ dejavu_lambada_openai}" --task-limit "${TASK_LIMIT:-8}" \
   --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" --folds "${FOLDS:-2}" --fold-layers "${CAPACITY_LAYERS:-last}" \
   --capacity-layers "${CAPACITY_LAYERS:-last}" --capacity-widths "${CAPACITY_WIDTHS:-32,full}" \
   --capacity-rows "${CAPACITY_ROWS:-0.5,1}" \
-  --note "Small models: $MODELS_FACTS, run on ${COLLECT_ROWS:-20000} collected tokens with ${EPOCHS:-4}-epoch \
+  --note "Small models: $MODELS_FACTS, run on ${COLLECT_ROWS:-12000} collected tokens with ${EPOCHS:-4}-epoch \
 predictors. This is evidence about mechanisms (OPT vs Llama architecture at equal size, data and steps), not a claim \
 about Llama 3.2 3B or any released model."

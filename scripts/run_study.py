@@ -255,7 +255,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
     def analysis_commands() -> list[list]:
         commands = [python("scripts/analysis/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
                            "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
-                           a.massive_dims),
+                           a.massive_dims, *device),
                     python("scripts/analysis/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
                            layers() // 2, "--labels", a.sweep_labels, *training, *device)]
         if a.lookahead_distance:

@@ -73,6 +73,27 @@ def test_drift_of_identical_layers_is_one_and_of_orthogonal_layers_is_zero(tmp_p
     assert "parameter-free because no --model-dir" in result["normalization"]["description"]
 
 
+@pytest.mark.parametrize("device", ["cpu", *(["cuda:0"] if torch.cuda.is_available() else [])])
+def test_drift_on_a_device_equals_drift_on_the_host(tmp_path, device):
+    """--device moves the means and cosines; the records equal the host's to float rounding, the massive dims too."""
+    dims = ModelDims(16, 32, 4, 2, 4)
+    rng = np.random.default_rng(1)
+    values = {(kind, l): (rng.standard_normal((ROWS, 16)) + 0.5 * l).astype(np.float32)
+              for kind in ("att_x", "mlp_x") for l in range(4)}
+    data = write_collection(tmp_path / "data", dims, DOC_LENGTHS, values, "synthetic-llama", "llama-save")
+    flags = ("--max-distance", "2", "--exclude-massive-dims", "2")
+    host = run_drift(data, tmp_path / "host", *flags)
+    moved = run_drift(data, tmp_path / "moved", *flags, "--device", device)
+    assert host["device"] == "cpu" and moved["device"] == device
+    assert moved["massive_dims"]["chosen"] == host["massive_dims"]["chosen"]
+    assert len(moved["records"]) == len(host["records"]) > 0
+    for a, b in zip(host["records"], moved["records"]):
+        assert (a["kind"], a["layer"], a["k"], a["space"], a["dims"]) == (b["kind"], b["layer"], b["k"], b["space"],
+                                                                          b["dims"])
+        assert b["mean"] == pytest.approx(a["mean"], abs=1e-5) and b["cross_token_mean"] == pytest.approx(
+            a["cross_token_mean"], abs=1e-5)
+
+
 def test_rowwise_cosine_matches_the_formula_and_gives_zero_for_a_zero_row():
     a = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
     b = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])

@@ -43,11 +43,13 @@ from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noq
 from Decentralized_FM_alpha.utils.intervals import bootstrap, ratio  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer.rows import SplitConfig, document_split  # noqa: E402
+from sparse_predictor.trainer.cli import resolve_device  # noqa: E402
 from scripts.analysis.common import (PERCENTILES, RowSample, collection_source,  # noqa: E402
                                      iter_row_chunks, model_family, open_collection, read_rows, rows_per_chunk,
                                      rowwise_cosine, sample_rows, summarize_values, write_results)
 
 KINDS = ("att_x", "mlp_x")
+CPU = torch.device("cpu")
 DEFAULT_EPS = 1e-5  # nn.LayerNorm's default (OPT) and Llama 3.x's rms_norm_eps
 # The norm each kind goes through in a layer, as keys of the converted pytorch_{l}.pt (SPEC §3): (weight, bias).
 NORM_KEYS = {("opt", "att_x"): ("self_attn_layer_norm.weight", "self_attn_layer_norm.bias"),
@@ -78,6 +80,11 @@ class Norms:
             if bias is not None:
                 x = x + bias
         return x
+
+    def to(self, device: torch.device) -> Norms:
+        """The same norms with their weights on `device`."""
+        weights = {key: tuple(None if t is None else t.to(device) for t in pair) for key, pair in self.weights.items()}
+        return Norms(self.family, self.eps, self.description, weights)
 
 
 def parameter_free_norms(family: str) -> Norms:
@@ -138,14 +145,16 @@ class MassiveDims:
                 "median_mean_abs_all_dims": self.median_mean_abs}
 
 
-def mean_abs_per_dim(store: ActivationStore, kinds: tuple[str, ...], sample: RowSample) -> dict[str, np.ndarray]:
+def mean_abs_per_dim(store: ActivationStore, kinds: tuple[str, ...], sample: RowSample,
+                     device: torch.device = CPU) -> dict[str, np.ndarray]:
     """'{kind}_{layer}' -> (d,) mean |activation| over the sampled rows, streamed chunk by chunk."""
     sums = {f"{k}_{l}": np.zeros(store.dims.hidden_size) for k in kinds for l in range(store.num_layers)}
     chunk = rows_per_chunk(store.dims.hidden_size)
     for _, rows in tqdm(list(iter_row_chunks(sample.rows, chunk)), desc="mean |x| per dim", unit="chunk"):
         for kind in kinds:
             for layer in range(store.num_layers):
-                sums[f"{kind}_{layer}"] += read_rows(store.open(kind, layer), rows).abs().sum(dim=0).double().numpy()
+                x = read_rows(store.open(kind, layer), rows).to(device)
+                sums[f"{kind}_{layer}"] += x.abs().sum(dim=0).double().cpu().numpy()
     return {key: s / len(sample.rows) for key, s in sums.items()}
 
 
@@ -177,16 +186,16 @@ def layer_pairs(num_layers: int, max_distance: int) -> list[tuple[int, int]]:
 
 
 def mean_vectors(store: ActivationStore, kinds: tuple[str, ...], pairs: list[tuple[int, int]], rows: np.ndarray,
-                 norms: Norms, rule: str) -> Means:
+                 norms: Norms, rule: str, device: torch.device = CPU) -> Means:
     """The mean of every layer's vectors over `rows` (the sampled rows of the training documents), raw and through
     each target layer's norm, streamed chunk by chunk."""
     L, d = store.num_layers, store.dims.hidden_size
     targets = sorted({(s, t) for l, k in pairs for s, t in ((l, l + k), (l + k, l + k))})
-    raw = {(kind, l): torch.zeros(d, dtype=torch.float64) for kind in kinds for l in range(L)}
-    normed = {(kind, s, t): torch.zeros(d, dtype=torch.float64) for kind in kinds for s, t in targets}
+    raw = {(kind, l): torch.zeros(d, dtype=torch.float64, device=device) for kind in kinds for l in range(L)}
+    normed = {(kind, s, t): torch.zeros(d, dtype=torch.float64, device=device) for kind in kinds for s, t in targets}
     for _, chunk in tqdm(list(iter_row_chunks(rows, rows_per_chunk(L * d * 2))), desc="layer means", unit="chunk"):
         for kind in kinds:
-            x = [read_rows(store.open(kind, layer), chunk) for layer in range(L)]
+            x = [read_rows(store.open(kind, layer), chunk).to(device) for layer in range(L)]
             for layer in range(L):
                 raw[(kind, layer)] += x[layer].sum(dim=0, dtype=torch.float64)
             for s, t in targets:
@@ -235,14 +244,14 @@ def pair_cosines(x_source: torch.Tensor, x_target: torch.Tensor, kind: str, sour
         out[(space, "all")] = rowwise_cosine(a, b)
         if massive is not None:
             keep = np.setdiff1d(np.arange(a.shape[1]), massive.excluded(kind, source, target))
-            keep_t = torch.from_numpy(keep)
+            keep_t = torch.from_numpy(keep).to(a.device)
             out[(space, "without_massive")] = rowwise_cosine(a[:, keep_t], b[:, keep_t])
     return out
 
 
 def drift_cosines(store: ActivationStore, kinds: tuple[str, ...], max_distance: int, sample: RowSample, norms: Norms,
-                  massive: MassiveDims | None, means: Means | None = None, partners: np.ndarray | None = None
-                  ) -> dict[tuple[str, str, int, int, str, str], np.ndarray]:
+                  massive: MassiveDims | None, means: Means | None = None, partners: np.ndarray | None = None,
+                  device: torch.device = CPU) -> dict[tuple[str, str, int, int, str, str], np.ndarray]:
     """(pairing, kind, layer, k, space, dims) -> (rows,) cosines over the sample; every layer file is read once per
     chunk. same_token: x_l and x_{l+k} of one token; cross_token (with `partners`): x_l of token i and x_{l+k} of
     its partner token (another document)."""
@@ -258,19 +267,19 @@ def drift_cosines(store: ActivationStore, kinds: tuple[str, ...], max_distance: 
     chunk = rows_per_chunk(L * store.dims.hidden_size * 4)  # one kind's layers and partners, room for normed copies
     for part, rows in tqdm(list(iter_row_chunks(sample.rows, chunk)), desc="drift cosines", unit="chunk"):
         for kind in kinds:
-            x = [read_rows(store.open(kind, layer), rows) for layer in range(L)]
+            x = [read_rows(store.open(kind, layer), rows).to(device) for layer in range(L)]
             others = {"same_token": x}
             if partners is not None:
                 other_rows = sample.rows[partners[part]]
                 order = np.argsort(other_rows)  # read in file order, then put back in partner order
                 back = np.argsort(order)
-                others["cross_token"] = [read_rows(store.open(kind, layer), other_rows[order])[back]
+                others["cross_token"] = [read_rows(store.open(kind, layer), other_rows[order])[back].to(device)
                                          for layer in range(L)]
             for pairing, y in others.items():
                 for l, k in pairs:
                     for (space, dims), values in pair_cosines(x[l], y[l + k], kind, l, l + k, norms, massive,
                                                               means).items():
-                        cosines[(pairing, kind, l, k, space, dims)][part] = values.numpy()
+                        cosines[(pairing, kind, l, k, space, dims)][part] = values.cpu().numpy()
     return cosines
 
 
@@ -363,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-massive-dims", type=int, default=0, metavar="N",
                    help="also report cosines without the N hidden dims of largest mean |activation| over the "
                         "sampled rows (default 0: not computed)")
+    p.add_argument("--device", default="cpu",
+                   help="where the cosines and means are computed, e.g. cuda:0 (default %(default)s); rows are read "
+                        "on the host either way, and the numbers agree to float rounding")
     p.add_argument("--massive-per-layer", action="store_true",
                    help="choose the massive dims per kind and layer (a pair drops the union of both layers' dims) "
                         "instead of once per model")
@@ -385,10 +397,12 @@ def main(argv: list[str] | None = None) -> Path:
     norms = (load_model_norms(family, args.model_dir, kinds, store.num_layers, store.dims.hidden_size)
              if args.model_dir else parameter_free_norms(family))
     print(f"normed space: {norms.description}")
+    device = resolve_device(args.device)
+    norms = norms.to(device)
     sample = sample_rows(store, args.max_rows, args.seed, args.exclude_first_token)
     massive = None
     if args.exclude_massive_dims:
-        massive = choose_massive_dims(mean_abs_per_dim(store, kinds, sample), args.exclude_massive_dims,
+        massive = choose_massive_dims(mean_abs_per_dim(store, kinds, sample, device), args.exclude_massive_dims,
                                       args.massive_per_layer)
         print(f"massive dims left out: {massive.chosen if args.massive_per_layer else massive.chosen['model']}")
     source = collection_source(store)
@@ -398,12 +412,12 @@ def main(argv: list[str] | None = None) -> Path:
     if len(mean_rows) == 0:
         raise SystemExit(f"{args.data_dir}: no sampled row of a training document to take the layer means from")
     rule = f"mean over the {len(mean_rows)} sampled rows of the training documents ({SplitConfig().describe()})"
-    means = mean_vectors(store, kinds, layer_pairs(store.num_layers, args.max_distance), mean_rows, norms, rule)
+    means = mean_vectors(store, kinds, layer_pairs(store.num_layers, args.max_distance), mean_rows, norms, rule, device)
     partners = cross_token_partners(documents[sample.rows], args.seed)
-    cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive, means, partners)
+    cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive, means, partners, device)
     records = drift_records(source["model"], cosines)
     payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
-               "sample": sample.describe(), "exclude_first_token": args.exclude_first_token,
+               "sample": sample.describe(), "exclude_first_token": args.exclude_first_token, "device": str(device),
                "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
                                  "eps": norms.eps, "target_layer_norm": True},
                "massive_dims": massive.describe() if massive else None,
