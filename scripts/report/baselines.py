@@ -160,7 +160,8 @@ def capacity_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
                     # full rank differs between models: one column for it, whatever its D
                     cells = {("full" if curve == "D" and x == full else x): interval_text(i) for x, _, i, _ in points}
                     xs |= set(cells)
-                    rows.append((model, f"{predictor} (layers {layer_text(layers)}, K={k:g}, full rank D={full:g})", cells,
+                    width = f", full rank D={full:g}" if curve == "D" else ""
+                    rows.append((model, f"{predictor} (layers {layer_text(layers)}, K={k:g}{width})", cells,
                                  interval_text(static), source, full))
                     keys = {"block": block, "k": k, "layers": layer_text(layers)}
                     for x, _, interval, _ in points:
