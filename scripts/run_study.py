@@ -386,6 +386,7 @@ def online_stages(run: ModelRun) -> list[Path]:
         if i == len(groups) - 1:  # every layer's partial results exist: the merged outputs, from this collection
             study.run(name, "analysis", [run.sparsity(data)], done=False, part="merge")
             study.run(name, "summary", [run.summary(data)], done=False, part="merge")
+        marker.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {"layers": layers, "collected_layers": [first, group[-1]], "stages": stages})
         shutil.rmtree(data)
     drift = a.online_dir / f"{name}_drift"

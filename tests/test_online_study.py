@@ -1,0 +1,83 @@
+"""run_study.py --collection online equals --collection mmap on tiny OPT and tiny Llama: a memory budget of two
+layer groups (plan.layer_groups, as --plan prints), every record of the summary, the predictor summaries, the
+sparsity statistics, the label sweep, drift and the perplexity sweep, with paths, times and provenance left out."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import run_study
+from scripts.study import plan
+from tests.runner_helpers import REPO
+
+SMALL = ["--device", "cpu", "--train-docs", "3", "--val-docs", "2", "--wiki-windows", "1", "--max-seq-len", "64",
+         "--collect-tokens", "150", "--epochs", "1", "--D", "8", "--mlp-budgets", "0.5", "--fractions", "0.25",
+         "--distance-fraction", "0.25", "--capacity-layers", "last", "--capacity-widths", "4", "--capacity-rows", "0.5",
+         "--folds", "0", "--tasks", "", "--modes", "predictor", "static", "--blocks", "both", "--drift-rows", "100",
+         "--jobs", "1", "--stages", "requests,convert,collect,predictors,sweep,analysis,summary"]
+GROUPS = 2
+
+
+def two_group_budget(model: str) -> str:
+    """--memory-budget-gb whose groups split the model's layers in two (the lookback layers included)."""
+    from transformers import AutoConfig
+
+    facts = plan.model_facts(model, AutoConfig.from_pretrained(REPO / "pretrained_models" / model))
+    layers = facts.dims.num_layers
+    lookback = run_study.input_lookback("lookahead", layers)
+    per_layer = plan.layer_collection_bytes(facts.dims, 150, facts.gated)
+    return str((-(-layers // GROUPS) + lookback) * per_layer / 2**30)
+
+
+def clean(value, roots: dict[str, str]):
+    """Drop times (seconds, *_s) and provenance (the git state, the collection's manifest), name paths by role."""
+    if isinstance(value, dict):
+        return {k: clean(v, roots) for k, v in value.items()
+                if k not in ("provenance", "timings", "seconds", "source", "data") and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [clean(v, roots) for v in value]
+    if isinstance(value, str):
+        for path, name in roots.items():
+            value = value.replace(path, name)
+    return value
+
+
+def results(out: Path, model: str, roots: dict[str, str]) -> dict:
+    analysis = out / "analysis" / model
+    found = {name: clean(json.loads((analysis / f"{name}.json").read_text()), roots)
+             for name in ("recall_summary", "sparsity_stats", "label_sweep", "drift")}
+    found = {name: {key: found[name].get(key) for key in ("records", "capacity", "folds", "summary", "k1_intervals",
+                                                           "sample", "massive_dims", "centring", "layers")}
+             for name in found}
+    for path in sorted((out / "predictors" / model).glob("*/*_summary.csv")):
+        found[str(path.relative_to(out))] = list(csv.reader(path.open()))
+    for path in sorted((out / "predictors" / model).glob("*/*_layer*.json")):
+        found[str(path.relative_to(out))] = clean(json.loads(path.read_text()), roots)
+    found["sweep"] = clean(list(csv.reader((out / "sweep" / model / "sweep.csv").open())), roots)
+    return found
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+def test_online_study_equals_the_mmap_study(model, tmp_path, capsys):
+    source = f"{model}={REPO / 'pretrained_models' / model}"
+    budget = ["--memory-budget-gb", two_group_budget(model)]
+    run_study.main([source, "--out-dir", str(tmp_path / "mmap"), *SMALL, *budget, "--collection", "mmap"])
+    online = tmp_path / "rows"
+    run_study.main([source, "--out-dir", str(tmp_path / "online"), *SMALL, *budget, "--collection", "online",
+                    "--online-dir", str(online)])
+    out = capsys.readouterr().out
+    assert f"{GROUPS} groups, {GROUPS} forward passes" in out  # the plan's count ...
+    stages = json.loads((tmp_path / "online" / run_study.STUDY_MANIFEST).read_text())["stages"]
+    groups = [s["stage"] for s in stages if s["stage"].startswith("collect (layers")]
+    assert len(groups) == GROUPS, groups  # ... is what the study ran
+    assert not any(online.iterdir()) and not (tmp_path / "online" / "data").exists()  # no activation left
+    mmap = results(tmp_path / "mmap", model, {str(tmp_path / "mmap" / "data" / f"{model}_c4"): "<data>",
+                                              str(tmp_path / "mmap"): "<out>"})
+    assert results(tmp_path / "online", model, {str(online / f"{model}_c4"): "<data>",
+                                                str(online / f"{model}_drift"): "<data>",
+                                                str(tmp_path / "online"): "<out>"}) == mmap
+    assert len(mmap["recall_summary"]["records"]) > 0 and len(mmap["drift"]["records"]) > 0
+    assert mmap["recall_summary"]["capacity"] and len(mmap["sweep"]) > 2
