@@ -362,7 +362,8 @@ def online_stages(run: ModelRun) -> list[Path]:
     earlier layers its inputs read fit --memory-budget-gb) from a collection of those layers in --online-dir, deleted
     after the group; the last group's collection also serves the merge of every group's partial results into the
     outputs the mmap path writes. Then drift on its own collection of the first --drift-rows rows. A finished group
-    leaves <analysis>/online/layers<A>-<B>.json and is skipped on a rerun."""
+    leaves <analysis>/online/layers<A>-<B>.json and is skipped on a rerun; <analysis>/online/manifest.json records the
+    collection. Returns no collection folder: the report finds that record in the analysis folder."""
     study, a, name = run.study, run.a, run.model.name
     if a.lookahead_distance:
         raise SystemExit("--lookahead-distance reads the mmap collection: use --collection mmap")
@@ -386,6 +387,7 @@ def online_stages(run: ModelRun) -> list[Path]:
         if i == len(groups) - 1:  # every layer's partial results exist: the merged outputs, from this collection
             study.run(name, "analysis", [run.sparsity(data)], done=False, part="merge")
             study.run(name, "summary", [run.summary(data)], done=False, part="merge")
+            keep_collection_record(data, run.analysis / "online", groups, lookback)
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {"layers": layers, "collected_layers": [first, group[-1]], "stages": stages})
         shutil.rmtree(data)
@@ -396,6 +398,14 @@ def online_stages(run: ModelRun) -> list[Path]:
         study.run(name, "analysis", [run.drift(drift)], done=False, part="drift")
         shutil.rmtree(drift)
     return []
+
+
+def keep_collection_record(data: Path, folder: Path, groups: list[range], lookback: int) -> None:
+    """The last group's collection manifest, kept as the record of what was collected (the report's collection),
+    with every group's collected layers."""
+    manifest = read_json(data / "manifest.json")
+    manifest["online_groups"] = [[max(g[0] - lookback, 0), g[-1]] for g in groups]
+    write_json_atomic(folder / "manifest.json", manifest)
 
 
 def clear_other_collection(data: Path, layers: list[int]) -> None:

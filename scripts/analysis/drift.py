@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> Path:
     cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive, means, partners)
     records = drift_records(source["model"], cosines)
     payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
-               "sample": sample.describe(), "first_rows": args.first_rows, "exclude_first_token": args.exclude_first_token,
+               "sample": sample.describe(), "first_rows": args.first_rows,
+               "exclude_first_token": args.exclude_first_token,
                "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
                                  "eps": norms.eps, "target_layer_norm": True},
                "massive_dims": massive.describe() if massive else None,

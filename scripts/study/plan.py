@@ -2,10 +2,12 @@
 
 Disk for the mmap path is exact for the activation files (the collection preallocates every file at its capacity:
 rows x width x 2 bytes per kind and layer, plus the token index); the converted weights and predictor checkpoints are
-counted by their tensors (files add a few KB each). The online path (sparse_predictor/train_online.py) keeps rows on
-the GPU instead: its device memory per group of layers is train_online.group_bytes, and each group is one forward
-pass. Times are estimates from rates measured in this repository (docs/results/bench_collection_h200/, one H200 at
-Llama-3.2-3B shapes), each printed with its source; a stage without a measured rate says so.
+counted by their tensors (files add a few KB each). The online path (run_study.py --collection online) collects one
+group of layers at a time into --online-dir (layer_groups: the group's rows, with the earlier layers its inputs read,
+within --memory-budget-gb), one forward pass per group; training from rows on the GPU (train_online.py) needs
+train_online.group_bytes per layer. Times are estimates from rates measured in this repository
+(docs/results/bench_collection_h200/, one H200 at Llama-3.2-3B shapes), each printed with its source; a stage without
+a measured rate says so.
 """
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jobs-per-gpu", type=int, default=1,
                      help="training processes at once on each GPU, or on the CPU when there is none (default 1)")
     run.add_argument("--layers", default="all",
-                     help="layers to train: 'all' (default: every layer of the manifest) or a list such as 0-13 or 0,4,8")
+                     help="layers to train: 'all' (default: every layer of the manifest) or a list such as 0-13 "
+                          "or 0,4,8")
     run.add_argument("--layers-per-job", type=int, default=1,
                      help="consecutive layers one process trains in turn (default 1: a process per layer)")
     summary = sub.add_parser("summarize", help="write {block}_summary.csv/.md from the per-layer JSONs")
