@@ -74,6 +74,10 @@ def test_online_study_equals_the_mmap_study(model, tmp_path, capsys):
     groups = [s["stage"] for s in stages if s["stage"].startswith("collect (layers")]
     assert len(groups) == GROUPS, groups  # ... is what the study ran
     assert not any(online.iterdir()) and not (tmp_path / "online" / "data").exists()  # no activation left
+    run_study.main([source, "--out-dir", str(tmp_path / "online"), *SMALL, *budget, "--collection", "online",
+                    "--online-dir", str(online)])  # a rerun skips every finished group
+    rerun = capsys.readouterr().out
+    assert rerun.count("done earlier, skipped") >= GROUPS and " ...\n" not in rerun
     mmap = results(tmp_path / "mmap", model, {str(tmp_path / "mmap" / "data" / f"{model}_c4"): "<data>",
                                               str(tmp_path / "mmap"): "<out>"})
     assert results(tmp_path / "online", model, {str(online / f"{model}_c4"): "<data>",
