@@ -40,7 +40,7 @@ from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, mod
                                                        require_local_path_or_hub_id)
 from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
 from scripts.study.plan import (check_disk, free_disk, gib, layer_collection_bytes, layer_groups,  # noqa: E402
-                                measured_rates, model_facts, plan_model)
+                                measured_rates, mmap_need_and_free, model_facts, plan_model)
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
@@ -367,6 +367,9 @@ def online_stages(run: ModelRun) -> list[Path]:
     study, a, name = run.study, run.a, run.model.name
     if a.lookahead_distance:
         raise SystemExit("--lookahead-distance reads the mmap collection: use --collection mmap")
+    if "collect" not in a.stages:  # every online stage reads a collection it makes itself
+        print(f"{name}: online stages need 'collect' in --stages: predictors, analysis and summary skipped", flush=True)
+        return []
     data = a.online_dir / f"{name}_c4"
     groups = online_groups(a, run.model, run.num_layers)
     lookback = input_lookback(a.predictor_input, run.num_layers)
@@ -680,7 +683,7 @@ def choose_collection(args: argparse.Namespace, plans: list) -> str:
     """--collection auto: online when the mmap path needs more disk than is free under --out-dir, else mmap."""
     if args.collection != "auto":
         return args.collection
-    need, free = sum(p.mmap_bytes for p in plans), free_disk(args.out_dir)
+    need, free = mmap_need_and_free(plans, args.out_dir)
     chosen = "online" if need > free else "mmap"
     print(f"--collection auto: {chosen} (the mmap path needs {gib(need)}, {gib(free)} free under {args.out_dir})")
     return chosen

@@ -205,9 +205,14 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def mmap_need_and_free(plans: list[ModelPlan], out_dir: Path) -> tuple[int, int]:
+    """Bytes the mmap path of these plans needs, and the free bytes under out_dir."""
+    return sum(p.mmap_bytes for p in plans), free_disk(out_dir)
+
+
 def check_disk(plans: list[ModelPlan], out_dir: Path) -> None:
     """Refuse an mmap study that the free disk cannot hold, naming the need and the free space."""
-    need, free = sum(p.mmap_bytes for p in plans), free_disk(out_dir)
+    need, free = mmap_need_and_free(plans, out_dir)
     if need > free:
         raise SystemExit(f"the study's mmap path (activations, converted weights, predictors) needs {gib(need)} ({need:,} bytes: "
                          + ", ".join(f"{p.facts.name} {gib(p.mmap_bytes)}" for p in plans)
