@@ -15,7 +15,9 @@ MODEL is SOURCE or NAME=SOURCE; SOURCE is a Hugging Face model directory or hub 
         --out-dir out/study_3b --device cuda --dtype bf16          # the GPU-site study (README)
 
 Layout of --out-dir: requests/ (with lm_eval_tasks/, the offline tasks), converted/<name>/, data/<name>_c4/,
-predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md.
+predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md. With --collection online
+there is no data/: each layer group is collected into --online-dir, used and deleted (analysis/<name>/online/ keeps
+the per-group markers and the collection's manifest); see --collection.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, writ
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
 from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
-from scripts.study.plan import (check_disk, free_disk, gib, layer_collection_bytes, layer_groups,  # noqa: E402
-                                measured_rates, mmap_need_and_free, model_facts, plan_model)
+from scripts.study.plan import (FLOAT16, check_disk, collection_bytes, free_disk, gib,  # noqa: E402
+                                layer_collection_bytes, layer_groups, measured_rates, mmap_need_and_free,
+                                model_facts, plan_model)
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
@@ -419,13 +422,24 @@ def clear_other_collection(data: Path, layers: list[int]) -> None:
 
 
 def online_groups(a: argparse.Namespace, model: ModelSpec, num_layers: int) -> list[range]:
-    """The layer groups of the online path (plan.layer_groups over the collected bytes of one layer)."""
+    """The layer groups of the online path (plan.layer_groups over the collected bytes of one layer), checked against
+    the free space of --online-dir (the largest group, or the drift rows)."""
     facts = model_facts(model.name, source_config(model))
+    lookback = input_lookback(a.predictor_input, num_layers)
     groups = layer_groups(num_layers, layer_collection_bytes(facts.dims, a.collect_tokens, facts.gated),
-                          int(a.memory_budget_gb * 2**30), input_lookback(a.predictor_input, num_layers))
+                          int(a.memory_budget_gb * 2**30), lookback)
     if not groups:
         raise SystemExit(f"{model.name}: --memory-budget-gb {a.memory_budget_gb:g} holds not one online layer group "
                          f"(see --plan): raise it or lower --collect-tokens")
+    group = max(collection_bytes(facts.dims, a.collect_tokens, facts.gated, len(g) + min(g[0], lookback))
+                for g in groups)
+    drift = 2 * FLOAT16 * facts.dims.hidden_size * num_layers * a.drift_rows  # att_x and mlp_x of every layer
+    earlier = sum(f.stat().st_size for d in (f"{model.name}_c4", f"{model.name}_drift")
+                  for f in (a.online_dir / d).glob("*") if f.is_file())  # a stopped run's collection, replaced
+    need, free = max(group, drift), free_disk(a.online_dir) + earlier
+    if need > free:
+        raise SystemExit(f"{model.name}: an online group needs {gib(need)} ({need:,} bytes) in {a.online_dir}, which "
+                         f"has {gib(free)} free: lower --memory-budget-gb (or --drift-rows) or give --online-dir")
     return groups
 
 

@@ -85,3 +85,21 @@ def test_online_study_equals_the_mmap_study(model, tmp_path, capsys):
                                                 str(tmp_path / "online"): "<out>"}) == mmap
     assert len(mmap["recall_summary"]["records"]) > 0 and len(mmap["drift"]["records"]) > 0
     assert mmap["recall_summary"]["capacity"] and len(mmap["sweep"]) > 2
+
+
+def test_an_online_group_larger_than_the_online_dir_is_refused_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_study, "free_disk", lambda path: 0)
+    source = f"tiny-llama={REPO / 'pretrained_models/tiny-llama'}"
+    with pytest.raises(SystemExit, match=rf"tiny-llama: an online group needs .* bytes\) in {tmp_path / 'rows'}, "
+                                         r"which has 0\.0 GiB free"):
+        run_study.main([source, "--out-dir", str(tmp_path / "out"), *SMALL[:SMALL.index("--stages")],
+                        "--stages", "requests,convert,collect", "--collection", "online", "--online-dir",
+                        str(tmp_path / "rows")])
+    assert not (tmp_path / "rows").exists()
+
+
+def test_layer_groups_fit_the_budget_with_the_lookback_layers():
+    assert plan.layer_groups(6, 10, 50, 2) == [range(0, 3), range(3, 6)]
+    assert plan.layer_groups(5, 10, 40, 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert plan.layer_groups(6, 10, 1000, 2) == [range(0, 6)]
+    assert plan.layer_groups(6, 10, 29, 2) == []  # not one layer with its two earlier ones
