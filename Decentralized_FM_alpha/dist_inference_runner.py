@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (llama family, optional)")
     collect.add_argument("--collect-layers", type=layer_range, default=None, metavar="A-B",
                          help="store only layers A..B, inclusive (the manifest's collected_layers; opening another "
-                              "layer of the collection is an error); the forward pass still runs every layer, so the "
-                              "rows are those of a full collection (default: all layers)")
+                              "layer of the collection is an error); the rows and their values are those of a full "
+                              "collection, also with --max-layers B+1, which stops the forward pass after layer B "
+                              "(its result file then scores a truncated model) (default: all layers)")
     collect.add_argument("--collect-kinds", default=None,
                          help="comma list of the kinds to store, of the model's collected kinds and, with "
                               "--collect-mlp-gate, mlp_gate (default: all of them)")
@@ -166,6 +167,9 @@ def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
     kinds = module.COLLECTED_KINDS + (module.OPTIONAL_KINDS if args.collect_mlp_gate else ())
     if args.collect_mlp_gate and not module.OPTIONAL_KINDS:
         raise SystemExit(f"--collect-mlp-gate: {args.model_type} has no gate")
+    if args.collect_layers and args.collect_layers[1] >= pipe.max_layers:
+        raise SystemExit(f"--collect-layers {args.collect_layers[0]}-{args.collect_layers[1]}: --max-layers "
+                         f"{pipe.max_layers} runs layers 0..{pipe.max_layers - 1} only")
     if args.collect_kinds is not None:
         chosen = tuple(k.strip() for k in args.collect_kinds.split(","))
         if unknown := sorted(set(chosen) - set(kinds)):

@@ -364,7 +364,8 @@ def online_stages(run: ModelRun) -> list[Path]:
     """The stages that read activations, one layer group at a time (plan.layer_groups: the group's rows with the
     earlier layers its inputs read fit --memory-budget-gb) from a collection of those layers in --online-dir, deleted
     after the group; the last group's collection also serves the merge of every group's partial results into the
-    outputs the mmap path writes. Then drift on its own collection of the first --drift-rows rows. A finished group
+    outputs the mmap path writes. Each group's forward pass stops after its last layer (--max-layers). Then drift on
+    its own collection of the first --drift-rows rows. A finished group
     leaves <analysis>/online/layers<A>-<B>.json and is skipped on a rerun; <analysis>/online/manifest.json records the
     collection. Returns no collection folder: the report finds that record in the analysis folder."""
     study, a, name = run.study, run.a, run.model.name
@@ -385,7 +386,8 @@ def online_stages(run: ModelRun) -> list[Path]:
             print(f"{name}: online group {part} done earlier, skipped", flush=True)
             continue
         clear_other_collection(data, [first, group[-1]])
-        study.run(name, "collect", [run.collect(data, a.collect_tokens, "--collect-layers", f"{first}-{group[-1]}")],
+        study.run(name, "collect", [run.collect(data, a.collect_tokens, "--collect-layers", f"{first}-{group[-1]}",
+                                                "--max-layers", group[-1] + 1)],  # no layer past the group runs
                   done=complete(data / "manifest.json"), part=part)
         study.run(name, "predictors", lambda: run.predictors(data, layers), done=False, part=part)
         study.run(name, "analysis", [run.sparsity(data, layers)], done=False, part=part)
