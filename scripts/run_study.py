@@ -266,10 +266,11 @@ class ModelRun:
 
     def sparsity(self, data: Path, layers: list[int] | None = None) -> list[str]:
         """sparsity_stats.py over all layers, or over `layers` only as a group's partial results."""
-        middle = self.num_layers // 2
-        chosen = ["--partial-only", "--layers", layer_text(layers),
-                  *(["--sweep-layers", middle] if middle in layers else ["--no-label-sweep"])] if layers else [
-            "--sweep-layers", middle]
+        middle = self.num_layers // 2  # the label sweep's layer
+        chosen: list = ["--sweep-layers", middle]
+        if layers:
+            chosen = ["--partial-only", "--layers", layer_text(layers),
+                      *(chosen if middle in layers else ["--no-label-sweep"])]
         return python("scripts/analysis/sparsity_stats.py", "--data-dir", data, "--out-dir", self.analysis,
                       "--labels", self.a.sweep_labels, *chosen, *self.training, *self.device)
 
@@ -365,9 +366,9 @@ def online_stages(run: ModelRun) -> list[Path]:
     earlier layers its inputs read fit --memory-budget-gb) from a collection of those layers in --online-dir, deleted
     after the group; the last group's collection also serves the merge of every group's partial results into the
     outputs the mmap path writes. Each group's forward pass stops after its last layer (--max-layers). Then drift on
-    its own collection of the first --drift-rows rows. A finished group
-    leaves <analysis>/online/layers<A>-<B>.json and is skipped on a rerun; <analysis>/online/manifest.json records the
-    collection. Returns no collection folder: the report finds that record in the analysis folder."""
+    its own collection of the first --drift-rows rows. A finished group leaves <analysis>/online/layers<A>-<B>.json
+    and is skipped on a rerun; <analysis>/online/manifest.json records the collection. Returns no collection folder:
+    the report finds that record in the analysis folder."""
     study, a, name = run.study, run.a, run.model.name
     if a.lookahead_distance:
         raise SystemExit("--lookahead-distance reads the mmap collection: use --collection mmap")

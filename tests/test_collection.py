@@ -214,7 +214,8 @@ def test_collected_layers_equal_a_full_collection_and_other_layers_raise(collect
     part = tmp_path / "part"
     run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
                   "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(part),
-                  "--token-micro-batch-size", "2", "--collect-layers", "1-1", "--max-layers", "2", "--collect-kinds", "att_x,mlp_label"])
+                  "--token-micro-batch-size", "2", "--collect-layers", "1-1", "--max-layers", "2", "--collect-kinds",
+                  "att_x,mlp_label"])
     assert sorted(f for f in os.listdir(part) if f.endswith(".mmap")) == [
         f"{kind}_1.mmap" for kind in ("att_x", "mlp_label")]
     for f in [f for f in os.listdir(part) if f.endswith(".mmap")] + ["token_index.npy"]:
@@ -222,7 +223,8 @@ def test_collected_layers_equal_a_full_collection_and_other_layers_raise(collect
     store = ActivationStore(part)
     assert store.manifest["collected_layers"] == [1, 1] and store.kinds == ("att_x", "mlp_label")
     for layer in (0, 2):
-        with pytest.raises(FileNotFoundError, match=rf"{part}: layer {layer} was not collected \(collected layers 1\.\.1\)"):
+        with pytest.raises(FileNotFoundError,
+                           match=rf"{part}: layer {layer} was not collected \(collected layers 1\.\.1\)"):
             store.open("att_x", layer)
     assert np.array_equal(store.prefix(7).open("att_x", 1), ActivationStore(data).open("att_x", 1)[:7])
     assert store.prefix(7).token_index().shape == (7, 3)
