@@ -193,7 +193,7 @@ class ActivationWriter:
         old = self.data_dir / MANIFEST
         if self.rows_written == 0 or not old.is_file():
             return
-        previous = read_json(old)
+        previous = {"collected_layers": [0, self.dims.num_layers - 1], **read_json(old)}  # absent: every layer
         for key in ("config", "capacity", "kinds", "collected_layers", "source_data", "model_name"):
             if previous.get(key) != self.manifest.get(key):
                 raise ValueError(f"cannot resume in {self.data_dir}: {key} differs from the earlier run "
