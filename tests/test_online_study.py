@@ -1,6 +1,8 @@
 """run_study.py --collection online equals --collection mmap on tiny OPT and tiny Llama: a memory budget of two
-layer groups (plan.layer_groups, as --plan prints), every record of the summary, the predictor summaries, the
-sparsity statistics, the label sweep, drift and the perplexity sweep, with paths, times and provenance left out."""
+layer groups (plan.layer_groups, as --plan prints), every record of the summary (predictors, baselines, the capacity
+curves of the last layer, in the second group, and the folds of layer 1, in the first), every predictor and static
+ranking JSON and summary row, the sparsity statistics, the label sweep, drift and the perplexity sweep, with paths,
+times and provenance left out. A rerun skips every group; a group the online dir cannot hold is refused."""
 from __future__ import annotations
 
 import csv
@@ -16,8 +18,8 @@ from tests.runner_helpers import REPO
 SMALL = ["--device", "cpu", "--train-docs", "3", "--val-docs", "2", "--wiki-windows", "1", "--max-seq-len", "64",
          "--collect-tokens", "150", "--epochs", "1", "--D", "8", "--mlp-budgets", "0.5", "--fractions", "0.25",
          "--distance-fraction", "0.25", "--capacity-layers", "last", "--capacity-widths", "4", "--capacity-rows", "0.5",
-         "--folds", "0", "--tasks", "", "--modes", "predictor", "static", "--blocks", "both", "--drift-rows", "100",
-         "--jobs", "1", "--stages", "requests,convert,collect,predictors,sweep,analysis,summary"]
+         "--folds", "2", "--fold-layers", "1", "--tasks", "", "--modes", "predictor", "static", "--blocks", "both",
+         "--drift-rows", "100", "--jobs", "1", "--stages", "requests,convert,collect,predictors,sweep,analysis,summary"]
 GROUPS = 2
 
 
@@ -84,7 +86,7 @@ def test_online_study_equals_the_mmap_study(model, tmp_path, capsys):
                                                 str(online / f"{model}_drift"): "<data>",
                                                 str(tmp_path / "online"): "<out>"}) == mmap
     assert len(mmap["recall_summary"]["records"]) > 0 and len(mmap["drift"]["records"]) > 0
-    assert mmap["recall_summary"]["capacity"] and len(mmap["sweep"]) > 2
+    assert mmap["recall_summary"]["capacity"] and mmap["recall_summary"]["folds"] and len(mmap["sweep"]) > 2
 
 
 def test_an_online_group_larger_than_the_online_dir_is_refused_before_it_starts(tmp_path, monkeypatch):
