@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,10 +68,15 @@ def results(out: Path, model: str, roots: dict[str, str]) -> dict:
 def test_online_study_equals_the_mmap_study(model, tmp_path, capsys):
     source = f"{model}={REPO / 'pretrained_models' / model}"
     budget = ["--memory-budget-gb", two_group_budget(model)]
-    run_study.main([source, "--out-dir", str(tmp_path / "mmap"), *SMALL, *budget, "--collection", "mmap"])
+    log = tmp_path / "mmap.log"
+    with open(log, "w") as f:  # the mmap study in a process of its own, beside the online one (two cores)
+        mmap_study = subprocess.Popen([sys.executable, str(REPO / "scripts/run_study.py"), source, "--out-dir",
+                                       str(tmp_path / "mmap"), *SMALL, *budget, "--collection", "mmap"],
+                                      cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     online = tmp_path / "rows"
     run_study.main([source, "--out-dir", str(tmp_path / "online"), *SMALL, *budget, "--collection", "online",
                     "--online-dir", str(online)])
+    assert mmap_study.wait() == 0, log.read_text()[-3000:]
     out = capsys.readouterr().out
     assert f"{GROUPS} groups, {GROUPS} forward passes" in out  # the plan's count ...
     stages = json.loads((tmp_path / "online" / run_study.STUDY_MANIFEST).read_text())["stages"]
