@@ -44,6 +44,15 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def layer_range(text: str) -> list[int]:
+    """'A-B' or 'A' -> [first, last] (inclusive)."""
+    first, _, last = text.partition("-")
+    try:
+        return [int(first), int(last or first)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer or an inclusive range A-B, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
@@ -80,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--data-path", default=None, help="output directory for activations (SPEC section 6)")
     collect.add_argument("--collect-tokens", type=int, default=DEFAULT_CAPACITY, help="capacity: rows to collect")
     collect.add_argument("--collect-mlp-gate", action="store_true", help="also store mlp_gate (llama family, optional)")
+    collect.add_argument("--collect-layers", type=layer_range, default=None, metavar="A-B",
+                         help="store only layers A..B, inclusive (the manifest's collected_layers; opening another "
+                              "layer of the collection is an error); the rows and their values are those of a full "
+                              "collection, also with --max-layers B+1, which stops the forward pass after layer B "
+                              "(its result file then scores a truncated model) (default: all layers)")
+    collect.add_argument("--collect-kinds", default=None,
+                         help="comma list of the kinds to store, of the model's collected kinds and, with "
+                              "--collect-mlp-gate, mlp_gate (default: all of them)")
     collect.add_argument("--collect-writer", choices=ROW_FILE_WRITERS, default="async",
                          help="async: device -> pinned host copies and file writes in background threads, so the "
                               "forward pass does not wait on the disk; sync: copy and write each layer's rows in "
@@ -150,9 +167,19 @@ def make_writer(args, pipe: DistInferenceMaskTokenPipeSync) -> ActivationWriter:
     kinds = module.COLLECTED_KINDS + (module.OPTIONAL_KINDS if args.collect_mlp_gate else ())
     if args.collect_mlp_gate and not module.OPTIONAL_KINDS:
         raise SystemExit(f"--collect-mlp-gate: {args.model_type} has no gate")
+    if args.collect_layers and args.collect_layers[1] >= pipe.max_layers:
+        raise SystemExit(f"--collect-layers {args.collect_layers[0]}-{args.collect_layers[1]}: --max-layers "
+                         f"{pipe.max_layers} runs layers 0..{pipe.max_layers - 1} only")
+    if args.collect_kinds is not None:
+        chosen = tuple(k.strip() for k in args.collect_kinds.split(","))
+        if unknown := sorted(set(chosen) - set(kinds)):
+            raise SystemExit(f"--collect-kinds: {unknown} not among the kinds this run collects {kinds}")
+        kinds = tuple(k for k in kinds if k in chosen)
     return ActivationWriter(args.data_path, module.collection_dims(pipe.config), pipe.layers, kinds,
                             capacity=args.collect_tokens, rank=pipe.rank, world_size=pipe.world_size,
                             writer=args.collect_writer, buffer_bytes=int(args.collect_buffer_gb * 2**30),
+                            collected=range(args.collect_layers[0], args.collect_layers[1] + 1)
+                            if args.collect_layers else None,
                             manifest_fields={"model_name": args.model_name, "model_type": args.model_type,
                                              "dtype": args.dtype, "max_seq_len": pipe.max_seq_len,
                                              "label_definitions": module.label_definitions(pipe.config),
@@ -197,8 +224,9 @@ def collect(args, pipe: DistInferenceMaskTokenPipeSync, requests: list, output_p
     writer.finish(stop)
     if pipe.rank == 0:
         partial = writer.partial_document
-        print(f"collected {writer.rows_written} rows ({stop}) x {len(writer.kinds)} kinds x "
-              f"{pipe.config.num_hidden_layers} layers -> {args.data_path}: {writer.docs_done} whole documents"
+        first, last = writer.manifest["collected_layers"]
+        print(f"collected {writer.rows_written} rows ({stop}) x {len(writer.kinds)} kinds x layers {first}..{last} "
+              f"-> {args.data_path}: {writer.docs_done} whole documents"
               + (f", document {partial['document']} cut after {partial['rows']} of its {partial['tokens']} tokens"
                  if partial else ""))
 

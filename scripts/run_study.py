@@ -15,13 +15,16 @@ MODEL is SOURCE or NAME=SOURCE; SOURCE is a Hugging Face model directory or hub 
         --out-dir out/study_3b --device cuda --dtype bf16          # the GPU-site study (README)
 
 Layout of --out-dir: requests/ (with lm_eval_tasks/, the offline tasks), converted/<name>/, data/<name>_c4/,
-predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md.
+predictors/<name>/, sweep/<name>/, tasks/<name>/, analysis/<name>/, report/report.md. With --collection online
+there is no data/: each layer group is collected into --online-dir, used and deleted (analysis/<name>/online/ keeps
+the per-group markers and the collection's manifest); see --collection.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,11 +41,14 @@ from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, writ
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
 from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
-from scripts.study.plan import check_disk, free_disk, gib, measured_rates, model_facts, plan_model  # noqa: E402
+from scripts.study.plan import (FLOAT16, check_disk, collection_bytes, free_disk, gib,  # noqa: E402
+                                layer_collection_bytes, layer_groups, measured_rates, mmap_need_and_free,
+                                model_facts, plan_model)
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
 STUDY_MANIFEST = "study_manifest.json"
+ONLINE_TMPFS = Path("/dev/shm/dejavu-online")
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.out / STUDY_MANIFEST
         old = read_json(self.manifest_path) if self.manifest_path.is_file() else {}
-        self.stages: dict[str, dict] = {f"{s['model']}/{s['stage']}": s for s in old.get("stages", [])}
+        self.stages: dict[str, dict] = {stage_key(s): s for s in old.get("stages", [])}
         self.manifest = base_manifest(kind="study", settings={k: str(v) for k, v in vars(args).items()})
         self.started = time.time()
         self.env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -88,17 +94,19 @@ class Study:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
 
     def run(self, model: str, stage: str, commands: list[list[str]] | Callable[[], list[list[str]]], done: bool,
-            parallel: bool = False, env: dict | Callable[[], dict] | None = None) -> None:
+            parallel: bool = False, env: dict | Callable[[], dict] | None = None, part: str = "") -> None:
         """Run a stage's commands (at most --jobs at once when parallel) unless `done` or not in --stages; record
-        its wall time. Commands and env may be callables, built only when the stage runs (they read its inputs)."""
-        key = f"{model}/{stage}"
-        prefix = f"[{time.time() - self.started:7.0f} s] {model}: {stage}"
+        its wall time. Commands and env may be callables, built only when the stage runs (they read its inputs).
+        `part` names one piece of a stage run in pieces (the online path's layer groups), recorded as its own row."""
+        key = f"{model}/{stage}" + (f"/{part}" if part else "")
+        label = stage + (f" ({part})" if part else "")
+        prefix = f"[{time.time() - self.started:7.0f} s] {model}: {label}"
         if stage not in self.args.stages:
             print(f"{prefix}: not in --stages, skipped", flush=True)
             return
         if done:
             print(f"{prefix}: done earlier, skipped", flush=True)
-            self.stages.setdefault(key, {"model": model, "stage": stage, "seconds": None, "commands": []})
+            self.stages.setdefault(key, {"model": model, "stage": label, "seconds": None, "commands": []})
             return
         commands = [[str(part) for part in command] for command in (commands() if callable(commands) else commands)]
         env = env() if callable(env) else env
@@ -121,12 +129,12 @@ class Study:
             for _, process in running:
                 process.terminate()
                 process.wait()
-            self.stages[key] = {"model": model, "stage": stage, "seconds": None, "commands": [],
+            self.stages[key] = {"model": model, "stage": label, "seconds": None, "commands": [],
                                 "interrupted_seconds": earlier + time.time() - start}
             self.save()
             raise
         seconds = earlier + time.time() - start
-        self.stages[key] = {"model": model, "stage": stage, "seconds": seconds,
+        self.stages[key] = {"model": model, "stage": label, "seconds": seconds,
                             "commands": [shlex.join(c) for c in commands]}
         self.save()
         print(f"{prefix}: done in {seconds:.0f} s" + (f" (of which {earlier:.0f} s in interrupted runs)"
@@ -135,6 +143,12 @@ class Study:
     def save(self) -> None:
         write_json_atomic(self.manifest_path, {**self.manifest, "study": True, "stages": list(self.stages.values()),
                                                "models": [m.__dict__ for m in self.args.models]})
+
+
+def stage_key(record: dict) -> str:
+    """The key of a stage record: model/stage, then /part for a stage run in pieces ('collect (layers 0-1)')."""
+    stage, _, part = record["stage"].partition(" (")
+    return f"{record['model']}/{stage}" + (f"/{part.removesuffix(')')}" if part else "")
 
 
 def python(script: str, *args: object) -> list[str]:
@@ -207,28 +221,85 @@ def tasks_done(manifest: Path, a: argparse.Namespace) -> bool:
             and found.get("arguments", {}).get("num_fewshot") == str(a.num_fewshot))
 
 
+@dataclass
+class ModelRun:
+    """What the stages of one model share."""
+    study: Study
+    model: ModelSpec
+    converted: Path
+    family: str
+    train: Path
+    budgets: "BudgetFolders"
+    analysis: Path
+
+    @property
+    def a(self) -> argparse.Namespace:
+        return self.study.args
+
+    @property
+    def training(self) -> list:
+        return ["--epochs", self.a.epochs, "--D", self.a.D, "--selection", self.a.selection]
+
+    @property
+    def device(self) -> list[str]:
+        return ["--device", "cuda:0" if self.a.device == "cuda" else "cpu"]
+
+    @property
+    def num_layers(self) -> int:
+        return read_json(self.converted / "config.json")["num_hidden_layers"]
+
+    def collect(self, data: Path, capacity: int, *extra: object) -> list[str]:
+        """The collection command into `data` (its first `capacity` rows; `extra`: --collect-layers/-kinds)."""
+        a = self.a
+        return python("Decentralized_FM_alpha/dist_inference_runner.py", "--model-name", self.converted,
+                      "--model-type", f"{self.family}-save", "--infer-data", self.train, "--output-path",
+                      data / "collect_output.jsonl", "--data-path", data, "--collect-tokens", capacity,
+                      "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
+                      a.max_seq_len, "--token-micro-batch-size", a.batch,
+                      *(["--collect-mlp-gate"] if self.family == "llama" else []), *extra)
+
+    def drift(self, data: Path) -> list[str]:
+        a = self.a
+        return python("scripts/analysis/drift.py", "--data-dir", data, "--out-dir", self.analysis, "--model-dir",
+                      self.converted, "--max-distance", a.drift_distance, "--first-rows", a.drift_rows,
+                      "--exclude-first-token", "--exclude-massive-dims", a.massive_dims, *self.device)
+
+    def sparsity(self, data: Path, layers: list[int] | None = None) -> list[str]:
+        """sparsity_stats.py over all layers, or over `layers` only as a group's partial results."""
+        middle = self.num_layers // 2  # the label sweep's layer
+        chosen: list = ["--sweep-layers", middle]
+        if layers:
+            chosen = ["--partial-only", "--layers", layer_text(layers),
+                      *(chosen if middle in layers else ["--no-label-sweep"])]
+        return python("scripts/analysis/sparsity_stats.py", "--data-dir", data, "--out-dir", self.analysis,
+                      "--labels", self.a.sweep_labels, *chosen, *self.training, *self.device)
+
+    def summary(self, data: Path, layers: list[int] | None = None) -> list[str]:
+        """recall_summary.py over all layers, or over `layers` only as a group's partial results."""
+        a = self.a
+        return python("scripts/analysis/recall_summary.py", "--data-dir", data, "--out-dir", self.analysis, "--seeds",
+                      a.seeds, "--fractions", ",".join(map(str, a.fractions)), "--distance-fraction",
+                      a.distance_fraction, "--jobs", a.jobs, *self.training, *summary_curve_flags(a), *self.device,
+                      *(["--layers", layer_text(layers), "--partial-only"] if layers else []))
+
+    def predictors(self, data: Path, layers: list[int] | None = None) -> list[list[str]]:
+        return predictor_commands(self.a, self.family, data, self.budgets, self.training,
+                                  layers or list(range(self.num_layers)))
+
+
+def layer_text(layers: list[int]) -> str:
+    return ",".join(map(str, layers))
+
+
 def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> list[Path]:
     """Every per-model stage; returns what the report reads."""
     a = study.args
     converted = convert(study, model)
     family = family_of_checkpoint(converted)
     wiki = wikitext_requests(study, model.name, converted)
-    data = study.out / "data" / f"{model.name}_c4"
-    runner = ["--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
-              a.max_seq_len, "--token-micro-batch-size", a.batch]
-    study.run(model.name, "collect", [python(
-        "Decentralized_FM_alpha/dist_inference_runner.py", "--model-name", converted, "--model-type", f"{family}-save",
-        "--infer-data", train, "--output-path", data / "collect_output.jsonl", "--data-path", data,
-        "--collect-tokens", a.collect_tokens, *runner, *(["--collect-mlp-gate"] if family == "llama" else []))],
-        done=complete(data / "manifest.json"))
-
-    def layers() -> int:  # of the collection: read when a stage that needs it runs
-        return read_json(data / "manifest.json")["config"]["num_layers"]
-
-    training = ["--epochs", a.epochs, "--D", a.D, "--selection", a.selection]
     budgets = BudgetFolders(study.out / "predictors" / model.name, a)
-    study.run(model.name, "predictors", lambda: predictor_commands(a, family, data, budgets, training, layers()),
-              done=complete(data / "manifest.json") and budgets.complete(converted, layers()))
+    run = ModelRun(study, model, converted, family, train, budgets, study.out / "analysis" / model.name)
+    read = mmap_stages(run) if a.collection == "mmap" else online_stages(run)
 
     sweep = study.out / "sweep" / model.name
     study.run(model.name, "sweep", [python(
@@ -248,31 +319,131 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
             a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
             "--num-fewshot", a.num_fewshot, "--out-dir", downstream)],
             done=tasks_done(downstream / "tasks.manifest.json", a))
+    return [*read, budgets.root, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), run.analysis]
 
-    analysis = study.out / "analysis" / model.name
-    device = ["--device", "cuda:0" if a.device == "cuda" else "cpu"]
+
+def analysis_done(run: ModelRun) -> bool:
+    a, analysis = run.a, run.analysis
+    return ((analysis / "drift.json").is_file() and (analysis / "sparsity_stats.json").is_file()
+            and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
+
+
+def mmap_stages(run: ModelRun) -> list[Path]:
+    """Collect every layer into out/data/<model>_c4/, then the stages that read it; returns the collection."""
+    study, a, name = run.study, run.a, run.model.name
+    data = study.out / "data" / f"{name}_c4"
+    study.run(name, "collect", [run.collect(data, a.collect_tokens)], done=complete(data / "manifest.json"))
+    study.run(name, "predictors", lambda: run.predictors(data),
+              done=complete(data / "manifest.json") and run.budgets.complete(run.converted, run.num_layers))
 
     def analysis_commands() -> list[list]:
-        commands = [python("scripts/analysis/drift.py", "--data-dir", data, "--out-dir", analysis, "--model-dir", converted,
-                           "--max-distance", a.drift_distance, "--exclude-first-token", "--exclude-massive-dims",
-                           a.massive_dims, *device),
-                    python("scripts/analysis/sparsity_stats.py", "--data-dir", data, "--out-dir", analysis, "--sweep-layers",
-                           layers() // 2, "--labels", a.sweep_labels, *training, *device)]
+        commands = [run.drift(data), run.sparsity(data)]
         if a.lookahead_distance:
-            commands += [python("scripts/analysis/lookahead.py", "--data-dir", data, "--out-dir", analysis, "--block", block,
-                                "--max-distance", a.lookahead_distance, *training, *device)
+            commands += [python("scripts/analysis/lookahead.py", "--data-dir", data, "--out-dir", run.analysis,
+                                "--block", block, "--max-distance", a.lookahead_distance, *run.training, *run.device)
                          for block in ("mlp", "att")]
         return commands
 
-    study.run(model.name, "analysis", analysis_commands, parallel=True,
-              done=(analysis / "drift.json").is_file() and (analysis / "sparsity_stats.json").is_file()
-              and (not a.lookahead_distance or (analysis / "lookahead_att.json").is_file()))
-    study.run(model.name, "summary", [python(
-        "scripts/analysis/recall_summary.py", "--data-dir", data, "--out-dir", analysis, "--seeds", a.seeds, "--fractions",
-        ",".join(map(str, a.fractions)), "--distance-fraction", a.distance_fraction, "--jobs", a.jobs, *training,
-        *summary_curve_flags(a), *device)],
-        done=(analysis / "recall_summary.json").is_file())
-    return [data, budgets.root, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), analysis]
+    study.run(name, "analysis", analysis_commands, parallel=True, done=analysis_done(run))
+    study.run(name, "summary", [run.summary(data)], done=(run.analysis / "recall_summary.json").is_file())
+    return [data]
+
+
+def input_lookback(predictor_input: str, num_layers: int) -> int:
+    """How many layers before a layer the inputs of its predictors reach: the study's --predictor-input and the
+    summary's input variants (recall_summary.input_variants), at the last layer where all of them exist."""
+    from scripts.analysis.recall_summary import input_variants
+    from sparse_predictor.trainer.labels import resolve_input
+
+    last = num_layers - 1
+    flags = {(block, flag) for block in ("mlp", "att") for _, flag in input_variants(block, last)}
+    flags |= {(block, predictor_input) for block in ("mlp", "att")}
+    return max(last - resolve_input(block, flag, last).layer for block, flag in flags)
+
+
+def online_stages(run: ModelRun) -> list[Path]:
+    """The stages that read activations, one layer group at a time (plan.layer_groups: the group's rows with the
+    earlier layers its inputs read fit --memory-budget-gb) from a collection of those layers in --online-dir, deleted
+    after the group; the last group's collection also serves the merge of every group's partial results into the
+    outputs the mmap path writes. Each group's forward pass stops after its last layer (--max-layers). Then drift on
+    its own collection of the first --drift-rows rows. A finished group leaves <analysis>/online/layers<A>-<B>.json
+    and is skipped on a rerun; <analysis>/online/manifest.json records the collection. Returns no collection folder:
+    the report finds that record in the analysis folder."""
+    study, a, name = run.study, run.a, run.model.name
+    if a.lookahead_distance:
+        raise SystemExit("--lookahead-distance reads the mmap collection: use --collection mmap")
+    if "collect" not in a.stages:  # every online stage reads a collection it makes itself
+        print(f"{name}: online stages need 'collect' in --stages: predictors, analysis and summary skipped", flush=True)
+        return []
+    data = a.online_dir / f"{name}_c4"
+    groups = online_groups(a, run.model, run.num_layers)
+    lookback = input_lookback(a.predictor_input, run.num_layers)
+    stages = [s for s in ("predictors", "analysis", "summary") if s in a.stages]
+    for i, group in enumerate(groups):
+        layers, first = list(group), max(group[0] - lookback, 0)
+        marker = run.analysis / "online" / f"layers{group[0]}-{group[-1]}.json"
+        part = f"layers {group[0]}-{group[-1]}"
+        if marker.is_file() and set(stages) <= set(read_json(marker)["stages"]):
+            print(f"{name}: online group {part} done earlier, skipped", flush=True)
+            continue
+        clear_other_collection(data, [first, group[-1]])
+        study.run(name, "collect", [run.collect(data, a.collect_tokens, "--collect-layers", f"{first}-{group[-1]}",
+                                                "--max-layers", group[-1] + 1)],  # no layer past the group runs
+                  done=complete(data / "manifest.json"), part=part)
+        study.run(name, "predictors", lambda: run.predictors(data, layers), done=False, part=part)
+        study.run(name, "analysis", [run.sparsity(data, layers)], done=False, part=part)
+        study.run(name, "summary", [run.summary(data, layers)], done=False, part=part)
+        if i == len(groups) - 1:  # every layer's partial results exist: the merged outputs, from this collection
+            study.run(name, "analysis", [run.sparsity(data)], done=False, part="merge")
+            study.run(name, "summary", [run.summary(data)], done=False, part="merge")
+            keep_collection_record(data, run.analysis / "online", groups, lookback)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, {"layers": layers, "collected_layers": [first, group[-1]], "stages": stages})
+        shutil.rmtree(data)
+    drift = a.online_dir / f"{name}_drift"
+    if "analysis" in a.stages and not (run.analysis / "drift.json").is_file():
+        study.run(name, "collect", [run.collect(drift, a.drift_rows, "--collect-kinds", "att_x,mlp_x")],
+                  done=complete(drift / "manifest.json"), part="drift rows")
+        study.run(name, "analysis", [run.drift(drift)], done=False, part="drift")
+        shutil.rmtree(drift)
+    return []
+
+
+def keep_collection_record(data: Path, folder: Path, groups: list[range], lookback: int) -> None:
+    """The last group's collection manifest, kept as the record of what was collected (the report's collection),
+    with every group's collected layers."""
+    manifest = read_json(data / "manifest.json")
+    manifest["online_groups"] = [[max(g[0] - lookback, 0), g[-1]] for g in groups]
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def clear_other_collection(data: Path, layers: list[int]) -> None:
+    """Remove an online collection of other layers (a run stopped in another group); one of these layers resumes."""
+    manifest = data / "manifest.json"
+    if data.exists() and (not manifest.is_file() or read_json(manifest).get("collected_layers") != layers):
+        shutil.rmtree(data)
+
+
+def online_groups(a: argparse.Namespace, model: ModelSpec, num_layers: int) -> list[range]:
+    """The layer groups of the online path (plan.layer_groups over the collected bytes of one layer), checked against
+    the free space of --online-dir (the largest group, or the drift rows)."""
+    facts = model_facts(model.name, source_config(model))
+    lookback = input_lookback(a.predictor_input, num_layers)
+    groups = layer_groups(num_layers, layer_collection_bytes(facts.dims, a.collect_tokens, facts.gated),
+                          int(a.memory_budget_gb * 2**30), lookback)
+    if not groups:
+        raise SystemExit(f"{model.name}: --memory-budget-gb {a.memory_budget_gb:g} holds not one online layer group "
+                         f"(see --plan): raise it or lower --collect-tokens")
+    group = max(collection_bytes(facts.dims, a.collect_tokens, facts.gated, len(g) + min(g[0], lookback))
+                for g in groups)
+    drift = 2 * FLOAT16 * facts.dims.hidden_size * num_layers * a.drift_rows  # att_x and mlp_x of every layer
+    earlier = sum(f.stat().st_size for d in (f"{model.name}_c4", f"{model.name}_drift")
+                  for f in (a.online_dir / d).glob("*") if f.is_file())  # a stopped run's collection, replaced
+    need, free = max(group, drift), free_disk(a.online_dir) + earlier
+    if need > free:
+        raise SystemExit(f"{model.name}: an online group needs {gib(need)} ({need:,} bytes) in {a.online_dir}, which "
+                         f"has {gib(free)} free: lower --memory-budget-gb (or --drift-rows) or give --online-dir")
+    return groups
 
 
 class BudgetFolders:
@@ -308,9 +479,10 @@ def has_groups(converted: Path) -> bool:
 
 
 def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: BudgetFolders, training: list,
-                       layers: int) -> list[list[str]]:
-    """Every block's predictors at all budgets trained together (the run_c4_*.sh scripts: one pass over a layer's rows
-    for all fractions, layers spread over --jobs processes, a summary per folder), then the static rankings."""
+                       layers: list[int]) -> list[list[str]]:
+    """Every block's predictors of `layers` at all budgets trained together (the run_c4_*.sh scripts: one pass over a
+    layer's rows for all fractions, layers spread over --jobs processes, a summary per folder of every layer trained
+    there so far), then the static rankings."""
     suffix = "_llama" if family == "llama" else ""
     mlp_k, att_k = ",".join(budgets.fractions(a.mlp_budgets)), ",".join(budgets.fractions(a.att_budgets))
     groups = family == "llama" and has_groups_data(data)
@@ -318,7 +490,7 @@ def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: 
     def launch(block: str, k: str, folder: str, extra: list) -> list:
         env = {"DATA_DIR": data, "OUT_DIR": folder, "LOG_DIR": budgets.root / "logs" / Path(folder).name,
                "MODEL": data.name.removesuffix("_c4"), "SEEDS": 1, "LABEL": "topk", "JOBS_PER_GPU": a.jobs,
-               "LAYERS_PER_JOB": -(-layers // a.jobs),
+               "LAYERS_PER_JOB": -(-len(layers) // a.jobs), "LAYERS": layer_text(layers),
                "EXTRA_ARGS": shlex.join(map(str, ["--k", k, "--input", a.predictor_input, *training, *extra]))}
         return ["env", *(f"{key}={value}" for key, value in env.items()), "bash",
                 REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh"]
@@ -330,7 +502,7 @@ def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: 
     for block, k, folder, extra in (("mlp", mlp_k, budgets.heads, []), ("att", att_k, budgets.heads, []),
                                     *([("att", att_k, budgets.groups, ["--gqa-groups"])] if groups else [])):
         commands += [python("sparse_predictor/static_topk.py", "--data-dir", data, "--block", block, "--k", k, *extra,
-                            "--out-dir", folder, *device)] if k else []
+                            "--L", layer_text(layers), "--out-dir", folder, *device)] if k else []
     return commands
 
 
@@ -369,7 +541,8 @@ def study_plan(args: argparse.Namespace) -> list:
         settings = 2 * len(plan_settings(args.modes, args.mlp_budgets, args.att_budgets, args.blocks,
                                          ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads
                                          else ["heads"], gated))
-        plans.append(plan_model(facts, args, fractions, settings, rates))
+        plans.append(plan_model(facts, args, fractions, settings, rates,
+                                input_lookback(args.predictor_input, facts.dims.num_layers)))
     print("\n".join(line for p in plans for line in p.lines))
     free = free_disk(args.out_dir)
     print(f"total: mmap path {gib(sum(p.mmap_bytes for p in plans))}, online path "
@@ -477,7 +650,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "the plan is also checked before any collection: an mmap study the free disk cannot hold is "
                         "refused")
     p.add_argument("--memory-budget-gb", type=float, default=70.0,
-                   help="GPU memory the plan gives the online path's rows (default %(default)s: an 80 GB card)")
+                   help="bytes of collected rows one online layer group may hold in --online-dir, the earlier layers "
+                        "its inputs read included: sets the groups, one forward pass each (default %(default)s)")
+    p.add_argument("--collection", choices=("auto", "mmap", "online"), default="auto",
+                   help="mmap: collect every layer into <out-dir>/data/<model>_c4/ and read it (as many bytes of disk "
+                        "as --plan says); online: per layer group, collect only its layers (and the earlier ones its "
+                        "inputs read) into --online-dir, run the stages that read activations on them, merge, delete, "
+                        "and drift on a collection of the first --drift-rows rows: the same numbers, no activation "
+                        "on the disk, one forward pass per group. auto (default): online when the mmap path needs "
+                        "more disk than is free under --out-dir (the plan's check), else mmap, which collects once")
+    p.add_argument("--online-dir", type=Path, default=None,
+                   help=f"where the online path's group collections live while used (default: "
+                        f"{ONLINE_TMPFS}/<model>_c4 when {ONLINE_TMPFS.parent} exists, RAM-backed, so the rows are in "
+                        f"host RAM; else <out-dir>/online)")
+    p.add_argument("--drift-rows", type=int, default=20_000,
+                   help="drift.py --first-rows: drift over the collection's first N rows, on both paths (online: a "
+                        "collection of att_x and mlp_x of every layer for these rows only; default %(default)s)")
     p.add_argument("--stages", type=stage_list, default=list(STAGES),
                    help=f"comma list of the stages to run, of {','.join(STAGES)} (default all); the others are "
                         "skipped, and a stage whose inputs an unrun stage makes fails naming the missing file")
@@ -508,15 +696,28 @@ def main(argv: list[str] | None = None) -> Path:
         signal.signal(signal.SIGTERM, previous)
 
 
+def choose_collection(args: argparse.Namespace, plans: list) -> str:
+    """--collection auto: online when the mmap path needs more disk than is free under --out-dir, else mmap."""
+    if args.collection != "auto":
+        return args.collection
+    need, free = mmap_need_and_free(plans, args.out_dir)
+    chosen = "online" if need > free else "mmap"
+    print(f"--collection auto: {chosen} (the mmap path needs {gib(need)}, {gib(free)} free under {args.out_dir})")
+    return chosen
+
+
 def run_all(args: argparse.Namespace) -> Path:
     args.att_budgets = args.att_budgets or list(args.mlp_budgets)
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
-    if args.plan or "collect" in args.stages:
+    args.online_dir = args.online_dir or (ONLINE_TMPFS if ONLINE_TMPFS.parent.is_dir() else args.out_dir / "online")
+    if args.plan or "collect" in args.stages or args.collection == "auto":
         plans = study_plan(args)
         if args.plan:
             return args.out_dir
-        if any(not complete(args.out_dir / "data" / f"{m.name}_c4" / "manifest.json") for m in args.models):
+        args.collection = choose_collection(args, plans)
+        if "collect" in args.stages and args.collection == "mmap" and any(
+                not complete(args.out_dir / "data" / f"{m.name}_c4" / "manifest.json") for m in args.models):
             check_disk(plans, args.out_dir)
     study = Study(args)
     train, val = study_requests(study)

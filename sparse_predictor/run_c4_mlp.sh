@@ -5,7 +5,8 @@
 # Settings as the original run_c4_mlp.sh.
 # Environment (defaults): MODEL (opt-125m), DATASET (c4), DATA_DIR (<repo>/data/$MODEL_$DATASET),
 #   OUT_DIR (<repo>/data/$MODEL_$DATASET_sparse_predictor), LOG_DIR ($OUT_DIR/logs), LR (0.001), LABEL (relu),
-#   JOBS_PER_GPU (1), LAYERS_PER_JOB (1: a process per layer),
+#   JOBS_PER_GPU (1), LAYERS_PER_JOB (1: a process per layer), LAYERS (all: every layer of the manifest, or a
+#   list such as 0-13 or 0,4,8),
 #   SEEDS (1: predictors per layer, trained together),
 #   EXTRA_ARGS (more flags for main_mlp.py, e.g. "--input from:0 --epochs 10").
 [[ "${1:-}" =~ ^(-h|--help)$ ]] && { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; }  # usage: the header above
@@ -22,5 +23,5 @@ LABEL=${LABEL:-relu}
 python "$REPO"/sparse_predictor/trainer/launch.py launch \
     "$REPO"/sparse_predictor/main_mlp.py --block mlp --data-dir "$DATA_DIR" \
     --out-dir "$OUT_DIR" --log-dir "$LOG_DIR" --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
-    --layers-per-job "${LAYERS_PER_JOB:-1}" \
+    --layers-per-job "${LAYERS_PER_JOB:-1}" --layers "${LAYERS:-all}" \
     -- --model "$MODEL" --dataset "$DATASET" --lr "$LR" --seeds "${SEEDS:-1}" --label "$LABEL" ${EXTRA_ARGS:-}

@@ -204,3 +204,31 @@ def test_async_progress_is_written_only_after_the_batch_is_in_the_files_and_sync
         for fd in writer.files.fds.values():  # the batch's last write to each file, then a sync, then the progress
             last = max(j for j, e in enumerate(events) if e[:2] == ("write", fd) and e[2] <= rows)
             assert last < i and ("sync", fd, None) in events[last:i], (rows, fd)
+
+
+def test_collected_layers_equal_a_full_collection_and_other_layers_raise(collected, tmp_path):
+    """--collect-layers 1-1 --max-layers 2 --collect-kinds att_x,mlp_label (the forward pass stops after layer 1):
+    those files equal the full collection's, the same rows and token index; opening a layer outside 1..1 raises
+    naming the directory, the layer and the range; layers past --max-layers are refused."""
+    family, _, converted, req, _, data, _ = collected
+    part = tmp_path / "part"
+    run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
+                  "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(part),
+                  "--token-micro-batch-size", "2", "--collect-layers", "1-1", "--max-layers", "2", "--collect-kinds",
+                  "att_x,mlp_label"])
+    assert sorted(f for f in os.listdir(part) if f.endswith(".mmap")) == [
+        f"{kind}_1.mmap" for kind in ("att_x", "mlp_label")]
+    for f in [f for f in os.listdir(part) if f.endswith(".mmap")] + ["token_index.npy"]:
+        assert (part / f).read_bytes() == (data / f).read_bytes(), f
+    store = ActivationStore(part)
+    assert store.manifest["collected_layers"] == [1, 1] and store.kinds == ("att_x", "mlp_label")
+    for layer in (0, 2):
+        with pytest.raises(FileNotFoundError,
+                           match=rf"{part}: layer {layer} was not collected \(collected layers 1\.\.1\)"):
+            store.open("att_x", layer)
+    assert np.array_equal(store.prefix(7).open("att_x", 1), ActivationStore(data).open("att_x", 1)[:7])
+    assert store.prefix(7).token_index().shape == (7, 3)
+    with pytest.raises(SystemExit, match=r"--collect-layers 1-2: --max-layers 2 runs layers 0\.\.1 only"):
+        run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
+                      "--output-path", str(tmp_path / "out2.jsonl"), "--data-path", str(tmp_path / "past"),
+                      "--collect-layers", "1-2", "--max-layers", "2"])

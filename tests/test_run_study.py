@@ -1,4 +1,5 @@
-"""scripts/run_study.py --stages: only the chosen stages run; a stage whose inputs were not made names the file."""
+"""scripts/run_study.py --stages: only the chosen stages run; a stage whose inputs were not made names the file; the
+plan's bytes, the disk refusal and --collection auto's choice."""
 from __future__ import annotations
 
 import json
@@ -58,5 +59,8 @@ def test_plan_counts_the_bytes_a_collection_writes_and_refuses_a_disk_too_small(
     monkeypatch.setattr(plan, "free_disk", lambda path: written // 2)
     with pytest.raises(SystemExit, match=rf"mmap path .* needs .* bytes: tiny-llama .* has .* free \({written // 2:,} bytes\)"):
         run_study.main([TINY, "--out-dir", str(tmp_path / "other"), *SMALL, "--collect-tokens", "150", "--stages",
-                        "requests,convert,collect"])
+                        "requests,convert,collect", "--collection", "mmap"])
     assert not (tmp_path / "other" / "data").exists()
+    capsys.readouterr()
+    run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--collect-tokens", "150", "--stages", "requests"])
+    assert "--collection auto: online (the mmap path needs" in capsys.readouterr().out  # the default: what fits

@@ -7,12 +7,15 @@ file names, shapes and the manifest layout.
 Layout of `data/<model>_<dataset>/`:
   {kind}_{layer}.mmap   float16, shape (capacity, width); rows [0, rows_written) are valid
   token_index.npy       int32 (rows_written, 3) = (document id, position, token id)
-  manifest.json         dims, capacity, rows_written, files, provenance, complete or not
+  manifest.json         dims, capacity, rows_written, files, provenance, complete or not, collected_layers
+A collection may hold only some layers (`collected_layers` [first, last], inclusive; absent = all), as the online
+study collects one layer group at a time; opening another layer is an error naming the collected range.
 While a collection runs, `token_index.partial.npy` (capacity rows) and `progress_rank{r}.json`
 hold the state that a resumed run continues from.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,9 @@ class ActivationStore:
         self.capacity = int(self.manifest["capacity"])
         self.rows = int(self.manifest["rows_written"])
         self.kinds = tuple(self.manifest["kinds"])
+        first, last = self.manifest.get("collected_layers", [0, self.dims.num_layers - 1])
+        self.collected_layers = range(first, last + 1)
+        self.file_rows = self.rows  # rows of the files (prefix() reads fewer)
         if not 0 < self.rows <= self.capacity:
             raise ValueError(f"{self.data_dir / MANIFEST}: rows_written={self.rows} outside (0, capacity={self.capacity}]")
 
@@ -92,6 +98,9 @@ class ActivationStore:
             raise FileNotFoundError(f"{self.data_dir}: kind {kind!r} was not collected (manifest kinds: {self.kinds})")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"{self.data_dir}: layer {layer} outside 0..{self.num_layers - 1}")
+        if layer not in self.collected_layers:
+            raise FileNotFoundError(f"{self.data_dir}: layer {layer} was not collected (collected layers "
+                                    f"{self.collected_layers[0]}..{self.collected_layers[-1]})")
         path = activation_file(self.data_dir, kind, layer)
         width = self.dims.width(kind)
         expected = self.capacity * width * np.dtype(STORAGE_DTYPE).itemsize
@@ -107,9 +116,15 @@ class ActivationStore:
         if not path.is_file():
             raise FileNotFoundError(f"missing token index: {path}")
         index = np.load(path, mmap_mode="r")
-        if index.shape != (self.rows, 3):
-            raise ValueError(f"{path}: shape {index.shape}, manifest says ({self.rows}, 3)")
-        return index
+        if index.shape != (self.file_rows, 3):
+            raise ValueError(f"{path}: shape {index.shape}, manifest says ({self.file_rows}, 3)")
+        return index[: self.rows]
+
+    def prefix(self, rows: int) -> "ActivationStore":
+        """The same collection read as if it held only its first `rows` rows (all of them when it holds fewer)."""
+        view = copy.copy(self)
+        view.rows = min(rows, self.rows)
+        return view
 
     def document_ids(self) -> np.ndarray:
         return np.asarray(self.token_index()[:, 0])
@@ -129,18 +144,23 @@ class ActivationWriter:
 
     def __init__(self, data_dir: str | os.PathLike, dims: ModelDims, layers: range, kinds: tuple[str, ...],
                  capacity: int, rank: int, world_size: int, manifest_fields: dict, writer: str = "async",
-                 buffer_bytes: int = DEFAULT_BUFFER_BYTES):
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES, collected: range | None = None):
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.dims, self.layers, self.kinds = dims, layers, kinds
+        collected = range(dims.num_layers) if collected is None else collected
+        if not collected or collected[0] < 0 or collected[-1] >= dims.num_layers:
+            raise ValueError(f"collected layers {collected} outside 0..{dims.num_layers - 1}")
+        self.dims, self.kinds = dims, kinds
+        self.layers = [l for l in layers if l in collected]  # of this rank's layers, those stored
         self.capacity, self.rank, self.world_size = capacity, rank, world_size
         self.manifest = base_manifest(**manifest_fields, config=dims.__dict__, capacity=capacity, kinds=list(kinds),
                                       storage_dtype="float16", writer=writer,
                                       kind_definitions={k: KIND_DEFINITIONS[k] for k in kinds},
+                                      collected_layers=[collected[0], collected[-1]],
                                       files={f"{k}_{l}.mmap": [capacity, dims.width(k)]
-                                             for l in range(dims.num_layers) for k in kinds},
+                                             for l in collected for k in kinds},
                                       token_index=[TOKEN_INDEX, "(rows_written, 3) int32: document id, position, token id"])
         # docs_done: documents stored whole; partial_document: the one the capacity cut short, with the rows it holds
         self.docs_done, self.rows_written, self.partial_document = self._resume_point()
@@ -148,7 +168,7 @@ class ActivationWriter:
         self.writer = writer
         self.files = make_row_files(writer, {(k, l): self._file_for_write(activation_file(self.data_dir, k, l),
                                                                           dims.width(k))
-                                             for l in layers for k in kinds}, capacity, buffer_bytes)
+                                             for l in self.layers for k in kinds}, capacity, buffer_bytes)
         self.token_index = self._open_token_index() if rank == 0 else None
         self.full = self.rows_written >= capacity
         self._batch_index: torch.Tensor | None = None  # flat (b, t) positions of the batch's stored rows
@@ -173,8 +193,8 @@ class ActivationWriter:
         old = self.data_dir / MANIFEST
         if self.rows_written == 0 or not old.is_file():
             return
-        previous = read_json(old)
-        for key in ("config", "capacity", "kinds", "source_data", "model_name"):
+        previous = {"collected_layers": [0, self.dims.num_layers - 1], **read_json(old)}  # absent: every layer
+        for key in ("config", "capacity", "kinds", "collected_layers", "source_data", "model_name"):
             if previous.get(key) != self.manifest.get(key):
                 raise ValueError(f"cannot resume in {self.data_dir}: {key} differs from the earlier run "
                                  f"({previous.get(key)!r} vs {self.manifest.get(key)!r}); use a new --data-path")
@@ -209,7 +229,7 @@ class ActivationWriter:
 
     def save(self, kind: str, layer: int, values: torch.Tensor) -> None:
         """Store `values` (B, T, width) of the current batch's real tokens for one layer."""
-        if self._batch_rows == 0 or kind not in self.kinds:
+        if self._batch_rows == 0 or kind not in self.kinds or layer not in self.layers:
             return
         rows = values.reshape(-1, values.shape[-1]).index_select(0, self._batch_index).to(torch.float16)
         self.files.write((kind, layer), self.rows_written, rows, f"{kind} of layer {layer}")

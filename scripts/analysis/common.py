@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
-from Decentralized_FM_alpha.utils.manifest import now, write_json_atomic
+from Decentralized_FM_alpha.utils.manifest import now, read_json, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
 from sparse_predictor.trainer.cli import require_complete, resolve_device
 from sparse_predictor.trainer.labels import LabelSpec
@@ -283,3 +283,19 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends placed outside the axes
     plt.close(fig)
     return path
+
+
+def per_layer_partials(folder: Path, settings: dict, layers: Sequence[int], compute: Callable[[int], list]) -> list:
+    """The records of `layers` in order: each layer's from folder/layer{L}.json when it was written with these
+    settings, else compute(layer), kept there. A rerun resumes, and runs over groups of layers (the online study) are
+    merged by a last run over all of them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for layer in layers:
+        path = folder / f"layer{layer}.json"
+        found = read_json(path) if path.is_file() else None
+        if found is None or found["settings"] != settings:
+            found = {"settings": settings, "records": compute(layer)}
+            write_json_atomic(path, found)
+        records += found["records"]
+    return records

@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted checkpoint (SPEC §3) whose norm weights (OPT: self_attn_layer_norm / "
                         "final_layer_norm weight and bias; Llama: input_layernorm / post_attention_layernorm weight) "
                         "and eps are used for the normed space; without it the norms are parameter-free")
+    p.add_argument("--first-rows", type=int, default=None,
+                   help="read only the collection's first N rows (the documents in collection order, the last one "
+                        "maybe cut), the sample, the split and the means all taken within them: the study's drift "
+                        "rows, the same whether read from a full collection or from one of N rows (default: all)")
     p.add_argument("--max-rows", type=int, default=50_000,
                    help="analyse at most this many rows, drawn without replacement with --seed (default "
                         "%(default)s; a number >= the collection's rows uses them all)")
@@ -386,10 +390,12 @@ def main(argv: list[str] | None = None) -> Path:
     kinds = tuple(k.strip() for k in args.kinds.split(","))
     if not set(kinds) <= set(KINDS):
         raise SystemExit(f"--kinds {args.kinds}: only {KINDS} are residual streams")
-    if args.max_distance < 1 or args.max_rows < 1 or args.exclude_massive_dims < 0:
-        raise SystemExit("--max-distance and --max-rows must be >= 1, --exclude-massive-dims >= 0")
+    if args.max_distance < 1 or args.max_rows < 1 or (args.first_rows or 1) < 1 or args.exclude_massive_dims < 0:
+        raise SystemExit("--max-distance, --max-rows and --first-rows must be >= 1, --exclude-massive-dims >= 0")
     provenance = base_manifest(kind="drift")
     store = open_collection(args.data_dir)
+    if args.first_rows is not None:
+        store = store.prefix(args.first_rows)
     family = model_family(store.manifest)
     if args.exclude_massive_dims >= store.dims.hidden_size:
         raise SystemExit(f"--exclude-massive-dims {args.exclude_massive_dims} leaves none of the "
@@ -417,7 +423,8 @@ def main(argv: list[str] | None = None) -> Path:
     cosines = drift_cosines(store, kinds, args.max_distance, sample, norms, massive, means, partners, device)
     records = drift_records(source["model"], cosines)
     payload = {"analysis": "drift", "source": source, "kinds": list(kinds), "max_distance": args.max_distance,
-               "sample": sample.describe(), "exclude_first_token": args.exclude_first_token, "device": str(device),
+               "sample": sample.describe(), "first_rows": args.first_rows,
+               "exclude_first_token": args.exclude_first_token, "device": str(device),
                "normalization": {"description": norms.description, "parameter_free": args.model_dir is None,
                                  "eps": norms.eps, "target_layer_norm": True},
                "massive_dims": massive.describe() if massive else None,

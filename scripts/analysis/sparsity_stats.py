@@ -29,7 +29,7 @@ from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis.common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
                                      iter_row_chunks, open_collection, parse_fractions, read_rows,
-                                     rows_per_chunk, sample_rows, train_and_evaluate,
+                                     per_layer_partials, rows_per_chunk, sample_rows, train_and_evaluate,
                                      write_results)
 
 STATISTIC_DEFINITIONS = {
@@ -177,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="same",
                    help="predictor input of the sweep (trainer --input: same, lookahead, from:J; default %(default)s)")
     add_training_arguments(p, lr=RUN_SCRIPT_LR)
+    p.add_argument("--partial-only", action="store_true",
+                   help="keep each layer's results in <out-dir>/*.partial/ and write nothing else: a later run over "
+                        "all layers (same settings and --data-dir) merges them (the online study's layer groups)")
     return p
+
+
+RUN_ONLY = ("out_dir", "device", "layers", "sweep_layers", "no_label_sweep", "partial_only")  # change no record
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -194,8 +200,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
                  "mlp_gate ABSENT from this collection (collect with --collect-mlp-gate): gate statistics and the "
                  "gate label are not computed")
     print(gate_note)
-    records = [{"model": source["model"], **layer_statistics(store, l, sample, thresholds, fractions)}
-               for l in tqdm(layers, desc="sparsity statistics", unit="layer")]
+    settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
+    out = Path(args.out_dir)
+    records = per_layer_partials(out / "sparsity_stats.partial", settings, tqdm(layers, desc="sparsity statistics",
+                                                                               unit="layer"),
+                                 lambda l: [{"model": source["model"],
+                                             **layer_statistics(store, l, sample, thresholds, fractions)}])
+    sweep_layers = [] if args.no_label_sweep else parse_layer_list(args.sweep_layers, store.num_layers)
+    sweep = per_layer_partials(out / "label_sweep.partial", settings, sweep_layers,
+                               lambda l: label_sweep(store, source["model"], [l], args.labels.split(","), args))
+    if args.partial_only:
+        return []
     columns = statistic_columns(thresholds, fractions)
     payload = {"analysis": "sparsity_stats", "source": source, "sample": sample.describe(), "columns": columns,
                "exclude_first_token": args.exclude_first_token, "thresholds": thresholds, "fractions": fractions,
@@ -204,8 +219,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                  ["model", "layer", *columns], provenance))
     if not args.no_label_sweep:
         sweep_provenance = base_manifest(kind="label_sweep")
-        sweep_layers = parse_layer_list(args.sweep_layers, store.num_layers)
-        sweep = label_sweep(store, source["model"], sweep_layers, args.labels.split(","), args)
         written += write_results(args.out_dir, "label_sweep",
                                  {"analysis": "label_sweep", "source": source, "input": args.input,
                                   "labels": args.labels.split(","), "layers": sweep_layers,

@@ -2,10 +2,12 @@
 
 Disk for the mmap path is exact for the activation files (the collection preallocates every file at its capacity:
 rows x width x 2 bytes per kind and layer, plus the token index); the converted weights and predictor checkpoints are
-counted by their tensors (files add a few KB each). The online path (sparse_predictor/train_online.py) keeps rows on
-the GPU instead: its device memory per group of layers is train_online.group_bytes, and each group is one forward
-pass. Times are estimates from rates measured in this repository (docs/results/bench_collection_h200/, one H200 at
-Llama-3.2-3B shapes), each printed with its source; a stage without a measured rate says so.
+counted by their tensors (files add a few KB each). The online path (run_study.py --collection online) collects one
+group of layers at a time into --online-dir (layer_groups: the group's rows, with the earlier layers its inputs read,
+within --memory-budget-gb), one forward pass per group; training from rows on the GPU (train_online.py) needs
+train_online.group_bytes per layer. Times are estimates from rates measured in this repository
+(docs/results/bench_collection_h200/, one H200 at Llama-3.2-3B shapes), each printed with its source; a stage without
+a measured rate says so.
 """
 from __future__ import annotations
 
@@ -48,11 +50,26 @@ def model_facts(name: str, config) -> ModelFacts:
                       FLOAT32 if "32" in dtype else FLOAT16, config.vocab_size)
 
 
-def collection_bytes(dims: ModelDims, capacity: int, gated: bool) -> int:
-    """Exactly what a collection that fills `capacity` rows writes: the activation files (preallocated at capacity)
-    and the token index twice (token_index.npy and the token_index.partial.npy it resumes from)."""
+def layer_collection_bytes(dims: ModelDims, capacity: int, gated: bool) -> int:
+    """The activation files of one layer (every kind, preallocated at capacity)."""
     widths = 2 * dims.hidden_size + dims.num_heads + dims.ffn_dim + (dims.ffn_dim if gated else 0)
-    return capacity * FLOAT16 * widths * dims.num_layers + 2 * (capacity * 3 * 4 + TOKEN_INDEX_HEADER)
+    return capacity * FLOAT16 * widths
+
+
+def collection_bytes(dims: ModelDims, capacity: int, gated: bool, layers: int | None = None) -> int:
+    """Exactly what a collection of `layers` layers (default all) that fills `capacity` rows writes: the activation
+    files and the token index twice (token_index.npy and the token_index.partial.npy it resumes from)."""
+    layers = dims.num_layers if layers is None else layers
+    return layer_collection_bytes(dims, capacity, gated) * layers + 2 * (capacity * 3 * 4 + TOKEN_INDEX_HEADER)
+
+
+def layer_groups(num_layers: int, layer_bytes: int, budget_bytes: int, lookback: int) -> list[range]:
+    """The online study's layer groups, one forward pass each: contiguous layers whose collected rows, with the
+    `lookback` earlier layers their predictors' inputs read, fit `budget_bytes`; none when not one layer fits."""
+    per_group = min(budget_bytes // layer_bytes - lookback, num_layers)
+    if per_group < 1:
+        return []
+    return [range(start, min(start + per_group, num_layers)) for start in range(0, num_layers, per_group)]
 
 
 def predictor_bytes(dims: ModelDims, D: int, mlp_budgets: int, att_budgets: int, group_budgets: int) -> int:
@@ -139,11 +156,12 @@ class ModelPlan:
     facts: ModelFacts
     mmap_bytes: int
     online_bytes: int  # disk of the online path: weights, predictors, results
-    group_layer_bytes: int
+    groups: list[range]  # the online path's layer groups
     lines: list[str]
 
 
-def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rates: dict) -> ModelPlan:
+def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rates: dict, lookback: int
+               ) -> ModelPlan:
     dims = facts.dims
     groups = dims.num_kv_heads < dims.num_heads
     att_fractions = [float(f) for f in fractions]
@@ -151,9 +169,9 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
     predictors = predictor_bytes(dims, a.D, len(fractions), len(fractions), len(fractions) if groups else 0)
     activations = collection_bytes(dims, a.collect_tokens, facts.gated)
     layer = online_group_bytes(dims, a.collect_tokens, fractions, att_fractions + (att_fractions if groups else []))
-    budget = int(a.memory_budget_gb * 2**30)
-    per_pass = max(1, budget // layer) if layer <= budget else 0
-    passes = -(-dims.num_layers // per_pass) if per_pass else None
+    layer_rows = layer_collection_bytes(dims, a.collect_tokens, facts.gated)
+    online_groups = layer_groups(dims.num_layers, layer_rows, int(a.memory_budget_gb * 2**30), lookback)
+    largest = max((len(g) + min(g[0], lookback) for g in online_groups), default=0)
     tokens_scored = a.val_docs * a.max_seq_len + (a.wiki_windows or 64) * a.max_seq_len
     estimates = stage_estimates(facts, a, rates, tokens_scored, settings,
                                 training_flops(facts, a, len(fractions), len(fractions) if groups else 0))
@@ -162,13 +180,18 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
              f"  disk, mmap path: activations {gib(activations)} (exact: {a.collect_tokens:,} rows x "
              f"{activations // a.collect_tokens:,} bytes), weights {gib(weights)}, predictors {gib(predictors)}",
              f"  disk, online path: weights {gib(weights)}, predictors {gib(predictors)} (no activation file)",
-             f"  GPU, online path: {gib(layer)} of rows per layer; a budget of {a.memory_budget_gb:g} GiB holds "
-             + (f"{per_pass} layers per forward pass: {passes} passes" if passes else "not one layer (raise it or "
-                                                                                        "lower --collect-tokens)"),
+             f"  online path: {gib(layer_rows)} of collected rows per layer in --online-dir; a budget of "
+             f"{a.memory_budget_gb:g} GiB holds "
+             + (f"{len(online_groups[0])} layers per group (with the {lookback} earlier layers their inputs read, at "
+                f"most {gib(collection_bytes(dims, a.collect_tokens, facts.gated, largest))}): {len(online_groups)} "
+                f"groups, {len(online_groups)} forward passes" if online_groups else
+                f"not one group of {lookback + 1} layers (a layer and the earlier ones its inputs read): raise it or "
+                f"lower --collect-tokens"),
+             f"  GPU, training from rows on the GPU (train_online.py's arithmetic): {gib(layer)} per layer",
              f"  host RAM: the async writer's staging {gib(DEFAULT_BUFFER_BYTES)}, plus one layer file at a time while "
              f"loading ({gib(weights // dims.num_layers)})",
              "  time, estimated:"] + [f"    {stage}: {seconds}{' s' if seconds[0].isdigit() else ''} ({source})" for stage, seconds, source in estimates]
-    return ModelPlan(facts, activations + weights + predictors, weights + predictors, layer, lines)
+    return ModelPlan(facts, activations + weights + predictors, weights + predictors, online_groups, lines)
 
 
 def gib(n: float) -> str:
@@ -182,9 +205,14 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def mmap_need_and_free(plans: list[ModelPlan], out_dir: Path) -> tuple[int, int]:
+    """Bytes the mmap path of these plans needs, and the free bytes under out_dir."""
+    return sum(p.mmap_bytes for p in plans), free_disk(out_dir)
+
+
 def check_disk(plans: list[ModelPlan], out_dir: Path) -> None:
     """Refuse an mmap study that the free disk cannot hold, naming the need and the free space."""
-    need, free = sum(p.mmap_bytes for p in plans), free_disk(out_dir)
+    need, free = mmap_need_and_free(plans, out_dir)
     if need > free:
         raise SystemExit(f"the study's mmap path (activations, converted weights, predictors) needs {gib(need)} ({need:,} bytes: "
                          + ", ".join(f"{p.facts.name} {gib(p.mmap_bytes)}" for p in plans)

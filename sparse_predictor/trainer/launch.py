@@ -21,6 +21,7 @@ if __name__ == "__main__":  # lets `python sparse_predictor/trainer/launch.py ..
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
 from sparse_predictor.trainer.labels import BLOCKS  # noqa: E402
 from sparse_predictor.trainer.records import summarize  # noqa: E402
 
@@ -40,17 +41,19 @@ def visible_gpus() -> list[str]:
 
 
 def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: str, main_args: list[str],
-           jobs_per_gpu: int = 1, layers_per_job: int = 1) -> int:
-    """Train every layer of the manifest over all visible GPUs, one process and one log per job of
-    `layers_per_job` consecutive layers (1: a process per layer, as the original); summarize."""
-    num_layers = ActivationStore(data_dir).num_layers
+           jobs_per_gpu: int = 1, layers_per_job: int = 1, layers: str = "all") -> int:
+    """Train the layers (default every layer of the manifest) over all visible GPUs, one process and one log per
+    job of `layers_per_job` consecutive layers (1: a process per layer, as the original); summarize every layer
+    JSON of the folder (those of earlier runs too), failing when one of these layers has none."""
+    chosen = parse_layer_list(layers, ActivationStore(data_dir).num_layers)
+    num_layers = len(chosen)
     gpus = visible_gpus()
     slots = [g for g in gpus for _ in range(jobs_per_gpu)] or [None] * jobs_per_gpu  # CPU: jobs_per_gpu processes
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     print(f"{num_layers} layers of {data_dir} on {', '.join(f'GPU {g}' for g in gpus) or 'the CPU'}; logs in {log_dir}")
     todo: queue.Queue[range] = queue.Queue()
     for start in range(0, num_layers, layers_per_job):
-        todo.put(range(start, min(start + layers_per_job, num_layers)))
+        todo.put(chosen[start:start + layers_per_job])
     failed: list[int] = []
     progress = tqdm(total=num_layers, desc=f"{block} layers", unit="layer")
 
@@ -61,10 +64,10 @@ def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: s
                 layers = todo.get_nowait()
             except queue.Empty:
                 return
-            spec = str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+            spec = str(layers[0]) if len(layers) == 1 else ",".join(map(str, layers))
             command = [sys.executable, main_script, "--data-dir", data_dir, "--out-dir", out_dir, "--L", spec,
                        "--device", "cpu" if gpu is None else "cuda:0", *main_args]
-            name = f"{block}_layer{spec}.log" if len(layers) == 1 else f"{block}_layers{spec}.log"
+            name = f"{block}_layer{spec}.log" if len(layers) == 1 else f"{block}_layers{layers[0]}-{layers[-1]}.log"
             with open(Path(log_dir) / name, "w") as log:
                 log.write(" ".join(command) + "\n")
                 log.flush()
@@ -82,11 +85,17 @@ def launch(main_script: str, block: str, data_dir: str, out_dir: str, log_dir: s
         print(f"FAILED layers {sorted(failed)}: see {log_dir}/{block}_layer<L>.log")
     missing = []
     for directory in predictor_dirs(out_dir):
-        csv_path, md_path, missing_here = summarize(directory, block, num_layers)
+        csv_path, md_path, _ = summarize(directory, block)
         print(f"wrote {csv_path} and {md_path}")
         print(md_path.read_text())
-        missing += missing_here
+        missing += sorted(set(chosen) - layer_jsons(directory, block))
     return 1 if failed or missing else 0
+
+
+def layer_jsons(directory: Path, block: str) -> set[int]:
+    """The layers with a {block}_layer{L}.json in `directory`."""
+    return {int(p.stem.removeprefix(f"{block}_layer")) for p in directory.glob(f"{block}_layer*.json")
+            if p.stem.removeprefix(f"{block}_layer").isdigit()}
 
 
 def predictor_dirs(out_dir: str) -> list[Path]:
@@ -114,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-dir", required=True, help="one log per layer: {block}_layer{L}.log")
     run.add_argument("--jobs-per-gpu", type=int, default=1,
                      help="training processes at once on each GPU, or on the CPU when there is none (default 1)")
+    run.add_argument("--layers", default="all",
+                     help="layers to train: 'all' (default: every layer of the manifest) or a list such as 0-13 "
+                          "or 0,4,8")
     run.add_argument("--layers-per-job", type=int, default=1,
                      help="consecutive layers one process trains in turn (default 1: a process per layer)")
     summary = sub.add_parser("summarize", help="write {block}_summary.csv/.md from the per-layer JSONs")
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "launch":
         return launch(args.main_script, args.block, args.data_dir, args.out_dir, args.log_dir, main_args,
-                      args.jobs_per_gpu, args.layers_per_job)
+                      args.jobs_per_gpu, args.layers_per_job, args.layers)
     csv_path, md_path, missing = summarize(args.out_dir, args.block, args.num_layers)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}" + (f"; MISSING layers {missing}" if missing else ""))
