@@ -649,9 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "group and forward passes, host RAM, estimated time per stage from measured rates) and stop; "
                         "the plan is also checked before any collection: an mmap study the free disk cannot hold is "
                         "refused")
-    p.add_argument("--memory-budget-gb", type=float, default=70.0,
-                   help="bytes of collected rows one online layer group may hold in --online-dir, the earlier layers "
-                        "its inputs read included: sets the groups, one forward pass each (default %(default)s)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="GiB of collected rows one online layer group may hold in --online-dir, the earlier layers "
+                        "its inputs read included: sets the groups, one forward pass each (default: 0.9 of the free "
+                        "space of --online-dir when the study starts, printed; /dev/shm is usually half the host RAM)")
     p.add_argument("--collection", choices=("auto", "mmap", "online"), default="auto",
                    help="mmap: collect every layer into <out-dir>/data/<model>_c4/ and read it (as many bytes of disk "
                         "as --plan says); online: per layer group, collect only its layers (and the earlier ones its "
@@ -711,6 +712,9 @@ def run_all(args: argparse.Namespace) -> Path:
     if len({m.name for m in args.models}) != len(args.models):
         raise SystemExit(f"model names must differ: {[m.name for m in args.models]}")
     args.online_dir = args.online_dir or (ONLINE_TMPFS if ONLINE_TMPFS.parent.is_dir() else args.out_dir / "online")
+    if args.memory_budget_gb is None:
+        args.memory_budget_gb = round(0.9 * free_disk(args.online_dir) / 2**30, 1)
+        print(f"--memory-budget-gb {args.memory_budget_gb:g}: 0.9 of the free space of {args.online_dir}")
     if args.plan or "collect" in args.stages or args.collection == "auto":
         plans = study_plan(args)
         if args.plan:

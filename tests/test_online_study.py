@@ -103,7 +103,7 @@ def test_an_online_group_larger_than_the_online_dir_is_refused_before_it_starts(
                                          r"which has 0\.0 GiB free"):
         run_study.main([source, "--out-dir", str(tmp_path / "out"), *SMALL[:SMALL.index("--stages")],
                         "--stages", "requests,convert,collect", "--collection", "online", "--online-dir",
-                        str(tmp_path / "rows")])
+                        str(tmp_path / "rows"), "--memory-budget-gb", "1"])
     assert not (tmp_path / "rows").exists()
 
 

@@ -64,3 +64,11 @@ def test_plan_counts_the_bytes_a_collection_writes_and_refuses_a_disk_too_small(
     capsys.readouterr()
     run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--collect-tokens", "150", "--stages", "requests"])
     assert "--collection auto: online (the mmap path needs" in capsys.readouterr().out  # the default: what fits
+
+
+def test_the_default_memory_budget_is_most_of_the_online_dirs_free_space(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_study, "free_disk", lambda path: 10 * 2**30)
+    run_study.main([TINY, "--out-dir", str(tmp_path), *SMALL, "--online-dir", str(tmp_path / "rows"), "--plan"])
+    out = capsys.readouterr().out
+    assert f"--memory-budget-gb 9: 0.9 of the free space of {tmp_path / 'rows'}" in out
+    assert "a budget of 9 GiB holds" in out  # the plan's groups use it

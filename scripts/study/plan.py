@@ -184,7 +184,7 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
              f"{a.memory_budget_gb:g} GiB holds "
              + (f"{len(online_groups[0])} layers per group (with the {lookback} earlier layers their inputs read, at "
                 f"most {gib(collection_bytes(dims, a.collect_tokens, facts.gated, largest))}): {len(online_groups)} "
-                f"groups, {len(online_groups)} forward passes" if online_groups else
+                f"groups, {len(online_groups)} forward passes (one more for the drift rows)" if online_groups else
                 f"not one group of {lookback + 1} layers (a layer and the earlier ones its inputs read): raise it or "
                 f"lower --collect-tokens"),
              f"  GPU, training from rows on the GPU (train_online.py's arithmetic): {gib(layer)} per layer",
