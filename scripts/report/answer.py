@@ -340,7 +340,7 @@ def answer_section(summaries: Sequence[ModelSummary], tasks: TaskResults, fracti
     """The Answer's markdown, and the quantities it could not show (for "Not measured in this run")."""
     dataset = headline_dataset(summaries)
     lines = ["Generated from the numbers of this run; every value is estimate [95% interval] (bootstrap over "
-             "documents or requests; Glossary at the end). Models side by side.", ""]
+             "documents, requests or WikiText-2 articles, as each table says; Glossary at the end). Models side by side.", ""]
     absent = []
     rows = drift_rows(summaries, distance)
     if rows:

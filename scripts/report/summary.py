@@ -467,8 +467,10 @@ def perplexity_tables(summaries: Sequence[ModelSummary]) -> list[str]:
                 rows.append([s.model, budget.text(s.dims), *(s.ppl[(dataset, m, budget)].text()
                                                              if (dataset, m, budget) in s.ppl else "n/a"
                                                              for m in modes), cell_sources(s, keys)])
-        lines += [f"**{dataset}: perplexity as a ratio to the model's dense perplexity** (same requests, paired "
-                  f"bootstrap over requests; 1.0 = no loss)", ""]
+        methods = sorted({cell.interval.method for s in summaries for (ds, _, _), cell in s.ppl.items()
+                          if ds == dataset and cell.interval is not None})
+        lines += [f"**{dataset}: perplexity as a ratio to the model's dense perplexity** (same requests, paired with "
+                  f"dense; interval: {'; '.join(methods) or 'none'}; 1.0 = no loss)", ""]
         lines += table(["model", "budget", *modes, "src"], rows)
     return lines
 
