@@ -35,6 +35,10 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
     for section in ("## Decomposition", "## Baselines and controls", "## Study stages", "## Collections", "## Residual-stream drift",
                     "## Perplexity", "## Downstream tasks"):
         assert section in report, section
+    headings = {line.split(":")[0].strip("*"): line for line in report.splitlines()
+                if "perplexity as a ratio to the model's dense perplexity" in line}
+    assert "bootstrap over articles (WikiText-2)" in headings["wikitext2"]  # what its intervals resample
+    assert "bootstrap over requests" in headings["c4"]
     stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]
     assert {(s["model"], s["stage"]) for s in stages} >= {(m, "collect") for m in MODELS}
     assert all(s["seconds"] > 0 for s in stages)
