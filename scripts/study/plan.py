@@ -118,7 +118,8 @@ def measured_rates() -> dict:
         "collection_bytes_per_s": (three["collection_async"]["bytes_per_s"],
                                    f"{run3.relative_to(REPO)} collection_async (async writer, H200 disk)"),
         "inference_flops_per_s": (three["inference"]["tokens_per_s"] * forward_flops_per_token(facts, 512),
-                                  f"{run3.relative_to(REPO)} inference tokens/s x Llama-3.2-3B forward FLOPs/token"),
+                                  f"{run3.relative_to(REPO)}: FLOP/s measured at Llama-3.2-3B shapes, inference "
+                                  "tokens/s x its forward FLOPs/token; applied to this model's FLOPs"),
         "training_flops_per_s": (training_flops / online["groups"][0]["train_s"],
                                  f"{run1.relative_to(REPO)} online: training FLOPs / train_s (56 predictors, 400k rows)"),
     }
@@ -189,7 +190,8 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
                 f"lower --collect-tokens"),
              f"  GPU, training from rows on the GPU (train_online.py's arithmetic): {gib(layer)} per layer",
              f"  host RAM: the async writer's staging {gib(DEFAULT_BUFFER_BYTES)}, plus one layer file at a time while "
-             f"loading ({gib(weights // dims.num_layers)})",
+             f"loading ({gib(weights // dims.num_layers)}); online with a RAM-backed --online-dir (/dev/shm), also "
+             f"the largest group's rows ({gib(collection_bytes(dims, a.collect_tokens, facts.gated, largest))})",
              "  time, estimated:"] + [f"    {stage}: {seconds}{' s' if seconds[0].isdigit() else ''} ({source})" for stage, seconds, source in estimates]
     return ModelPlan(facts, activations + weights + predictors, weights + predictors, online_groups, lines)
 
