@@ -491,7 +491,8 @@ def predictor_commands(a: argparse.Namespace, family: str, data: Path, budgets: 
         env = {"DATA_DIR": data, "OUT_DIR": folder, "LOG_DIR": budgets.root / "logs" / Path(folder).name,
                "MODEL": data.name.removesuffix("_c4"), "SEEDS": 1, "LABEL": "topk", "JOBS_PER_GPU": a.jobs,
                "LAYERS_PER_JOB": -(-len(layers) // a.jobs), "LAYERS": layer_text(layers),
-               "EXTRA_ARGS": shlex.join(map(str, ["--k", k, "--input", a.predictor_input, *training, *extra]))}
+               "EXTRA_ARGS": shlex.join(map(str, ["--k", k, "--input", a.predictor_input, *training,
+                                                  "--save-dtype", a.predictor_dtype, *extra]))}
         return ["env", *(f"{key}={value}" for key, value in env.items()), "bash",
                 REPO / f"sparse_predictor/run_c4_{block}{suffix}.sh"]
 
@@ -605,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-input", default="lookahead", choices=("lookahead", "same"),
                    help="the predictors' input: lookahead (DejaVu's deployed wiring: MLP of layer l from att_x_l, "
                         "attention from att_x_{l-1}; default) or same (mlp_x_l, att_x_l)")
+    p.add_argument("--predictor-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the per-budget predictor checkpoints the sweeps load (default %(default)s); "
+                        "bfloat16 halves their disk (--plan prints it); their JSONs keep the float32 predictor's "
+                        "metrics and say so")
     p.add_argument("--dense-layers", default=DEFAULT_DENSE_LAYERS,
                    help="layers kept dense in every sparse mode, or 'none' (default %(default)s: no earlier input "
                         "exists for layer 0's lookahead)")

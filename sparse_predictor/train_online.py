@@ -45,7 +45,8 @@ from Decentralized_FM_alpha.utils.row_files import overflow_error  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import parse_layer_list  # noqa: E402
 from sparse_predictor import main_att, main_att_llama, main_mlp, main_mlp_llama  # noqa: E402
 from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint  # noqa: E402
-from sparse_predictor.trainer.cli import add_training_arguments, resolve_device, split_config, train_and_write  # noqa: E402
+from sparse_predictor.trainer.cli import (add_save_dtype_argument, add_training_arguments, resolve_device,  # noqa: E402
+                                          split_config, train_and_write)
 from sparse_predictor.trainer.labels import BLOCKS, DEFAULT_INPUT, MLP_LABELS, InputSpec, LabelSpec, label_bits, make_label_spec, packed_width, resolve_input  # noqa: E402
 from sparse_predictor.trainer.model import TrainConfig  # noqa: E402
 from sparse_predictor.trainer.records import RowsSource, summarize  # noqa: E402
@@ -274,7 +275,7 @@ def block_settings(args: argparse.Namespace, block: str, source: dict) -> dict:
     return {"source": source, "block": block, "input": args.inputs[block], "label": label.name, "k": label.k,
             "threshold": label.threshold, "lr": args.lrs[block], **{key: getattr(args, key) for key in (
                 "D", "epochs", "batch_size", "seed", "seeds", "selection", "test_fraction", "test_docs",
-                "no_cuda_graphs")}}
+                "no_cuda_graphs", "save_dtype")}}
 
 
 def already_trained(out_dir: Path, p: Predictor, settings: dict) -> bool:
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mlp-lr", type=float, default=None, help="MLP learning rate (default: the main's, 1e-3)")
     what.add_argument("--att-lr", type=float, default=None, help="attention learning rate (default: the main's, 1e-4)")
     add_training_arguments(p, lr=None, streaming=False)
+    add_save_dtype_argument(p)
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="device memory for the kept rows of one group of layers (the more layers fit, the fewer "
                         f"forward passes). Default {GPU_BUDGET_SHARE:.0%}% of the GPU memory free once the model is "

@@ -264,6 +264,26 @@ def test_learnable_layer_reaches_high_recall_and_writes_the_contract_files(learn
     assert missing == [1] and csv_path.read_text().splitlines()[1].startswith("0,")
 
 
+def test_bfloat16_checkpoints_are_the_float32_weights_rounded_and_load_strictly(learnable_store, tmp_path):
+    from Decentralized_FM_alpha.modules.sparsity import load_predictor
+
+    flags = ["--data-dir", str(learnable_store), "--L", "0", "--epochs", "2", "--D", "32", "--selection", "last",
+             "--device", "cpu", "--input", "same"]
+    [full] = main_mlp.main([*flags, "--out-dir", str(tmp_path / "f32")])
+    [half] = main_mlp.main([*flags, "--out-dir", str(tmp_path / "bf16"), "--save-dtype", "bfloat16"])
+    f32 = torch.load(tmp_path / "f32/mlp_layer0.pt", weights_only=True)
+    bf16 = torch.load(tmp_path / "bf16/mlp_layer0.pt", weights_only=True)
+    assert all(bf16[key].dtype == torch.bfloat16 and torch.equal(bf16[key], f32[key].to(torch.bfloat16))
+               for key in f32)
+    records = [json.loads(path.read_text()) for path in (full, half)]
+    assert [r["checkpoint_dtype"] for r in records] == ["float32", "bfloat16"]
+    assert "checkpoint_rounding" not in records[0] and "float32 predictor's" in records[1]["checkpoint_rounding"]
+    assert records[0]["Recall@K"] == records[1]["Recall@K"]  # the metrics are the float32 predictor's
+    predictor, _, _ = load_predictor(tmp_path / "bf16/mlp_layer0.pt", 0, 64, 256, "mlp", torch.device("cpu"))
+    assert predictor[0].weight.dtype == torch.float32
+    assert torch.equal(predictor[0].weight, bf16["0.weight"].float())
+
+
 def test_original_selection_stops_once_held_out_recall_exceeds_0_99(learnable_store, tmp_path):
     [json_path] = main_mlp.main(["--data-dir", str(learnable_store), "--out-dir", str(tmp_path), "--L", "0",
                                  "--epochs", "8", "--D", "128", "--lr", "0.001", "--batch_size", "128",

@@ -72,10 +72,12 @@ def layer_groups(num_layers: int, layer_bytes: int, budget_bytes: int, lookback:
     return [range(start, min(start + per_group, num_layers)) for start in range(0, num_layers, per_group)]
 
 
-def predictor_bytes(dims: ModelDims, D: int, mlp_budgets: int, att_budgets: int, group_budgets: int) -> int:
-    """Float32 tensors of the per-budget predictor checkpoints (Linear(d, D) -> Linear(D, out) per layer)."""
-    mlp = FLOAT32 * (dims.hidden_size * D + D * dims.ffn_dim)
-    att = FLOAT32 * (dims.hidden_size * D + D * dims.num_heads)
+def predictor_bytes(dims: ModelDims, D: int, mlp_budgets: int, att_budgets: int, group_budgets: int,
+                    element_bytes: int = FLOAT32) -> int:
+    """Tensors of the per-budget predictor checkpoints (Linear(d, D) -> Linear(D, out) per layer), element_bytes each
+    (float32: 4, bfloat16: 2)."""
+    mlp = element_bytes * (dims.hidden_size * D + D * dims.ffn_dim)
+    att = element_bytes * (dims.hidden_size * D + D * dims.num_heads)
     return dims.num_layers * (mlp_budgets * mlp + (att_budgets + group_budgets) * att)
 
 
@@ -167,7 +169,8 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
     groups = dims.num_kv_heads < dims.num_heads
     att_fractions = [float(f) for f in fractions]
     weights = facts.parameters * facts.weight_bytes
-    predictors = predictor_bytes(dims, a.D, len(fractions), len(fractions), len(fractions) if groups else 0)
+    predictors = predictor_bytes(dims, a.D, len(fractions), len(fractions), len(fractions) if groups else 0,
+                                 FLOAT32 if a.predictor_dtype == "float32" else FLOAT16)
     activations = collection_bytes(dims, a.collect_tokens, facts.gated)
     layer = online_group_bytes(dims, a.collect_tokens, fractions, att_fractions + (att_fractions if groups else []))
     layer_rows = layer_collection_bytes(dims, a.collect_tokens, facts.gated)

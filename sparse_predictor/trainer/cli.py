@@ -56,7 +56,22 @@ def build_parser(block: str, description: str, defaults: dict) -> argparse.Argum
                        help="label whole key/value groups, as the sparse runner's --gqa-groups keeps them: the heads of "
                             "the top fraction_count(k, groups) groups by summed head norm")
     add_training_arguments(p, lr=defaults["lr"])
+    add_save_dtype_argument(p)
     return p
+
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_save_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """--save-dtype, for the scripts that write checkpoints."""
+    p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="float32",
+                   help="dtype of the written checkpoints (default %(default)s); bfloat16 halves their disk, and the "
+                        "JSON's metrics stay those of the float32 predictor before rounding (the JSON says so)")
+
+
+def checkpoint_state(state_dict: dict, save_dtype: str) -> dict:
+    return {key: value.to(SAVE_DTYPES[save_dtype]) for key, value in state_dict.items()}
 
 
 def add_training_arguments(p: argparse.ArgumentParser, lr: float | None, streaming: bool = True) -> None:
@@ -196,8 +211,12 @@ def train_and_write(args: argparse.Namespace, block: str, layer: int, data: Laye
         spread = seed_spread([rec for _, rec in group])
         for i, (result, record) in enumerate(group):
             record["seed_spread"] = spread
+            record["checkpoint_dtype"] = args.save_dtype
+            if args.save_dtype != "float32":
+                record["checkpoint_rounding"] = (f"the checkpoint holds the trained float32 weights rounded to "
+                                                 f"{args.save_dtype}; the metrics here are the float32 predictor's")
             checkpoint, json_path = write_outputs(out_dir if i == 0 else out_dir / f"seed{result.seed}", block,
-                                                  layer, result.state_dict, record)
+                                                  layer, checkpoint_state(result.state_dict, args.save_dtype), record)
             if i == 0:
                 first = first or json_path
                 print(f"wrote {checkpoint} and {json_path} (best epoch {result.best_epoch}, "
