@@ -22,8 +22,8 @@ from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, now, write_json_atomic  # noqa: E402
-from Decentralized_FM_alpha.utils.selection import COUNT_RULE, parse_layer_list  # noqa: E402
-from sparse_predictor.trainer.cli import label_out_dirs, require_complete, resolve_device  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import COUNT_RULE  # noqa: E402
+from sparse_predictor.trainer.cli import label_out_dirs, open_layers, resolve_device  # noqa: E402
 from sparse_predictor.trainer.labels import BLOCKS, LabelSpec, fraction_list, k_name, make_label_spec  # noqa: E402
 from sparse_predictor.trainer.records import collection_source  # noqa: E402
 from sparse_predictor.trainer.rows import MIN_TEST_DOCS, TEST_FRACTION, SplitConfig, document_split  # noqa: E402
@@ -78,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     provenance = base_manifest(kind="static_topk", args=vars(args))
-    store = ActivationStore(args.data_dir)
-    require_complete(store)
-    try:
-        layers = parse_layer_list(args.L, store.num_layers)
-    except ValueError as e:
-        raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
+    store, layers = open_layers(args.data_dir, args.L)
     if args.gqa_groups and args.block != "att":
         raise ValueError("--gqa-groups counts whole key/value groups of attention heads: use it with --block att")
     labels = [block_label(store, args.block, k, args.gqa_groups) for k in args.k]

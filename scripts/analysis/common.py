@@ -285,17 +285,26 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def stored_partial(folder: Path, settings: dict, layer: int) -> dict | None:
+    """folder/layer{L}.json when it was written with these settings, else None."""
+    path = folder / f"layer{layer}.json"
+    found = read_json(path) if path.is_file() else None
+    return found if found is not None and found["settings"] == settings else None
+
+
+def layer_partial(folder: Path, settings: dict, layer: int, compute: Callable[[int], dict]) -> dict:
+    """A layer's results from its partial file (stored_partial), else compute(layer), kept there with the settings.
+    A rerun resumes, and runs over groups of layers (the online study) are merged by a last run over all of them."""
+    found = stored_partial(folder, settings, layer)
+    if found is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        found = {"settings": settings, **compute(layer)}
+        write_json_atomic(folder / f"layer{layer}.json", found)
+    return found
+
+
 def per_layer_partials(folder: Path, settings: dict, layers: Sequence[int], compute: Callable[[int], list]) -> list:
-    """The records of `layers` in order: each layer's from folder/layer{L}.json when it was written with these
-    settings, else compute(layer), kept there. A rerun resumes, and runs over groups of layers (the online study) are
-    merged by a last run over all of them."""
+    """The records of `layers` in order, each layer's through layer_partial."""
     folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for layer in layers:
-        path = folder / f"layer{layer}.json"
-        found = read_json(path) if path.is_file() else None
-        if found is None or found["settings"] != settings:
-            found = {"settings": settings, "records": compute(layer)}
-            write_json_atomic(path, found)
-        records += found["records"]
-    return records
+    return [record for layer in layers
+            for record in layer_partial(folder, settings, layer, lambda l: {"records": compute(l)})["records"]]

@@ -39,12 +39,12 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
-from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis import capacity  # noqa: E402
 from scripts.analysis.common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
-                                     open_collection, parse_fractions, read_rows, rows_per_chunk, write_csv_atomic,
-                                     write_results)
+                                     layer_partial, open_collection, parse_fractions, read_rows, rows_per_chunk,
+                                     stored_partial, write_csv_atomic, write_results)
 from sparse_predictor import main_att, main_mlp  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mask  # noqa: E402
@@ -309,24 +309,17 @@ def main(argv: list[str] | None = None) -> Path:
     capacity_layers = capacity.curve_layers(args.capacity_layers, store.num_layers)
     fold_layers = capacity.curve_layers(args.fold_layers, store.num_layers) if args.folds else []
 
-    def stored(layer: int) -> dict | None:
-        """The layer's records from its partial file, if one was written with these settings."""
-        done = partial / f"layer{layer}.json"
-        found = read_json(done) if done.is_file() else None
-        return found if found and found["settings"] == settings else None
-
     if args.jobs > 1:
         heavy = set(capacity_layers) | set(fold_layers)  # dealt first, so the workers share the curves and folds
-        todo = sorted((layer for layer in layers if stored(layer) is None), key=lambda layer: layer not in heavy)
+        todo = sorted((layer for layer in layers if stored_partial(partial, settings, layer) is None),
+                      key=lambda layer: layer not in heavy)
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
     curves, folds = [], []
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
-        found = stored(layer)
-        if found is None:
-            found = layer_results(store, source, layer, args, device, max_bytes, is_test, documents, split,
-                                  layer in capacity_layers, layer in fold_layers)
-            write_json_atomic(partial / f"layer{layer}.json", {"settings": settings, **found})
+        found = layer_partial(partial, settings, layer, lambda l: layer_results(
+            store, source, l, args, device, max_bytes, is_test, documents, split, l in capacity_layers,
+            l in fold_layers))
         records += found["records"]
         curves += found["capacity"]
         folds += found["folds"]

@@ -16,8 +16,9 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/report/plots.py` run
 
@@ -256,69 +257,84 @@ def panel_keys(rows: list[dict], group: str) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys((r["model"], r[group], row_budget(r).panel) for r in rows if r["mode"] != "dense"))
 
 
-def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
-    """Perplexity (log scale) against the budget, one panel per (model, dataset, block), one series per mode; the
-    dense perplexity as a reference line."""
-    panels = panel_keys(rows, "dataset")
+@dataclass
+class BudgetPanel:
+    """One panel of a sweep figure: its axes, the rows of its (model, dataset or task), its budgets on the x axis."""
+    ax: Any
+    rows: list[dict]
+    budgets: list[Budget]
+    x: list[float]
+
+    def series(self, mode: str, value: Callable[[dict], Any]) -> list[tuple[float, Any]]:
+        """(x, value(row)) of the mode's rows at this panel's budgets."""
+        points = {row_budget(r): value(r) for r in self.rows if r["mode"] == mode}
+        return [(xi, points[b]) for xi, b in zip(self.x, self.budgets) if b in points]
+
+
+def budget_panels(rows: list[dict], group: str, dims: dict[str, dict]) -> tuple[Any, list[BudgetPanel]]:
+    """The figure of one panel per (model, `group` value, block) with its budget axis and title; unused axes off."""
+    panels = panel_keys(rows, group)
     if not panels:
-        return []
+        return None, []
     fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
-    for ax, (model, dataset, block) in zip(axes, panels):
-        chosen = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
+    made = []
+    for ax, (model, key, block) in zip(axes, panels):
+        chosen = [r for r in rows if (r["model"], r[group]) == (model, key)]
         budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).panel == block},
                          key=Budget.sort_key)
         x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
-        for mode in SPARSE_MODES:
-            points = {row_budget(r): float(r["perplexity"]) for r in chosen if r["mode"] == mode}
-            shown = [(xi, points[b]) for xi, b in zip(x, budgets) if b in points]
-            if shown:
-                plot_series(ax, *zip(*shown), mode, mode)
-        for r in chosen:
-            if r["mode"] == "dense":
-                reference_line(ax, float(r["perplexity"]), "dense", f"dense {float(r['perplexity']):.4g}")
-        log_y(ax)
         ax.set_xticks(x, ticks, fontsize=7)
-        ax.set(xlabel=xlabel, ylabel="perplexity (log scale)")
-        ax.set_title(f"{model}, {dataset}:\n{BLOCK_TITLES[block]}", fontsize=9)
-        legend_outside(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{model}, {key}:\n{BLOCK_TITLES[block]}", fontsize=9)
+        made.append(BudgetPanel(ax, chosen, budgets, x))
     for ax in axes[len(panels):]:
         ax.set_axis_off()
+    return fig, made
+
+
+def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
+    """Perplexity (log scale) against the budget, one panel per (model, dataset, block), one series per mode; the
+    dense perplexity as a reference line."""
+    fig, panels = budget_panels(rows, "dataset", dims)
+    if not panels:
+        return []
+    for panel in panels:
+        for mode in SPARSE_MODES:
+            shown = panel.series(mode, lambda r: float(r["perplexity"]))
+            if shown:
+                plot_series(panel.ax, *zip(*shown), mode, mode)
+        for r in panel.rows:
+            if r["mode"] == "dense":
+                reference_line(panel.ax, float(r["perplexity"]), "dense", f"dense {float(r['perplexity']):.4g}")
+        log_y(panel.ax)
+        panel.ax.set_ylabel("perplexity (log scale)")
+        legend_outside(panel.ax)
     return [save_figure(fig, out_dir / "perplexity_sweep.png")]
 
 
 def plot_tasks(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
     """Downstream accuracy against the budget, one panel per (model, task, block), one series per mode with a band
     of ± 1.96 harness standard errors; dense as a reference line with its band."""
-    rows = [r for r in rows if r.get("acc") not in (None, "")]
-    panels = panel_keys(rows, "task")
+    fig, panels = budget_panels([r for r in rows if r.get("acc") not in (None, "")], "task", dims)
     if not panels:
         return []
-    fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
-    for ax, (model, task, block) in zip(axes, panels):
-        chosen = [r for r in rows if (r["model"], r["task"]) == (model, task)]
-        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).panel == block},
-                         key=Budget.sort_key)
-        x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
+    for panel in panels:
+        ax = panel.ax
         for mode in SPARSE_MODES:
-            points = {row_budget(r): (float(r["acc"]), float(r.get("acc_stderr") or 0)) for r in chosen
-                      if r["mode"] == mode}
-            shown = [(xi, *points[b]) for xi, b in zip(x, budgets) if b in points]
+            shown = panel.series(mode, lambda r: (float(r["acc"]), float(r.get("acc_stderr") or 0)))
             if shown:
-                xs, acc, se = zip(*shown)
+                xs, points = zip(*shown)
+                acc, se = zip(*points)
                 plot_series(ax, xs, acc, mode, mode, low=[a - 1.96 * s for a, s in zip(acc, se)],
                             high=[a + 1.96 * s for a, s in zip(acc, se)])
-        for r in chosen:
+        for r in panel.rows:
             if r["mode"] == "dense":
                 acc, se = float(r["acc"]), float(r.get("acc_stderr") or 0)
                 reference_line(ax, acc, "dense", f"dense {acc:.3f}")
                 ax.axhspan(acc - 1.96 * se, acc + 1.96 * se, color=series_style("dense")["color"], alpha=0.08)
         ax.set_ylim(0, 1.05)
-        ax.set_xticks(x, ticks, fontsize=7)
-        ax.set(xlabel=xlabel, ylabel="accuracy (harness acc; band ± 1.96 se)")
-        ax.set_title(f"{model}, {task}:\n{BLOCK_TITLES[block]}", fontsize=9)
+        ax.set_ylabel("accuracy (harness acc; band ± 1.96 se)")
         legend_outside(ax)
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
     return [save_figure(fig, out_dir / "tasks_sweep.png")]
 
 

@@ -131,18 +131,23 @@ def require_complete(store: ActivationStore) -> None:
                          f"{store.manifest.get('complete')!r}); finish or resume it before training")
 
 
+def open_layers(data_dir: str, layer_spec: str) -> tuple[ActivationStore, list[int]]:
+    """A complete collection and the layers --L names in it."""
+    store = ActivationStore(data_dir)
+    require_complete(store)
+    try:
+        return store, parse_layer_list(layer_spec, store.num_layers)
+    except ValueError as e:
+        raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
+
+
 def run_cli(block: str, description: str, defaults: dict, argv: list[str] | None = None) -> list[Path]:
     """Parse the flags, train the requested layer(s), write checkpoint + JSON; returns the JSON paths."""
     args = build_parser(block, description, defaults).parse_args(argv)
     device = resolve_device(args.device)
     data_dir, out_dir = default_paths(args.model, args.dataset)
     args.data_dir, args.out_dir = args.data_dir or str(data_dir), args.out_dir or str(out_dir)
-    store = ActivationStore(args.data_dir)
-    require_complete(store)
-    try:
-        layers = parse_layer_list(args.L, store.num_layers)
-    except ValueError as e:
-        raise ValueError(f"--L: {e} (the manifest has layers 0..{store.num_layers - 1})") from e
+    store, layers = open_layers(args.data_dir, args.L)
     labels = label_specs(block, args, defaults, store)
     out_dirs = label_out_dirs(args.out_dir, labels)
     cfg = train_config(args)
