@@ -39,6 +39,9 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
                 if "perplexity as a ratio to the model's dense perplexity" in line}
     assert "bootstrap over articles (WikiText-2)" in headings["wikitext2"]  # what its intervals resample
     assert "bootstrap over requests" in headings["c4"]
+    for model in MODELS:  # what produced the rows, read from the sweep's own columns
+        assert (f"{model}: predictor input lookahead, top-K label trained at each row's budget; layers kept dense in "
+                f"every sparse mode: 0") in headings["c4"]
     stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]
     assert {(s["model"], s["stage"]) for s in stages} >= {(m, "collect") for m in MODELS}
     assert all(s["seconds"] > 0 for s in stages)

@@ -429,3 +429,16 @@ def test_the_answer_sets_the_predictor_beside_the_static_and_gate_rankings_and_d
     not_measured = sections(text)["Not measured in this run"]
     assert "cross-token" not in not_measured and "static top-K Recall@K" not in not_measured
     assert max(table_widths(text)) <= 10
+
+
+def test_sweep_wiring_reads_the_input_the_trained_k_and_the_dense_layers_from_the_rows():
+    from scripts.report.summary import sweep_wiring
+
+    row = {"mode": "predictor", "predictor_input": "lookahead", "mlp_topk": "0.25", "att_topk": "dense",
+           "mlp_trained_k": "0.25", "att_trained_k": "n/a", "dense_layers": "0"}
+    dense = {"mode": "dense", "dense_layers": ""}
+    assert sweep_wiring([dense, row]) == ("predictor input lookahead, top-K label trained at each row's budget; "
+                                          "layers kept dense in every sparse mode: 0")
+    other = {**row, "mlp_trained_k": "0.5", "predictor_input": "same"}
+    assert sweep_wiring([row, other]).startswith("predictor input lookahead, same, 1 predictor(s) trained for another K")
+    assert "not recorded" in sweep_wiring([{"mode": "oracle", "mlp_topk": "0.25"}])

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from scripts.report.inputs import PANELS, Budget, row_budget
 from scripts.report.summary import (BASELINES, BLOCK_TITLES, MAX_COLUMNS, SPARSE_MODES, Cell, ModelSummary,
-                                    headline_dataset, layer_text, table)
+                                    headline_dataset, layer_text, table, wiring_text)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def perplexity_tables(summaries: Sequence[ModelSummary], dataset: str) -> list[s
     budgets = list({b for _, b in runs})
     lines = [f"**{dataset} perplexity / dense perplexity** (1 = no loss; a column per sparse block and model: "
              f"MLP + attention = both sparse at the row's budget, MLP only = attention dense, attention only = MLP "
-             f"dense; groups = attention kept in whole key-value (kv) groups):", ""]
+             f"dense; groups = attention kept in whole key-value (kv) groups; {wiring_text(summaries)}):", ""]
     for columns in side_by_side(blocks, summaries):
         headers = ["budget", "mode", *(f"{s.model}: {BLOCK_SHORT[block]}" for block, s in columns)]
         rows = []
@@ -190,7 +190,8 @@ def task_tables(summaries: Sequence[ModelSummary], tasks: TaskResults, block: st
         return [], []
     budgets = list({b for model, _, _, b in tasks if b is not None and b.panel == block and model in models})
     modes = [m for m in SPARSE_MODES if any(mode == m for model, _, mode, b in tasks if b in budgets)]
-    lines = [f"**Task accuracy ± the harness's standard error, {BLOCK_TITLES[block]}:**", ""]
+    lines = [f"**Task accuracy ± the harness's standard error, {BLOCK_TITLES[block]}** "
+             f"({wiring_text(summaries, 'task wiring') or 'wiring not recorded'}):", ""]
     for columns in side_by_side(task_names, summaries):
         headers = ["budget", "mode", *(f"{s.model}: {task}" for task, s in columns)]
         rows = [["dense", "dense", *(accuracy_text(tasks.get((s.model, t, "dense", None))) for t, s in columns)]]

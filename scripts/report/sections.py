@@ -12,7 +12,7 @@ from sparse_predictor.trainer.records import SUMMARY_COLUMNS
 from scripts.analysis.common import PERCENTILES, model_label, write_csv_atomic
 from scripts.report.answer import too_noisy
 from scripts.report.summary import (MAX_COLUMNS, ModelSummary, build_summaries, decomposition_tables, layer_text,
-                                    per_layer_tables, plot_recall_by_layer, plot_summary, summary_tables,
+                                    per_layer_tables, plot_recall_by_layer, plot_summary, summary_tables, sweep_wiring,
                                     csv_rows as summary_csv_rows, table as markdown_table)
 from scripts.report.inputs import (Inputs, PredictorSet, Sources, all_models, model_dims, read_json_file,
                                    row_budget)
@@ -362,6 +362,10 @@ def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: li
             sweeps.append(([sources.add(manifest_path, manifest, str(manifest_path))], row, manifest))
     models = all_models(inputs)
     summaries = build_summaries(models, recall, drift, sweeps, model_dims(inputs))
+    for summary in summaries:  # the task sweeps' own wiring, for the task tables
+        task_rows = [row for _, rows in inputs.task_sweeps for row in rows if row["model"] == summary.model]
+        if task_rows:
+            summary.notes["task wiring"] = sweep_wiring(task_rows)
     fractions = recall[0][1]["fractions"] if recall else []
     distance = recall[0][1]["distance_fraction"] if recall else None
     if not (recall or drift or sweeps):

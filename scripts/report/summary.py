@@ -306,6 +306,8 @@ def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], d
             for ids, row, manifest in sweeps if row["mode"] != "dense"}
     for (model, dataset), (_, row, _) in dense.items():
         summaries[model].dense_ppl[dataset] = float(row["perplexity"])
+    for model, summary in summaries.items():
+        summary.notes["wiring"] = sweep_wiring([row for _, row, _ in sweeps if row["model"] == model])
     for (model, dataset, mode, budget), (ids, manifest) in runs.items():
         if (model, dataset) not in dense:
             continue
@@ -318,6 +320,22 @@ def build_summaries(models: Sequence[str], recall: Sequence[tuple[str, dict]], d
             summaries[model].vs_oracle[(dataset, mode, budget)] = perplexity_ratio_cell(
                 manifest, oracle[1], [*ids, *oracle[0]])
     return [summaries[m] for m in models]
+
+
+def sweep_wiring(rows: list[dict]) -> str:
+    """What produced a model's sparse rows, from the sweep's own columns: the predictors' input, whether each was
+    trained for its row's budget, and the layers every sparse mode kept dense."""
+    sparse = [r for r in rows if r["mode"] != "dense"]
+    if not sparse or "dense_layers" not in sparse[0]:
+        return "predictor input, label and layer policy not recorded by this sweep"
+    predicted = [r for r in sparse if r["mode"] == "predictor"]
+    inputs = ", ".join(sorted({r["predictor_input"] for r in predicted})) or "no predictor rows"
+    mismatched = sum(r[f"{b}_trained_k"] != (r[f"{b}_topk"] if r[f"{b}_topk"] != "dense" else "n/a")
+                     for r in predicted for b in ("mlp", "att"))
+    label = ("top-K label trained at each row's budget" if not mismatched else
+             f"{mismatched} predictor(s) trained for another K than their row's budget")
+    dense = ", ".join(sorted({r["dense_layers"] for r in sparse}))
+    return f"predictor input {inputs}, {label}; layers kept dense in every sparse mode: {dense}"
 
 
 def run_key_text(dataset: str, mode: str, budget: Budget) -> str:
@@ -454,6 +472,11 @@ def drift_layers(summary: ModelSummary) -> str:
     return layer_text(cell.layers)
 
 
+def wiring_text(summaries: Sequence[ModelSummary], key: str = "wiring") -> str:
+    """Per model, what produced its sparse rows (sweep_wiring of the perplexity or, key 'task wiring', task sweep)."""
+    return "; ".join(f"{s.model}: {s.notes[key]}" for s in summaries if key in s.notes)
+
+
 def perplexity_tables(summaries: Sequence[ModelSummary]) -> list[str]:
     """Per dataset: rows (model, budget), columns the sparse modes; ratio to the model's dense perplexity."""
     lines = []
@@ -470,7 +493,7 @@ def perplexity_tables(summaries: Sequence[ModelSummary]) -> list[str]:
         methods = sorted({cell.interval.method for s in summaries for (ds, _, _), cell in s.ppl.items()
                           if ds == dataset and cell.interval is not None})
         lines += [f"**{dataset}: perplexity as a ratio to the model's dense perplexity** (same requests, paired with "
-                  f"dense; interval: {'; '.join(methods) or 'none'}; 1.0 = no loss)", ""]
+                  f"dense; interval: {'; '.join(methods) or 'none'}; 1.0 = no loss; {wiring_text(summaries)})", ""]
         lines += table(["model", "budget", *modes, "src"], rows)
     return lines
 
