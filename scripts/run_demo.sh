@@ -61,7 +61,7 @@ python scripts/run_study.py "${MODEL_PATHS[@]}" --out-dir "$OUT" --device "${DEV
   --lookahead-distance "${LOOKAHEAD_DISTANCE:-0}" --drift-distance 2 \
   --sweep-labels "${SWEEP_LABELS:-relu,topk:0.25,threshold:0.01,gate}" --batch 8 --jobs 2 \
   --tasks "${TASKS:-dejavu_cb,dejavu_copa,dejavu_rte,dejavu_winogrande,dejavu_piqa,dejavu_openbookqa,\
-dejavu_lambada_openai}" --task-limit "${TASK_LIMIT:-8}" \
+dejavu_lambada_openai}" --task-limit "${TASK_LIMIT:-8}" --task-jobs "${TASK_JOBS:-1}" \
   --bootstrap-iters "${BOOTSTRAP_ITERS:-1000}" --folds "${FOLDS:-2}" --fold-layers "${CAPACITY_LAYERS:-last}" \
   --capacity-layers "${CAPACITY_LAYERS:-last}" --capacity-widths "${CAPACITY_WIDTHS:-32,full}" \
   --capacity-rows "${CAPACITY_ROWS:-0.5,1}" \

@@ -94,10 +94,12 @@ class Study:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
 
     def run(self, model: str, stage: str, commands: list[list[str]] | Callable[[], list[list[str]]], done: bool,
-            parallel: bool = False, env: dict | Callable[[], dict] | None = None, part: str = "") -> None:
+            parallel: bool = False, env: dict | Callable[[], dict] | None = None, part: str = "",
+            jobs: int | None = None) -> None:
         """Run a stage's commands (at most --jobs at once when parallel) unless `done` or not in --stages; record
         its wall time. Commands and env may be callables, built only when the stage runs (they read its inputs).
-        `part` names one piece of a stage run in pieces (the online path's layer groups), recorded as its own row."""
+        `part` names one piece of a stage run in pieces (the online path's layer groups), recorded as its own row;
+        `jobs` replaces --jobs as the bound on parallel commands."""
         key = f"{model}/{stage}" + (f"/{part}" if part else "")
         label = stage + (f" ({part})" if part else "")
         prefix = f"[{time.time() - self.started:7.0f} s] {model}: {label}"
@@ -117,7 +119,7 @@ class Study:
         running: list[tuple[list[str], subprocess.Popen]] = []
         try:
             while pending or running:
-                while pending and (not running or (parallel and len(running) < self.args.jobs)):
+                while pending and (not running or (parallel and len(running) < (jobs or self.args.jobs))):
                     command = pending.pop(0)
                     running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})})))
                 command, process = running.pop(0)
@@ -287,6 +289,13 @@ class ModelRun:
                                   layers or list(range(self.num_layers)))
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: needs at least 1")
+    return value
+
+
 def layer_text(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
@@ -312,13 +321,18 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
 
     downstream = study.out / "tasks" / model.name
     if a.tasks:  # --tasks '' leaves the stage out (a node without lm-eval installed)
-        study.run(model.name, "tasks", [python(
+        task_sweep = python(
             "scripts/study/task_sweep.py", "--model-name", converted, "--include-path", tasks, "--tasks", a.tasks,
-            *sweep_flags(a, budgets, converted, a.task_modes or a.modes, a.task_blocks or a.blocks), "--batch", a.batch,
-            "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype, "--max-seq-len",
-            a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters, *(["--limit", a.task_limit] if a.task_limit else []),
-            "--num-fewshot", a.num_fewshot, "--out-dir", downstream)],
-            done=tasks_done(downstream / "tasks.manifest.json", a))
+            *sweep_flags(a, budgets, converted, a.task_modes or a.modes, a.task_blocks or a.blocks), "--batch",
+            a.task_batch or a.batch, "--use-cuda", "true" if a.device == "cuda" else "false", "--dtype", a.dtype,
+            "--max-seq-len", a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters,
+            *(["--limit", a.task_limit] if a.task_limit else []), "--num-fewshot", a.num_fewshot, "--out-dir",
+            downstream)
+        done = tasks_done(downstream / "tasks.manifest.json", a)
+        if a.task_jobs > 1:  # shards first (they write the per-task results), then the table from their results
+            study.run(model.name, "tasks", [[*task_sweep, "--shard", f"{i}/{a.task_jobs}"] for i in range(a.task_jobs)],
+                      done=done, parallel=True, jobs=a.task_jobs, part="shards")
+        study.run(model.name, "tasks", [task_sweep], done=done)
     return [*read, budgets.root, sweep / "sweep.csv", *([downstream / "tasks.csv"] if a.tasks else []), run.analysis]
 
 
@@ -619,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande are the harness's hub tasks unchanged; "
                         "dejavu_wikitext2_lastword_mc,dejavu_wikitext2_lastword the WikiText-2 test task; '' leaves "
                         "the stage out)")
+    p.add_argument("--task-jobs", type=at_least_one, default=1,
+                   help="task_sweep.py processes sharing the GPU in the tasks stage, each over every N-th setting "
+                        "(--shard), then one that writes the table (default %(default)s; a small model leaves the "
+                        "GPU idle between batches)")
+    p.add_argument("--task-batch", type=int, default=None,
+                   help="requests per forward batch in the tasks stage (default: --batch)")
     p.add_argument("--task-limit", type=int, default=None,
                    help="first N documents of each task (default: all, the full splits)")
     p.add_argument("--num-fewshot", type=int, default=0,

@@ -11,7 +11,7 @@ from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
            "MAX_SEQ_LEN": "128", "MLP_BUDGETS": "0.25", "FRACTIONS": "0.25", "SEEDS": "1",
-           "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_copa", "TASK_LIMIT": "8",
+           "SWEEP_LABELS": "topk:0.25", "TASKS": "dejavu_copa", "TASK_LIMIT": "8", "TASK_JOBS": "2",
            "BOOTSTRAP_ITERS": "100", "CUDA_VISIBLE_DEVICES": "", "FOLDS": "2", "CAPACITY_LAYERS": "5",
            "CAPACITY_WIDTHS": "8,32", "CAPACITY_ROWS": "0.5,1"}
 # Two of the trio keep CI short (each model adds about 85 s on 2 cores): both families; Llama-ReLU is the Llama path.
@@ -45,6 +45,7 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
     stages = json.loads((tmp_path / "demo" / "study_manifest.json").read_text())["stages"]
     assert {(s["model"], s["stage"]) for s in stages} >= {(m, "collect") for m in MODELS}
     assert all(s["seconds"] > 0 for s in stages)
+    assert {(s["model"], s["stage"]) for s in stages} >= {(m, "tasks (shards)") for m in MODELS}  # TASK_JOBS 2
     for model in MODELS:
         assert f"| {model} |" in report
         with open(tmp_path / "demo" / "sweep" / model / "sweep.csv") as f:

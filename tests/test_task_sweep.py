@@ -65,3 +65,32 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
     section = written.read_text().split("## Downstream tasks")[1].split("\n## ")[0]
     assert "](figures/tasks_sweep.png)" in section and (tmp_path / "report/figures/tasks_sweep.png").is_file()
     assert section.count(f"| opt_converted | {make_local_task.MULTIPLE_CHOICE} |") == len(settings)
+
+
+def test_task_sweep_shards_evaluate_every_nth_setting_and_the_unsharded_run_tables_them(tmp_path, tiny_tokenizer_dir,
+                                                                                        monkeypatch):
+    model, _, converted = make_opt(tmp_path, tiny_tokenizer_dir, seed=32)
+    tasks = make_local_task.main(["--out-dir", str(tmp_path / "tasks"), "--num-examples", "5", "--max-words", "24"])
+
+    def argv(out: Path) -> list[str]:
+        return ["--model-name", str(converted), "--include-path", str(tasks), "--tasks", make_local_task.LASTWORD,
+                "--modes", "oracle", "random", "--blocks", "mlp", "--mlp-topk", "0.25", "0.5", "--att-topk", "2",
+                "--limit", "4", "--bootstrap-iters", "100", "--batch", "4", "--out-dir", str(out)]
+
+    whole = task_sweep.main(argv(tmp_path / "whole"))
+    sharded = tmp_path / "sharded"
+    first = task_sweep.main([*argv(sharded), "--shard", "0/2"])
+    second = task_sweep.main([*argv(sharded), "--shard", "1/2"])
+    key = lambda r: (r["mode"], r["mlp_topk"])  # noqa: E731
+    assert [key(r) for r in first] == [("dense", "dense"), ("oracle", "0.5"), ("random", "0.5")]
+    assert [key(r) for r in second] == [("oracle", "0.25"), ("random", "0.25")]
+    assert not (sharded / "tasks.csv").exists()
+
+    monkeypatch.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__",
+                        lambda *a, **k: pytest.fail("a setting a shard finished was evaluated again"))
+    tabled = task_sweep.main(argv(sharded))
+    measured = lambda rows: [(key(r), r["acc"], r["other_metrics"]) for r in rows]  # noqa: E731
+    assert measured(tabled) == measured(whole) and (sharded / "tasks.csv").is_file()
+    assert len({r["other_metrics"] for r in tabled}) == len(tabled)  # every setting scored differently
+    with pytest.raises(SystemExit):
+        task_sweep.main([*argv(sharded), "--shard", "2/2"])

@@ -322,6 +322,8 @@ class Bench:
         self.save()
         gen = torch.Generator().manual_seed(a.seed)
         self.stage(report, "check", lambda: report.update(check=self.check(model, gen)))
+        if a.check_only:
+            return
         self.stage(report, "kernel", lambda: self.kernel_stage(model, report, gen))
         for batch in a.batches:
             if self.over_budget():
@@ -636,6 +638,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=420.0,
                    help="each model gets an equal share of what is left; settings not started within it are skipped "
                         "and listed (default %(default)s)")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the correctness check (kernels and steps against the simulation, prefill against HF), "
+                        "e.g. with --dtype fp32 to tell bf16 rounding from a fault")
     p.add_argument("--no-graphs", action="store_true", help="time eager steps on CUDA (default: CUDA graphs)")
     p.add_argument("--glue", choices=("compiled", "eager"), default=None,
                    help="norms and rotary embedding through torch.compile (one kernel each; the default on CUDA) or "

@@ -8,7 +8,9 @@ one call per task; the model is loaded once per model type and each sparse setti
 wall time, a manifest); a rerun skips the pairs whose JSON exists, so an interrupted sweep resumes (a JSON made with
 other settings - limit, shots, seed, dtype, ... - is an error, not a silent mix). Then writes <out-dir>/tasks.csv
 and tasks.md, one row per (mode, budget, task) with the harness's acc / acc_norm and their standard errors, and
-tasks.manifest.json.
+tasks.manifest.json. With --shard I/N a process evaluates every N-th setting only and writes no table; N of them
+share one GPU (a small model leaves it idle between batches), and a run without --shard then writes the table from
+their results.
 
 Default tasks: the seven of DejaVu's accuracy table, by their harness names (they download from the hub). Offline,
 write the local tasks (scripts/assets/make_local_task.py: the same seven over the bundled splits, dejavu_cb, ...,
@@ -225,6 +227,17 @@ def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
+def shard_of(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: needs 0 <= I < N")
+    return index, count
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-name", required=True, help="converted checkpoint directory (SPEC section 3)")
@@ -244,6 +257,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default %(default)s)")
     p.add_argument("--fewshot-seed", type=int, default=1234,
                    help="seed of the harness's few-shot sampler (default %(default)s, the harness's)")
+    p.add_argument("--shard", type=shard_of, default=None, metavar="I/N",
+                   help="evaluate only settings I, I+N, I+2N, ... of the plan (0-based; dense is setting 0) and write "
+                        "no table: N such processes share one GPU that a small model leaves idle; a run without "
+                        "--shard afterwards reuses their results and writes the table")
     p.add_argument("--out-dir", type=Path, required=True, help="per-task results, tasks.csv / tasks.md, manifest")
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -261,11 +278,17 @@ def main(argv=None) -> list[dict]:
         verify_task_folder(Path(folder))
     manager = task_manager(args.include_path, args.tasks)
     model = Path(args.model_name).name
+    if args.shard:
+        index, count = args.shard
+        plan = plan[index::count]
     rows, models = [], Models()
     with tqdm(total=len(plan) * len(args.tasks), desc="task sweep (setting, task)", unit="run") as progress:
         for setting in plan:
             for path in run_setting(args, manager, models, setting, progress):
                 rows += rows_of(path, model)
+    if args.shard:
+        print(f"shard {index}/{count}: {len(plan)} settings x {len(args.tasks)} tasks in {args.out_dir / 'runs'}")
+        return rows
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "tasks.manifest.json",
                       base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, tasks=args.tasks,
