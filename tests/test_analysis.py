@@ -365,3 +365,22 @@ def test_change_summary_names_the_definitions_that_differ(tmp_path):
     assert "-    return 1\n+    return 2" in change.diff
     gone = opt_llama_changelog.compare_pair("a/opt.py", "a/none.py", tmp_path)
     assert gone.summary() == "MISSING: a/none.py" and gone.diff == ""
+
+
+def test_task_matrix_has_one_column_per_task_and_the_unweighted_mean_with_its_standard_error():
+    from scripts.report.sections import task_matrix
+
+    def row(mode, task, acc, se, mlp="dense"):
+        return {"model": "m", "task": task, "mode": mode, "block": "none" if mode == "dense" else "mlp",
+                "mlp_topk": mlp, "att_topk": "dense", "mlp_kept": "", "att_kept": "", "att_unit": "",
+                "acc": str(acc), "acc_stderr": str(se)}
+
+    rows = [row("dense", "dejavu_cb", 0.5, 0.03), row("dense", "dejavu_copa", 0.7, 0.04),
+            row("oracle", "dejavu_cb", 0.4, 0.03, "0.5")]
+    lines = task_matrix(rows, {})
+    header = next(line for line in lines if line.startswith("| mode"))
+    assert header.split("|")[1:-1] == [" mode ", " budget ", " cb ", " copa ", " mean "]
+    dense = next(line for line in lines if line.startswith("| dense"))
+    assert "0.600 ± 0.025" in dense  # (0.5 + 0.7) / 2, sqrt(0.03^2 + 0.04^2) / 2
+    oracle = next(line for line in lines if line.startswith("| oracle"))
+    assert "0.400 ± 0.030" in oracle and "not run" in oracle and "n/a (1 of 2 tasks)" in oracle

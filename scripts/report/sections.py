@@ -286,6 +286,7 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
                         plus_minus(number(r.get("acc_norm")), number(r.get("acc_norm_stderr"))),
                         "" if r["mode"] == "dense" else difference_text(acc, stderr, base, base_stderr, acc_within),
                         src])
+        lines += task_matrix(rows, dims)
         lines += [f"From `{csv_path}` (accuracy ± the harness's standard error; the "
                   f"difference to dense is marked too noisy when its standard error, the two rows' combined, exceeds "
                   f"the flag --acc-within {acc_within:g}; every column in the CSV):", ""]
@@ -294,6 +295,39 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
         lines += against_dense(rows, "task", {k: v[0] for k, v in dense.items()}, "acc", lambda r: number(r["acc"]),
                                dims) + [""]
     return lines
+
+
+def task_matrix(rows: list[dict], dims: dict[str, dict]) -> list[str]:
+    """Per model, one row per setting and one column per task (acc ± the harness's standard error), and the
+    unweighted mean over the tasks as DejaVu's table reports it, its standard error sqrt(sum se^2) / n (tasks
+    independent); a setting without every task has no mean."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        tasks = list(dict.fromkeys(r["task"] for r in mine))
+        settings: dict[tuple[str, str], dict[str, dict]] = {}
+        for r in mine:
+            budget = "dense" if r["mode"] == "dense" else row_budget(r).text(dims.get(model))
+            settings.setdefault((r["mode"], budget), {})[r["task"]] = r
+        out = []
+        for (mode, budget), by_task in settings.items():
+            cells = [plus_minus(number(by_task[t]["acc"]), number(by_task[t]["acc_stderr"])) if t in by_task
+                     else "not run" for t in tasks]
+            out.append([mode, budget, *cells, mean_text([by_task.get(t) for t in tasks])])
+        lines += [f"{model}: accuracy per task ± the harness's standard error, and the mean over the {len(tasks)} "
+                  f"tasks (unweighted, as DejaVu's table; its standard error sqrt(sum se^2) / {len(tasks)}):", ""]
+        lines += split_table(["mode", "budget"], [*[t.removeprefix("dejavu_") for t in tasks], "mean"], out,
+                             tail_headers=()) + [""]
+    return lines
+
+
+def mean_text(rows: list[dict | None]) -> str:
+    found = [r for r in rows if r is not None and number(r["acc"]) is not None]
+    if len(found) < len(rows):
+        return f"n/a ({len(found)} of {len(rows)} tasks)"
+    errors = [number(r["acc_stderr"]) for r in found]
+    stderr = None if None in errors else sum(e * e for e in errors) ** 0.5 / len(found)
+    return plus_minus(sum(number(r["acc"]) for r in found) / len(found), stderr)
 
 
 def plus_minus(value: float | None, stderr: float | None) -> str:
