@@ -145,6 +145,43 @@ if triton is not None:
         acc = tl.where(live[:, None], acc, 0.0)
         tl.store(y_ptr + offs_b[None, :] * stride_y + offs_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
+    @triton.autotune(configs=_configs(("BLOCK_C", "BLOCK_D"), (4, 512, 4, 3), (8, 512, 4, 3), (4, 1024, 4, 2),
+                                      (8, 256, 4, 4), (16, 256, 8, 3), (2, 1024, 4, 3)),
+                     key=["C", "D", "HAS_UP"])
+    @triton.jit
+    def _rows_gemv_kernel(x_ptr, w_ptr, u_ptr, bias_ptr, index_ptr, count_ptr, keep_ptr, y_ptr, C,
+                          D: tl.constexpr, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+                          ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Batch 1: one program per BLOCK_C selected rows, a multiply and a row sum (no tl.dot, whose 16-row minimum
+        # tile leaves few programs, and most of the chip's memory parallelism idle, when few rows are selected).
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        live = (offs_c < C) & (offs_c < tl.load(count_ptr))
+        rows = tl.load(index_ptr + offs_c, mask=live, other=0).to(tl.int64)
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):  # rows past the count are masked off: their loads move no bytes
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            in_d = offs_d < D
+            x = tl.load(x_ptr + offs_d, mask=in_d, other=0.0).to(tl.float32)[None, :]
+            w_mask = live[:, None] & in_d[None, :]
+            w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=w_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            if HAS_UP:
+                u = tl.load(u_ptr + rows[:, None] * D + offs_d[None, :], mask=w_mask, other=0.0)
+                acc_up += tl.sum(u.to(tl.float32) * x, axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        if ACT == 2:
+            acc = acc * tl.sigmoid(acc)
+        if HAS_UP:
+            acc = acc * acc_up
+        if HAS_KEEP:
+            acc *= tl.load(keep_ptr + offs_c, mask=offs_c < C, other=0.0)
+        acc = tl.where(live, acc, 0.0)
+        tl.store(y_ptr + offs_c, acc.to(y_ptr.dtype.element_ty), mask=offs_c < C)
+
     @triton.autotune(configs=_configs(("BLOCK_C",), (32, 4, 3), (64, 4, 3), (32, 4, 4), (64, 8, 3), (16, 4, 4)),
                      key=["C", "D", "ROWS_PER_SPLIT"])
     @triton.jit
@@ -194,6 +231,12 @@ def rows_times_triton(x, weight, sel, bias=None, up=None, act=None):
     x = x.contiguous()
     y = torch.empty(b, c, dtype=x.dtype, device=x.device)
     keep = sel.keep
+    if b == 1 and all(w is None or w.is_contiguous() for w in (weight, up)):
+        _rows_gemv_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
+            x, weight, up if up is not None else weight, bias if bias is not None else weight, sel.index, sel.count,
+            keep if keep is not None else y, y, c, D=d, HAS_UP=up is not None, HAS_BIAS=bias is not None,
+            HAS_KEEP=keep is not None, ACT=ACTIVATIONS[act])
+        return y
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(b, BLOCK_B))  # noqa: E731
     _rows_kernel[grid](x, weight, up if up is not None else weight, bias if bias is not None else weight, sel.index,
                        sel.count, keep if keep is not None else y, y, b, c, x.stride(0), weight.stride(0),
