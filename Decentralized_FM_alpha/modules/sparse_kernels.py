@@ -97,6 +97,17 @@ if triton is not None:
         configs = [triton.Config(dict(zip(names, s[:-2])), num_warps=s[-2], num_stages=s[-1]) for s in shapes]
         return configs[:1] if INTERPRET else configs  # the interpreter cannot time configurations
 
+    @triton.jit
+    def _activate(acc, acc_up, ACT: tl.constexpr, HAS_UP: tl.constexpr):
+        """The rows kernels' epilogue: ReLU (ACT 1) or SiLU (ACT 2), then times the up rows' product (SwiGLU)."""
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        if ACT == 2:
+            acc = acc * tl.sigmoid(acc)
+        if HAS_UP:
+            acc = acc * acc_up
+        return acc
+
     @triton.autotune(configs=_configs(("BLOCK_C", "BLOCK_D"), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
                                       (32, 128, 4, 4), (16, 128, 2, 4), (64, 128, 4, 3)),
                      key=["C", "D", "HAS_UP"])
@@ -133,12 +144,7 @@ if triton is not None:
                     acc_up += tl.dot(u, xt)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)[:, None]
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        if ACT == 2:
-            acc = acc * tl.sigmoid(acc)
-        if HAS_UP:
-            acc = acc * acc_up
+        acc = _activate(acc, acc_up, ACT, HAS_UP)
         out_mask = (offs_c < C)[:, None] & (offs_b < B)[None, :]
         if HAS_KEEP:
             acc *= tl.load(keep_ptr + offs_b[None, :] * stride_keep + offs_c[:, None], mask=out_mask, other=0.0)
@@ -149,7 +155,7 @@ if triton is not None:
                                       (8, 256, 4, 4), (16, 256, 8, 3), (2, 1024, 4, 3)),
                      key=["C", "D", "HAS_UP"])
     @triton.jit
-    def _rows_gemv_kernel(x_ptr, w_ptr, u_ptr, bias_ptr, index_ptr, count_ptr, keep_ptr, y_ptr, C,
+    def _rows_gemv_kernel(x_ptr, w_ptr, u_ptr, bias_ptr, index_ptr, count_ptr, keep_ptr, y_ptr, C, stride_w,
                           D: tl.constexpr, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
                           ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         # Batch 1: one program per BLOCK_C selected rows, a multiply and a row sum (no tl.dot, whose 16-row minimum
@@ -164,19 +170,14 @@ if triton is not None:
             in_d = offs_d < D
             x = tl.load(x_ptr + offs_d, mask=in_d, other=0.0).to(tl.float32)[None, :]
             w_mask = live[:, None] & in_d[None, :]
-            w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=w_mask, other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x, axis=1)
             if HAS_UP:
-                u = tl.load(u_ptr + rows[:, None] * D + offs_d[None, :], mask=w_mask, other=0.0)
+                u = tl.load(u_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
                 acc_up += tl.sum(u.to(tl.float32) * x, axis=1)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        if ACT == 2:
-            acc = acc * tl.sigmoid(acc)
-        if HAS_UP:
-            acc = acc * acc_up
+        acc = _activate(acc, acc_up, ACT, HAS_UP)
         if HAS_KEEP:
             acc *= tl.load(keep_ptr + offs_c, mask=offs_c < C, other=0.0)
         acc = tl.where(live, acc, 0.0)
@@ -231,10 +232,10 @@ def rows_times_triton(x, weight, sel, bias=None, up=None, act=None):
     x = x.contiguous()
     y = torch.empty(b, c, dtype=x.dtype, device=x.device)
     keep = sel.keep
-    if b == 1 and all(w is None or w.is_contiguous() for w in (weight, up)):
+    if b == 1:
         _rows_gemv_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
             x, weight, up if up is not None else weight, bias if bias is not None else weight, sel.index, sel.count,
-            keep if keep is not None else y, y, c, D=d, HAS_UP=up is not None, HAS_BIAS=bias is not None,
+            keep if keep is not None else y, y, c, weight.stride(0), D=d, HAS_UP=up is not None, HAS_BIAS=bias is not None,
             HAS_KEEP=keep is not None, ACT=ACTIVATIONS[act])
         return y
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(b, BLOCK_B))  # noqa: E731
