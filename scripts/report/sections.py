@@ -315,7 +315,8 @@ def task_matrix(rows: list[dict], dims: dict[str, dict]) -> list[str]:
                      else "not run" for t in tasks]
             out.append([mode, budget, *cells, mean_text([by_task.get(t) for t in tasks])])
         lines += [f"{model}: accuracy per task ± the harness's standard error, and the mean over the {len(tasks)} "
-                  f"tasks (unweighted, as DejaVu's table; its standard error sqrt(sum se^2) / {len(tasks)}):", ""]
+                  f"tasks (unweighted, as DejaVu's table; its standard error sqrt(sum se^2) / {len(tasks)}); "
+                  f"{sweep_wiring(mine)}:", ""]
         lines += split_table(["mode", "budget"], [*[t.removeprefix("dejavu_") for t in tasks], "mean"], out,
                              tail_headers=()) + [""]
     return lines
