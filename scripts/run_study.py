@@ -214,13 +214,12 @@ def wikitext_requests(study: Study, model: str, converted: Path) -> Path:
     return chosen
 
 
-def tasks_done(manifest: Path, a: argparse.Namespace) -> bool:
-    """The task sweep finished with these tasks and this limit (another list reruns it: finished pairs are kept)."""
+def tasks_done(manifest: Path, command: list[str]) -> bool:
+    """The task table was written by this very task_sweep.py command: other tasks, modes, blocks, budgets, limit or
+    shots rerun it (the finished (setting, task) results are kept and reused)."""
     if not manifest.is_file():
         return False
-    found = read_json(manifest)
-    return (found.get("tasks") == a.tasks.split(",") and found.get("limit") == a.task_limit
-            and found.get("arguments", {}).get("num_fewshot") == str(a.num_fewshot))
+    return read_json(manifest).get("argv", [])[1:] == [str(part) for part in command[2:]]
 
 
 @dataclass
@@ -328,7 +327,7 @@ def study_model(study: Study, model, train: Path, val: Path, tasks: Path) -> lis
             "--max-seq-len", a.max_seq_len, "--bootstrap-iters", a.bootstrap_iters,
             *(["--limit", a.task_limit] if a.task_limit else []), "--num-fewshot", a.num_fewshot, "--out-dir",
             downstream)
-        done = tasks_done(downstream / "tasks.manifest.json", a)
+        done = tasks_done(downstream / "tasks.manifest.json", task_sweep)
         if a.task_jobs > 1:  # shards first (they write the per-task results), then the table from their results
             study.run(model.name, "tasks", [[*task_sweep, "--shard", f"{i}/{a.task_jobs}"] for i in range(a.task_jobs)],
                       done=done, parallel=True, jobs=a.task_jobs, part="shards")

@@ -72,3 +72,17 @@ def test_the_default_memory_budget_is_most_of_the_online_dirs_free_space(tmp_pat
     out = capsys.readouterr().out
     assert f"--memory-budget-gb 9: 0.9 of the free space of {tmp_path / 'rows'}" in out
     assert "a budget of 9 GiB holds" in out  # the plan's groups use it
+
+
+def test_the_task_table_is_written_again_when_its_command_changes(tmp_path):
+    """A tasks.manifest.json counts as done for the very task_sweep.py command that wrote it only: other modes (or
+    tasks, budgets, limit) rerun the sweep, which reuses the finished (setting, task) results."""
+    def command(*modes):
+        return run_study.python("scripts/study/task_sweep.py", "--tasks", "dejavu_cb", "--modes", *modes,
+                                "--out-dir", tmp_path)
+
+    manifest = tmp_path / "tasks.manifest.json"
+    assert not run_study.tasks_done(manifest, command("oracle"))
+    manifest.write_text(json.dumps({"argv": command("oracle")[1:]}))  # sys.argv of that run: script, then its flags
+    assert run_study.tasks_done(manifest, command("oracle"))
+    assert not run_study.tasks_done(manifest, command("oracle", "random"))
