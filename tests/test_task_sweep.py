@@ -80,11 +80,18 @@ def test_task_sweep_shards_evaluate_every_nth_setting_and_the_unsharded_run_tabl
     whole = task_sweep.main(argv(tmp_path / "whole"))
     sharded = tmp_path / "sharded"
     first = task_sweep.main([*argv(sharded), "--shard", "0/2"])
-    second = task_sweep.main([*argv(sharded), "--shard", "1/2"])
     key = lambda r: (r["mode"], r["mlp_topk"])  # noqa: E731
+    with monkeypatch.context() as patched:  # --table-only: the finished results alone, nothing evaluated
+        patched.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__",
+                        lambda *a, **k: pytest.fail("--table-only evaluated a setting"))
+        partial = task_sweep.main([*argv(sharded), "--table-only"])
+    assert [(key(r), r["acc"]) for r in partial] == [(key(r), r["acc"]) for r in first]
+    missing = json.loads((sharded / "tasks.manifest.json").read_text())["missing"]
+    assert len(missing) == 2 and all(m.endswith(f"/{make_local_task.LASTWORD}") for m in missing)
+    assert len((sharded / "tasks.csv").read_text().splitlines()) == 1 + len(first)
+    second = task_sweep.main([*argv(sharded), "--shard", "1/2"])
     assert [key(r) for r in first] == [("dense", "dense"), ("oracle", "0.5"), ("random", "0.5")]
     assert [key(r) for r in second] == [("oracle", "0.25"), ("random", "0.25")]
-    assert not (sharded / "tasks.csv").exists()
 
     monkeypatch.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__",
                         lambda *a, **k: pytest.fail("a setting a shard finished was evaluated again"))

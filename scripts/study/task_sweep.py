@@ -261,6 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate only settings I, I+N, I+2N, ... of the plan (0-based; dense is setting 0) and write "
                         "no table: N such processes share one GPU that a small model leaves idle; a run without "
                         "--shard afterwards reuses their results and writes the table")
+    p.add_argument("--table-only", action="store_true",
+                   help="evaluate nothing: write the table from the results already in --out-dir (a lease that "
+                        "ended before the sweep did); the (setting, task) pairs without one are left out, printed and "
+                        "listed under 'missing' in tasks.manifest.json")
     p.add_argument("--out-dir", type=Path, required=True, help="per-task results, tasks.csv / tasks.md, manifest")
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -274,10 +278,12 @@ def main(argv=None) -> list[dict]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_settings(args.modes, args.mlp_topk, args.att_topk, args.blocks, args.att_units,
                          gated=args.family == "llama")
+    model = Path(args.model_name).name
+    if args.table_only:
+        return table_of_finished(args, plan, model)
     for folder in args.include_path:
         verify_task_folder(Path(folder))
     manager = task_manager(args.include_path, args.tasks)
-    model = Path(args.model_name).name
     if args.shard:
         index, count = args.shard
         plan = plan[index::count]
@@ -289,13 +295,33 @@ def main(argv=None) -> list[dict]:
     if args.shard:
         print(f"shard {index}/{count}: {len(plan)} settings x {len(args.tasks)} tasks in {args.out_dir / 'runs'}")
         return rows
+    return write_table(args, rows, f"{len(plan)} settings x {len(args.tasks)} tasks")
+
+
+def write_table(args, rows: list[dict], counted: str, **extra) -> list[dict]:
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "tasks.manifest.json",
                       base_manifest(arguments={k: str(v) for k, v in vars(args).items()}, tasks=args.tasks,
                                     limit=args.limit, rows=rows, table=str(csv_path),
-                                    weights=weights_provenance(args.model_name)))
-    print(f"wrote {len(rows)} rows ({len(plan)} settings x {len(args.tasks)} tasks) -> {csv_path} and {md_path}")
+                                    weights=weights_provenance(args.model_name), **extra))
+    print(f"wrote {len(rows)} rows ({counted}) -> {csv_path} and {md_path}")
     return rows
+
+
+def table_of_finished(args, plan: list[Setting], model: str) -> list[dict]:
+    """--table-only: the rows of every (setting, task) whose result exists (made with these settings), nothing run."""
+    rows, missing = [], []
+    for setting in plan:
+        for task in args.tasks:
+            path = args.out_dir / "runs" / setting.name / f"{task}.json"
+            if reusable(path, identity(args, task, setting)):
+                rows += rows_of(path, model)
+            else:
+                missing.append(f"{setting.name}/{task}")
+    if missing:
+        print(f"--table-only: {len(missing)} of {len(plan) * len(args.tasks)} (setting, task) pairs have no result "
+              f"and are left out: {', '.join(missing)}")
+    return write_table(args, rows, f"--table-only, {len(missing)} pairs missing", missing=missing)
 
 
 if __name__ == "__main__":
