@@ -215,23 +215,28 @@ class DejaVuLM(TemplateLM):
             self.truncated_requests += 1
         return Encoded(request=None, ids=whole[-(self.max_length + 1):][:-1], offsets=[], truncated=0)
 
-    def continuation_scores(self, logits: torch.Tensor, windows: list[Encoded],
-                            continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation | context), continuation is the greedy one) for each row of a batch's logits
-        (B, T, vocab): one float32 log-softmax over the batch's continuation positions (N, vocab), one transfer to
-        the host; each request's token log-probs summed there in float32, as HFLM sums them."""
+    @staticmethod
+    def scored_positions(windows: list[Encoded], continuations: list[list[int]],
+                         device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """((batch rows, positions), target ids) of every continuation token of a batch: the logits that score it."""
         rows, columns, targets = [], [], []
         for row, (window, continuation) in enumerate(zip(windows, continuations)):
             end = len(window.ids)
             rows += [row] * len(continuation)
             columns += range(end - len(continuation), end)
             targets += continuation
-        device = logits.device
-        target = torch.tensor(targets, device=device)
-        logprobs = torch.log_softmax(logits[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
-                                     .float(), dim=-1)  # (N, vocab)
-        token_logprob = logprobs.gather(1, target[:, None])[:, 0]
-        greedy = logprobs.argmax(dim=-1) == target
+        tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        return (tensor(rows), tensor(columns)), tensor(targets)
+
+    @staticmethod
+    def continuation_scores(logits: torch.Tensor, targets: torch.Tensor,
+                            continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is the greedy one) per request from the logits of its
+        continuation positions (N, vocab), in order: one float32 log-softmax, one transfer to the host; each
+        request's token log-probs summed there in float32, as HFLM sums them."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, vocab)
+        token_logprob = logprobs.gather(1, targets[:, None])[:, 0]
+        greedy = logprobs.argmax(dim=-1) == targets
         values, hits = torch.stack([token_logprob, greedy.float()]).cpu()
         lengths = [len(continuation) for continuation in continuations]
         return [(float(v.sum()), bool(h.all())) for v, h in zip(values.split(lengths), hits.split(lengths))]
@@ -245,9 +250,10 @@ class DejaVuLM(TemplateLM):
         progress = tqdm(total=len(requests), desc="dejavu loglikelihood", disable=disable_tqdm)
         for positions in self.pipe.batches(windows, self.pipe.processing_order(windows, collecting=False)):
             ids, valid = self.pipe.pad([windows[p] for p in positions])
-            logits, _ = self.pipe.forward(ids, valid)
-            scores = self.continuation_scores(logits, [windows[p] for p in positions],
-                                              [requests[p][2] for p in positions])
+            continuations = [requests[p][2] for p in positions]
+            keep, targets = self.scored_positions([windows[p] for p in positions], continuations, ids.device)
+            logits, _ = self.pipe.forward(ids, valid, keep=keep)  # the continuation positions' logits only
+            scores = self.continuation_scores(logits, targets, continuations)
             for p, score in zip(positions, scores):
                 results[p] = score
                 if requests[p][0] is not None:

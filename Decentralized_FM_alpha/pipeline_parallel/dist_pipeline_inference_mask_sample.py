@@ -153,8 +153,11 @@ class DistInferenceMaskTokenPipeSync:
         return bias.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor, past: Optional[list] = None) -> tuple[Optional[torch.Tensor], list]:
-        """Run this rank's layers on a (B, T) batch; the last rank returns logits (B, T, vocab)."""
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor, past: Optional[list] = None,
+                keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[Optional[torch.Tensor], list]:
+        """Run this rank's layers on a (B, T) batch; the last rank returns logits (B, T, vocab), or with `keep` =
+        (rows, positions) the logits of those tokens only, (N, vocab): the head's norm and projection act per token,
+        so a scorer that reads a few positions skips the vocabulary projection of the others."""
         b, t = ids.shape
         past_length = 0 if past is None else past[0][0].shape[2]
         if self.is_first:
@@ -170,7 +173,7 @@ class DistInferenceMaskTokenPipeSync:
         if not self.is_last:
             self.comm.send(x, self.rank + 1)
             return None, presents
-        return self.lm_head(x), presents
+        return self.lm_head(x if keep is None else x[keep]), presents
 
     # ------------------------------------------------------------------------------ log-probs
     def token_logprobs(self, logits: torch.Tensor, ids: list[int], k: int):
