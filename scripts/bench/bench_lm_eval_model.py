@@ -11,11 +11,18 @@ per task, default all: 14,285 loglikelihood requests). Times, each on the same r
             every --batch and --model-args setting
   hf        HFLM scoring the same encoded requests at the first --batch (with --hf-model), and the largest
             |log p| difference to it (dense `dejavu` equals HFLM: tests/test_lm_eval_model.py)
+  full      with --full-logits, `dejavu` scoring again with the final norm and vocabulary projection over every
+            position, (B, T, vocab), then indexed (the path before they ran on the scored positions alone), its
+            time over the scored-positions time and the largest |log p| difference between the two
+With --config a model of that architecture with random weights (seed 0) is built, saved and converted into a
+temporary folder (the bundled tiny tokenizer; no HFLM), e.g. tests/fixtures/qwen2.5-coder-0.5b-config.json.
 Writes <out-dir>/bench_lm_eval_model.json (a manifest with every setting) and prints one line per timing.
 
     python scripts/bench/bench_lm_eval_model.py --smoke                      # CPU, the bundled tiny Llama, 4 docs
     python scripts/bench/bench_lm_eval_model.py --model-name CONVERTED --hf-model HF_DIR --device cuda --dtype bf16 \\
         --batch 16 64 --model-args '' 'sparse_mode=random,mlp_topk=0.25,att_topk=0.25' --out-dir $OUT
+    python scripts/bench/bench_lm_eval_model.py --config tests/fixtures/qwen2.5-coder-0.5b-config.json --device cuda \
+        --batch 32 --model-args '' 'sparse_mode=oracle,mlp_topk=0.5,att_topk=0.5' --full-logits --limit 500
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -53,6 +61,38 @@ def harness_requests(loaded: list, limit: int | None) -> list:
     return instances
 
 
+def random_model(config_file: Path, folder: Path) -> Path:
+    """A Hugging Face model of `config_file`'s architecture with random weights (seed 0) and the bundled tiny
+    tokenizer, saved in `folder`."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(config_file)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (TINY / name).is_file():
+            shutil.copy(TINY / name, folder / name)
+    return folder
+
+
+@contextmanager
+def head_over_every_position(pipe):
+    """Score as before the head ran on the scored positions alone: logits (B, T, vocab), then indexed."""
+    forward = pipe.forward
+
+    def whole(ids, valid, past=None, keep=None):
+        logits, presents = forward(ids, valid, past)
+        return (logits if keep is None else logits[keep]), presents
+
+    pipe.forward = whole
+    try:
+        yield
+    finally:
+        del pipe.forward
+
+
 def parse_model_args(text: str) -> dict:
     return dict(pair.split("=", 1) for pair in text.split(",") if pair)
 
@@ -77,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-model", type=Path, default=None,
                    help="the same weights in Hugging Face format, for HFLM (default: the bundled tiny Llama when "
                         "--model-name is not given, else none)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a Hugging Face config.json: time a model of that architecture with random weights instead "
+                        "of --model-name (no HFLM)")
+    p.add_argument("--full-logits", action="store_true",
+                   help="also time the scoring with the head over every position (the earlier path) and compare")
     p.add_argument("--tasks", default=",".join(dejavu_tasks.TASK_NAMES), help="local tasks (default: all seven)")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64], help="requests per forward (default 16 64)")
@@ -104,7 +149,11 @@ def main(argv=None) -> dict:
     from scripts.assets import make_local_task
 
     work = Path(tempfile.mkdtemp(prefix="bench_lm_eval_"))
-    if args.model_name is None:
+    if args.config is not None:
+        args.model_name = work / "converted"
+        convert_llama_checkpoint.main(["--model-name", str(random_model(args.config, work / "hf")), "--save-path",
+                                       str(args.model_name)])
+    elif args.model_name is None:
         args.model_name, args.hf_model = work / "converted", args.hf_model or TINY
         convert_llama_checkpoint.main(["--model-name", str(TINY), "--save-path", str(args.model_name)])
     task_dir = make_local_task.main(["--out-dir", str(work / "tasks")])
@@ -132,6 +181,16 @@ def main(argv=None) -> dict:
                          "encode_s": encode_s, "score_s": score_s, "requests_per_s": len(encoded) / score_s})
             print(f"dejavu {setting or 'dense'} batch {batch}: encode {encode_s:.2f} s, score {score_s:.2f} s = "
                   f"{len(encoded) / score_s:.0f} requests/s")
+            if args.full_logits:
+                with head_over_every_position(lm.pipe):
+                    lm._loglikelihood_tokens(encoded[:batch], disable_tqdm=True)
+                    whole, whole_s = timed(lambda: lm._loglikelihood_tokens(encoded, disable_tqdm=True), args.device)
+                difference = max(abs(a[0] - b[0]) for a, b in zip(scores, whole))
+                runs[-1].update(full_logits_score_s=whole_s, full_over_scored=whole_s / score_s,
+                                full_max_abs_logprob_difference=difference,
+                                full_greedy_disagreements=sum(a[1] != b[1] for a, b in zip(scores, whole)))
+                print(f"  head over every position: score {whole_s:.2f} s ({whole_s / score_s:.2f}x the scored "
+                      f"positions' time); max |log p difference| {difference:.2e}")
             if not setting and batch == args.batch[0]:
                 reference = (encoded, scores)
             del lm
