@@ -305,6 +305,5 @@ def layer_partial(folder: Path, settings: dict, layer: int, compute: Callable[[i
 
 def per_layer_partials(folder: Path, settings: dict, layers: Sequence[int], compute: Callable[[int], list]) -> list:
     """The records of `layers` in order, each layer's through layer_partial."""
-    folder.mkdir(parents=True, exist_ok=True)
     return [record for layer in layers
             for record in layer_partial(folder, settings, layer, lambda l: {"records": compute(l)})["records"]]

@@ -14,8 +14,9 @@ per task, default all: 14,285 loglikelihood requests). Times, each on the same r
   full      with --full-logits, `dejavu` scoring again with the final norm and vocabulary projection over every
             position, (B, T, vocab), then indexed (the path before they ran on the scored positions alone), its
             time over the scored-positions time and the largest |log p| difference between the two
-With --config a model of that architecture with random weights (seed 0) is built, saved and converted into a
-temporary folder (the bundled tiny tokenizer; no HFLM), e.g. tests/fixtures/qwen2.5-coder-0.5b-config.json.
+With --config a model of that architecture with random weights (seed 0, scripts/bench/common.py build_converted:
+the test tokenizer) is built and converted into a temporary folder (no HFLM), e.g.
+tests/fixtures/qwen2.5-coder-0.5b-config.json.
 Writes <out-dir>/bench_lm_eval_model.json (a manifest with every setting) and prints one line per timing.
 
     python scripts/bench/bench_lm_eval_model.py --smoke                      # CPU, the bundled tiny Llama, 4 docs
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, weights_provenance, write_json_atomic  # noqa: E402
 from scripts.assets import dejavu_tasks  # noqa: E402
+from scripts.bench.common import build_converted  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "pretrained_models/tiny-llama"
@@ -59,22 +61,6 @@ def harness_requests(loaded: list, limit: int | None) -> list:
         task.build_all_requests(limit=limit, rank=0, world_size=1)
         instances += task.instances
     return instances
-
-
-def random_model(config_file: Path, folder: Path) -> Path:
-    """A Hugging Face model of `config_file`'s architecture with random weights (seed 0) and the bundled tiny
-    tokenizer, saved in `folder`."""
-    import shutil
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(config_file)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (TINY / name).is_file():
-            shutil.copy(TINY / name, folder / name)
-    return folder
 
 
 @contextmanager
@@ -143,6 +129,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from lm_eval import utils as harness_utils
     from lm_eval.models.huggingface import HFLM
+    from transformers import AutoConfig
 
     from Decentralized_FM_alpha import convert_llama_checkpoint, lm_eval_model
     from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
@@ -150,9 +137,8 @@ def main(argv=None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bench_lm_eval_"))
     if args.config is not None:
-        args.model_name = work / "converted"
-        convert_llama_checkpoint.main(["--model-name", str(random_model(args.config, work / "hf")), "--save-path",
-                                       str(args.model_name)])
+        args.model_name = build_converted(AutoConfig.from_pretrained(args.config), work, torch.device(args.device),
+                                          torch.float32, seed=0)
     elif args.model_name is None:
         args.model_name, args.hf_model = work / "converted", args.hf_model or TINY
         convert_llama_checkpoint.main(["--model-name", str(TINY), "--save-path", str(args.model_name)])

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from Decentralized_FM_alpha import convert_llama_checkpoint
 from Decentralized_FM_alpha.task_datasets.request_files import make_echo_request, write_requests
@@ -31,9 +32,16 @@ def bench_config(args: argparse.Namespace) -> LlamaConfig:
 
 def build_model(args: argparse.Namespace, work: Path, device: torch.device, dtype: torch.dtype) -> Path:
     """Random weights at the configured shape, saved as HF and converted (SPEC §3); returns the converted dir."""
-    torch.manual_seed(args.seed)
+    return build_converted(bench_config(args), work, device, dtype, args.seed)
+
+
+def build_converted(config: PretrainedConfig, work: Path, device: torch.device, dtype: torch.dtype,
+                    seed: int) -> Path:
+    """Random weights of `config`'s architecture (its `architectures` class, e.g. a Llama or Qwen2 config), saved as
+    HF with the test tokenizer and converted (SPEC §3); returns the converted dir."""
+    torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(bench_config(args)).to(dtype).eval()
+        model = getattr(transformers, config.architectures[0])(config).to(dtype).eval()
         for name, p in model.named_parameters():  # norms start at 1: perturb them, as gpu_check_models does
             if "norm" in name:
                 p.data.add_(0.1 * torch.randn_like(p))

@@ -156,14 +156,17 @@ class Models:
         return self.lm
 
 
+def result_path(args, setting: Setting, task: str) -> Path:
+    return args.out_dir / "runs" / setting.name / f"{task}.json"
+
+
 def run_setting(args, manager, models: Models, setting: Setting, progress) -> list[Path]:
     """Every task of one setting; the model is built only when some task has no result yet."""
-    directory = args.out_dir / "runs" / setting.name
-    paths = {task: directory / f"{task}.json" for task in args.tasks}
+    paths = {task: result_path(args, setting, task) for task in args.tasks}
     todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, setting))]
     progress.update(len(args.tasks) - len(todo))
     if todo:
-        directory.mkdir(parents=True, exist_ok=True)
+        paths[todo[0]].parent.mkdir(parents=True, exist_ok=True)
         lm = models.get(model_args(args, setting))
         for task in todo:
             result = evaluate_task(args, lm, manager, task)
@@ -313,7 +316,7 @@ def table_of_finished(args, plan: list[Setting], model: str) -> list[dict]:
     rows, missing = [], []
     for setting in plan:
         for task in args.tasks:
-            path = args.out_dir / "runs" / setting.name / f"{task}.json"
+            path = result_path(args, setting, task)
             if reusable(path, identity(args, task, setting)):
                 rows += rows_of(path, model)
             else:
