@@ -38,7 +38,8 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
     assert len(table) == len(settings) * 2 and [r["task"] for r in table[:2]] == list(make_local_task.LOCAL_TASKS)
     for row in table:
         assert 0 <= float(row["acc"]) <= 1 and float(row["acc_stderr"]) >= 0 and row["samples"] == "4"
-        result = json.loads(open(row["result_json"]).read())
+        assert not Path(row["result_json"]).is_absolute()  # relative to the table's folder: it moves with it
+        result = json.loads((out / row["result_json"]).read_text())
         assert result["identity"]["mode"] == row["mode"] and result["git_commit"]
         info = result["model_info"]["dejavu"]
         assert info["model_type"] == ("opt" if row["mode"] == "dense" else "opt-ml-att-sparse")
@@ -53,11 +54,11 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
     assert "| dense | none | dense | dense |" in (out / "tasks.md").read_text()
 
     # resume: every result is reused, no model is built, the table is the same
-    stamps = {r["result_json"]: Path(r["result_json"]).stat().st_mtime_ns for r in table}
+    stamps = {r["result_json"]: (out / r["result_json"]).stat().st_mtime_ns for r in table}
     monkeypatch.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__",
                         lambda *a, **k: pytest.fail("a finished setting was evaluated again"))
     assert task_sweep.main(argv) == rows
-    assert {p: Path(p).stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: (out / p).stat().st_mtime_ns for p in stamps} == stamps
     with pytest.raises(SystemExit, match="limit"):
         task_sweep.main([*argv[:-2], "--limit", "3", "--out-dir", str(out)])
 

@@ -177,15 +177,16 @@ def run_setting(args, manager, models: Models, setting: Setting, progress) -> li
     return [paths[t] for t in args.tasks]
 
 
-def rows_of(path: Path, model: str) -> list[dict]:
-    """One row per task (or group) in a result JSON: acc / acc_norm and their standard errors, other metrics."""
+def rows_of(path: Path, model: str, out_dir: Path) -> list[dict]:
+    """One row per task (or group) in a result JSON: acc / acc_norm and their standard errors, other metrics; the
+    JSON's path relative to out_dir, where the table is written, so that the folder can move with its table."""
     result = read_json(path)
     rows = []
     for name, metrics in result["results"].items():
         values = {key.partition(",")[0]: v for key, v in metrics.items() if key.endswith(",none")}
         row = {"model": model, "task": name, **setting_columns(result),
                "samples": result["n-samples"].get(name, {}).get("effective"),
-               "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"], "result_json": str(path)}
+               "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"], "result_json": str(path.relative_to(out_dir))}
         for metric in METRICS:
             row[metric], row[f"{metric}_stderr"] = values.get(metric), values.get(f"{metric}_stderr")
         row["other_metrics"] = "; ".join(f"{k}={v:.6g}" for k, v in values.items()
@@ -294,7 +295,7 @@ def main(argv=None) -> list[dict]:
     with tqdm(total=len(plan) * len(args.tasks), desc="task sweep (setting, task)", unit="run") as progress:
         for setting in plan:
             for path in run_setting(args, manager, models, setting, progress):
-                rows += rows_of(path, model)
+                rows += rows_of(path, model, args.out_dir)
     if args.shard:
         print(f"shard {index}/{count}: {len(plan)} settings x {len(args.tasks)} tasks in {args.out_dir / 'runs'}")
         return rows
@@ -318,7 +319,7 @@ def table_of_finished(args, plan: list[Setting], model: str) -> list[dict]:
         for task in args.tasks:
             path = result_path(args, setting, task)
             if reusable(path, identity(args, task, setting)):
-                rows += rows_of(path, model)
+                rows += rows_of(path, model, args.out_dir)
             else:
                 missing.append(f"{setting.name}/{task}")
     if missing:
