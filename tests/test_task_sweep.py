@@ -90,6 +90,8 @@ def test_task_sweep_shards_evaluate_every_nth_setting_and_the_unsharded_run_tabl
     missing = json.loads((sharded / "tasks.manifest.json").read_text())["missing"]
     assert len(missing) == 2 and all(m.endswith(f"/{make_local_task.LASTWORD}") for m in missing)
     assert len((sharded / "tasks.csv").read_text().splitlines()) == 1 + len(first)
+    with pytest.raises(SystemExit):  # a table of one shard's settings would read as the whole table
+        task_sweep.main([*argv(sharded), "--table-only", "--shard", "1/2"])
     second = task_sweep.main([*argv(sharded), "--shard", "1/2"])
     assert [key(r) for r in first] == [("dense", "dense"), ("oracle", "0.5"), ("random", "0.5")]
     assert [key(r) for r in second] == [("oracle", "0.25"), ("random", "0.25")]

@@ -271,6 +271,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "listed under 'missing' in tasks.manifest.json")
     p.add_argument("--out-dir", type=Path, required=True, help="per-task results, tasks.csv / tasks.md, manifest")
     args = p.parse_args(argv)
+    if args.table_only and args.shard:
+        p.error("--table-only writes the table of every setting's results: give it no --shard")
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.family = family_of_checkpoint(args.model_name)
     check_sweep_arguments(args, args.family)
