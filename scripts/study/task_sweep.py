@@ -160,10 +160,15 @@ def result_path(args, setting: Setting, task: str) -> Path:
     return args.out_dir / "runs" / setting.name / f"{task}.json"
 
 
+def finished(args, setting: Setting, task: str) -> bool:
+    """The (setting, task) result exists and was made with these settings (one made with others is an error)."""
+    return reusable(result_path(args, setting, task), identity(args, task, setting))
+
+
 def run_setting(args, manager, models: Models, setting: Setting, progress) -> list[Path]:
     """Every task of one setting; the model is built only when some task has no result yet."""
     paths = {task: result_path(args, setting, task) for task in args.tasks}
-    todo = [t for t in args.tasks if not reusable(paths[t], identity(args, t, setting))]
+    todo = [t for t in args.tasks if not finished(args, setting, t)]
     progress.update(len(args.tasks) - len(todo))
     if todo:
         paths[todo[0]].parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +191,8 @@ def rows_of(path: Path, model: str, out_dir: Path) -> list[dict]:
         values = {key.partition(",")[0]: v for key, v in metrics.items() if key.endswith(",none")}
         row = {"model": model, "task": name, **setting_columns(result),
                "samples": result["n-samples"].get(name, {}).get("effective"),
-               "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"], "result_json": str(path.relative_to(out_dir))}
+               "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"],
+               "result_json": str(path.relative_to(out_dir))}
         for metric in METRICS:
             row[metric], row[f"{metric}_stderr"] = values.get(metric), values.get(f"{metric}_stderr")
         row["other_metrics"] = "; ".join(f"{k}={v:.6g}" for k, v in values.items()
@@ -319,9 +325,8 @@ def table_of_finished(args, plan: list[Setting], model: str) -> list[dict]:
     rows, missing = [], []
     for setting in plan:
         for task in args.tasks:
-            path = result_path(args, setting, task)
-            if reusable(path, identity(args, task, setting)):
-                rows += rows_of(path, model, args.out_dir)
+            if finished(args, setting, task):
+                rows += rows_of(result_path(args, setting, task), model, args.out_dir)
             else:
                 missing.append(f"{setting.name}/{task}")
     if missing:
