@@ -34,10 +34,10 @@ def collected(request, tmp_path_factory, tiny_tokenizer_dir):
     return family, model, converted, req, prompts, data, tmp
 
 
-def test_every_collected_array_equals_hf_hooks(collected, tiny_tokenizer_dir):
-    family, model, _, _, prompts, data, _ = collected
+def test_every_collected_array_equals_hf_hooks(collected):
+    family, model, converted, _, prompts, data, _ = collected
     store = ActivationStore(data)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     kinds = ["att_x", "att_label", "mlp_x", "mlp_label"] + (["mlp_gate"] if family == "llama" else [])
     assert sorted(store.kinds) == sorted(kinds)
     row = 0
@@ -53,9 +53,9 @@ def test_every_collected_array_equals_hf_hooks(collected, tiny_tokenizer_dir):
     assert row == store.rows
 
 
-def test_token_index_and_manifest(collected, tiny_tokenizer_dir):
-    family, _, _, req, prompts, data, _ = collected
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+def test_token_index_and_manifest(collected):
+    family, _, converted, req, prompts, data, _ = collected
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     expected = [(d, t, tok) for d, p in enumerate(prompts) for t, tok in enumerate(tokenizer(p)["input_ids"])]
     index = ActivationStore(data).token_index()
     assert index.dtype == np.int32
@@ -72,15 +72,14 @@ def test_token_index_and_manifest(collected, tiny_tokenizer_dir):
     assert manifest["weights"]["source"] and manifest["weights"]["gguf"] is None
 
 
-def test_capacity_reached_stops_cleanly_and_records_the_cut_document_as_partial(collected, tmp_path,
-                                                                                  tiny_tokenizer_dir):
+def test_capacity_reached_stops_cleanly_and_records_the_cut_document_as_partial(collected, tmp_path):
     family, _, converted, req, prompts, data, _ = collected
     run_one_rank(["--model-name", str(converted), "--model-type", f"{family}-save", "--infer-data", str(req),
                   "--output-path", str(tmp_path / "out.jsonl"), "--data-path", str(tmp_path / "d"),
                   "--collect-tokens", "50", "--token-micro-batch-size", "2"])
     small, full = ActivationStore(tmp_path / "d"), ActivationStore(data)
     assert small.rows == 50 and small.manifest["stopped_reason"] == "capacity reached"
-    lengths = [len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)(p)["input_ids"]) for p in prompts]
+    lengths = [len(AutoTokenizer.from_pretrained(converted)(p)["input_ids"]) for p in prompts]
     whole = int(np.searchsorted(np.cumsum(lengths), 50, side="right"))  # documents that fit entirely in 50 rows
     stored = sum(lengths[:whole])
     assert stored < 50  # the capacity cuts a document of the fixture

@@ -171,7 +171,10 @@ def test_dense_accuracy_on_the_local_tasks_equals_the_harness_hf_model(folder, t
     for task, metrics in theirs.items():
         assert set(ours[task]) == set(metrics)
         for key, value in metrics.items():
-            assert ours[task][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, key)
+            if isinstance(value, str):  # a text entry (pytest 9 refuses approx on a string): equal as text
+                assert ours[task][key] == value, (task, key)
+            else:
+                assert ours[task][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (task, key)
     assert ours["dejavu_lambada_openai"]["perplexity,none"] > 1  # a real score, compared above to 5 digits
     accuracies = [ours[task]["acc,none"] for task in dejavu_tasks.TASK_NAMES]
     assert ours[dejavu_tasks.GROUP]["acc,none"] == pytest.approx(sum(accuracies) / 7)  # the paper's unweighted mean

@@ -79,7 +79,7 @@ def test_group_mode_keeps_whole_key_value_groups_on_the_mask():
         -1, norms.topk(2, dim=-1).indices, True))
 
 
-def test_dense_layer_0_computes_the_dense_layer_while_later_layers_are_sparse(family, tiny_tokenizer_dir):
+def test_dense_layer_0_computes_the_dense_layer_while_later_layers_are_sparse(family):
     name, model, converted, req, _, _, tmp = family
     outputs = {}
     for tag, flags in (("dense", ["--model-type", name]),
@@ -90,7 +90,7 @@ def test_dense_layer_0_computes_the_dense_layer_while_later_layers_are_sparse(fa
         pipe = dist_inference_runner.build_pipeline(args)
         seen = []
         hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[0].detach().clone())) for b in pipe.blocks]
-        ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_tokenizer_dir)("A dense first layer, please.")
+        ids = torch.tensor([AutoTokenizer.from_pretrained(converted)("A dense first layer, please.")
                             ["input_ids"]])
         pipe.forward(ids, torch.ones_like(ids, dtype=torch.bool))
         for h in hooks:
@@ -117,13 +117,13 @@ def write_static(directory, model, name, k: float, seed: int) -> dict:
     return counts
 
 
-def test_static_mode_keeps_the_most_frequent_units_for_every_token(family, tiny_tokenizer_dir):
-    name, model, _, _, prompts, dense, tmp = family
+def test_static_mode_keeps_the_most_frequent_units_for_every_token(family):
+    name, model, converted, _, prompts, dense, tmp = family
     _, ffn, heads, _ = dims(model, name)
     counts = write_static(tmp / "static", model, name, k=0.5, seed=9)
     results, manifest = run_sparse(family, "static", "--sparse-mode", "static", "--predictor-dir", str(tmp / "static"),
                                    "--mlp-topk", "0.5", "--att-topk", "0.5")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     by_count = lambda block, i, true_scores, seen: counts[(block, i)].float().expand_as(true_scores)  # noqa: E731
     error = max_error(results, prompts, lambda p: hf_masked_logprobs(
         model, name, tokenizer(p)["input_ids"], mlp_k=fraction_count(0.5, ffn), att_k=fraction_count(0.5, heads),
@@ -136,8 +136,8 @@ def test_static_mode_keeps_the_most_frequent_units_for_every_token(family, tiny_
                    "--mlp-topk", "0.25")
 
 
-def test_gate_mode_keeps_the_top_k_of_the_exact_gate(family, tiny_tokenizer_dir):
-    name, model, _, _, prompts, _, _ = family
+def test_gate_mode_keeps_the_top_k_of_the_exact_gate(family):
+    name, model, converted, _, prompts, _, _ = family
     if name == "opt":
         with pytest.raises(ValueError, match="no gate"):
             run_sparse(family, "gate_opt", "--sparse-mode", "gate", "--mlp-topk", "0.25")
@@ -151,7 +151,7 @@ def test_gate_mode_keeps_the_top_k_of_the_exact_gate(family, tiny_tokenizer_dir)
         return F.silu(g).abs()
 
     results, manifest = run_sparse(family, "gate", "--sparse-mode", "gate", "--mlp-topk", "0.25")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     error = max_error(results, prompts, lambda p: hf_masked_logprobs(
         model, name, tokenizer(p)["input_ids"], mlp_k=fraction_count(0.25, ffn), scorer=by_gate))
     assert error <= TOL

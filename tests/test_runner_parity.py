@@ -34,7 +34,7 @@ def max_logprob_error(model, tokenizer, prompts, results, max_seq_len=None) -> f
     return worst
 
 
-def test_echo_logprobs_equal_hf_world_size_1(family, tiny_tokenizer_dir):
+def test_echo_logprobs_equal_hf_world_size_1(family):
     name, model, converted, tmp = family
     prompts = c4_texts(6)
     req = write_requests(tmp / "req1.jsonl", prompts)
@@ -43,29 +43,29 @@ def test_echo_logprobs_equal_hf_world_size_1(family, tiny_tokenizer_dir):
                   "--output-path", str(out), "--token-micro-batch-size", "3"])
     results = read_results(out)
     assert len(results) == len(prompts)
-    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, results)
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(converted), prompts, results)
     print(f"{name} world size 1: max |d logprob| vs HF = {error:.2e}")
     assert error <= TOL
     manifest = json.loads((tmp / "out1.jsonl.manifest.json").read_text())
     assert manifest["git_commit"] and manifest["versions"]["torch"] and "perplexity" in manifest
 
 
-def test_echo_logprobs_equal_hf_world_size_2_gloo(family, tiny_tokenizer_dir):
+def test_echo_logprobs_equal_hf_world_size_2_gloo(family):
     name, model, converted, tmp = family
     prompts = c4_texts(4)
     req = write_requests(tmp / "req2.jsonl", prompts)
     out = tmp / "out2.jsonl"
     run_ranks(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
                "--output-path", str(out), "--num-layers", "2"], world_size=2)
-    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, read_results(out))
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(converted), prompts, read_results(out))
     print(f"{name} world size 2 (gloo): max |d logprob| vs HF = {error:.2e}")
     assert error <= TOL
 
 
-def test_prompt_longer_than_max_seq_len_is_truncated_from_the_left(family, tiny_tokenizer_dir):
+def test_prompt_longer_than_max_seq_len_is_truncated_from_the_left(family):
     name, model, converted, tmp = family
     prompts = c4_texts(2, max_chars=2000)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     assert all(len(tokenizer(p)["input_ids"]) > 64 for p in prompts)
     req = write_requests(tmp / "req_long.jsonl", prompts)
     out = tmp / "out_long.jsonl"
@@ -79,14 +79,14 @@ def test_prompt_longer_than_max_seq_len_is_truncated_from_the_left(family, tiny_
     assert manifest["truncated_prompts"] == 2
 
 
-def test_greedy_generation_of_20_tokens_equals_hf_generate(family, tiny_tokenizer_dir):
+def test_greedy_generation_of_20_tokens_equals_hf_generate(family):
     name, model, converted, tmp = family
     prompts = c4_texts(2, max_chars=120)
     req = write_requests(tmp / "req_gen.jsonl", prompts, max_tokens=20, echo=False)
     out = tmp / "out_gen.jsonl"
     run_one_rank(["--model-name", str(converted), "--model-type", name, "--infer-data", str(req),
                   "--output-path", str(out)])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     for prompt, result in zip(prompts, read_results(out)):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
@@ -97,7 +97,7 @@ def test_greedy_generation_of_20_tokens_equals_hf_generate(family, tiny_tokenize
         assert choice["text"] == expected
 
 
-def test_sampling_is_reproducible_by_seed(family, tiny_tokenizer_dir):
+def test_sampling_is_reproducible_by_seed(family):
     name, model, converted, tmp = family
     req = write_requests(tmp / "req_sample.jsonl", c4_texts(1, max_chars=80), max_tokens=8, echo=False,
                          temperature=1.0, top_p=0.9, n=2)
@@ -118,7 +118,7 @@ def test_exact_llama_3_2_3b_architecture_two_layers(tmp_path, tiny_tokenizer_dir
     out = tmp_path / "out.jsonl"
     run_one_rank(["--model-name", str(converted), "--model-type", "llama", "--infer-data", str(req),
                   "--output-path", str(out)])
-    error = max_logprob_error(model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), prompts, read_results(out))
+    error = max_logprob_error(model, AutoTokenizer.from_pretrained(converted), prompts, read_results(out))
     print(f"Llama-3.2-3B config, 2 layers: max |d logprob| vs HF = {error:.2e}")
     assert error <= TOL
 
@@ -134,7 +134,7 @@ def test_llama3_rope_scaling_at_long_positions(tmp_path, tiny_tokenizer_dir):
     out = tmp_path / "out.jsonl"
     run_one_rank(["--model-name", str(converted), "--model-type", "llama", "--infer-data", str(req),
                   "--output-path", str(out)])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     assert len(tokenizer(prompts[0])["input_ids"]) > 2500
     assert max_logprob_error(model, tokenizer, prompts, read_results(out)) <= TOL
 

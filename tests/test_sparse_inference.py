@@ -138,10 +138,10 @@ def test_full_budget_in_every_mode_equals_dense(family):
 
 
 @pytest.mark.parametrize("block", ["mlp", "att"])
-def test_oracle_keeps_exactly_the_k_largest(family, tiny_tokenizer_dir, block):
-    name, model, _, _, prompts, dense, _ = family
+def test_oracle_keeps_exactly_the_k_largest(family, block):
+    name, model, converted, _, prompts, dense, _ = family
     _, ffn, heads, _ = dims(model, name)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     k = ffn // 4 if block == "mlp" else heads // 2
     flag = "--mlp-topk" if block == "mlp" else "--att-topk"
     results, manifest = run_sparse(family, f"oracle_{block}", "--sparse-mode", "oracle", flag, str(k))
@@ -162,7 +162,7 @@ def test_gqa_groups_keep_whole_kv_groups(tmp_path, tiny_tokenizer_dir):
     run_one_rank(["--model-name", str(converted), "--model-type", "llama-ml-att-sparse", "--infer-data", str(req),
                   "--output-path", str(tmp_path / "o.jsonl"), "--sparse-mode", "oracle", "--att-topk", "2",
                   "--gqa-groups", "--dense-layers", "none"])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     oracle = lambda blk, i, true_scores, inputs: true_scores  # noqa: E731
     error = max_error(read_results(tmp_path / "o.jsonl"), prompts,
                       lambda p: hf_masked_logprobs(model, "llama", tokenizer(p)["input_ids"], att_k=2, scorer=oracle, gqa=True))
@@ -174,8 +174,8 @@ def test_gqa_groups_keep_whole_kv_groups(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.parametrize("inputs", [("lookahead", "lookahead"), ("same", "same")])
-def test_predictor_mode_selects_what_the_predictor_ranks_highest(family, tiny_tokenizer_dir, inputs):
-    name, model, _, _, prompts, _, tmp = family
+def test_predictor_mode_selects_what_the_predictor_ranks_highest(family, inputs):
+    name, model, converted, _, prompts, _, tmp = family
     _, ffn, heads, _ = dims(model, name)
     predictors = write_predictors(tmp / f"pred_{inputs[0]}", model, name, seed=3, inputs=inputs)
     results, manifest = run_sparse(family, f"pred_{inputs[0]}", "--sparse-mode", "predictor", "--predictor-dir",
@@ -187,7 +187,7 @@ def test_predictor_mode_selects_what_the_predictor_ranks_highest(family, tiny_to
         with torch.no_grad():
             return net(seen[(kind, src)].float())
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     error = max_error(results, prompts, lambda p: hf_masked_logprobs(
         model, name, tokenizer(p)["input_ids"], mlp_k=round(0.5 * ffn), att_k=2, scorer=by_predictor))
     assert error <= TOL
