@@ -427,6 +427,7 @@ def keep_collection_record(data: Path, folder: Path, groups: list[range], lookba
     with every group's collected layers."""
     manifest = read_json(data / "manifest.json")
     manifest["online_groups"] = [[max(g[0] - lookback, 0), g[-1]] for g in groups]
+    folder.mkdir(parents=True, exist_ok=True)  # with one group, no earlier group's marker has made it
     write_json_atomic(folder / "manifest.json", manifest)
 
 
