@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, parse_budget  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
+from Decentralized_FM_alpha.utils.work import WORK_LOG, read_log  # noqa: E402
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
 from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
@@ -111,17 +112,21 @@ class Study:
             self.stages.setdefault(key, {"model": model, "stage": label, "seconds": None, "commands": []})
             return
         commands = [[str(part) for part in command] for command in (commands() if callable(commands) else commands)]
-        env = env() if callable(env) else env
+        earlier = self.stages.get(key, {}).get("interrupted_seconds", 0.0)  # attempts stopped before the end
+        work_log = self.out / "work" / (key.replace("/", "__").replace(" ", "_") + ".jsonl")
+        work_log.parent.mkdir(parents=True, exist_ok=True)
+        if not earlier:
+            work_log.unlink(missing_ok=True)  # a stage run afresh counts only this run's work
+        env = {**(env() if callable(env) else env or {}), WORK_LOG: str(work_log)}
         print(f"{prefix} ...", flush=True)
         start = time.time()
-        earlier = self.stages.get(key, {}).get("interrupted_seconds", 0.0)  # attempts stopped before the end
         pending = list(commands)
         running: list[tuple[list[str], subprocess.Popen]] = []
         try:
             while pending or running:
                 while pending and (not running or (parallel and len(running) < (jobs or self.args.jobs))):
                     command = pending.pop(0)
-                    running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})})))
+                    running.append((command, subprocess.Popen(command, cwd=REPO, env={**self.env, **env})))
                 command, process = running.pop(0)
                 if process.wait() != 0:
                     for _, other in running:
@@ -137,7 +142,8 @@ class Study:
             raise
         seconds = earlier + time.time() - start
         self.stages[key] = {"model": model, "stage": label, "seconds": seconds,
-                            "commands": [shlex.join(c) for c in commands]}
+                            "commands": [shlex.join(c) for c in commands], "work": read_log(work_log),
+                            "disk_bytes": disk_usage(self.out), "online_dir_bytes": disk_usage(self.args.online_dir)}
         self.save()
         print(f"{prefix}: done in {seconds:.0f} s" + (f" (of which {earlier:.0f} s in interrupted runs)"
                                                        if earlier else ""), flush=True)
@@ -145,6 +151,11 @@ class Study:
     def save(self) -> None:
         write_json_atomic(self.manifest_path, {**self.manifest, "study": True, "stages": list(self.stages.values()),
                                                "models": [m.__dict__ for m in self.args.models]})
+
+
+def disk_usage(folder: Path) -> int:
+    """Bytes of the files under `folder` (allocated blocks: a preallocated collection counts in full); 0 when absent."""
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def stage_key(record: dict) -> str:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from Decentralized_FM_alpha.task_datasets.inference_data import Request, choice_record, result_record
+from Decentralized_FM_alpha.utils import work
 from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint
 
 MODEL_TYPES = {  # --model-type -> (family, module file)
@@ -120,6 +121,20 @@ class DistInferenceMaskTokenPipeSync:
         for m in (self.embeddings, self.blocks, self.lm_head):
             if m is not None:
                 m.to(device=self.device, dtype=self.dtype).eval()
+        self.block_weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() >= 2)  # matmul weights
+
+    def count_forward(self, valid: torch.Tensor, past_length: int, head_rows: Optional[int]) -> None:
+        """The forward's matmul FLOPs over its real tokens (work.py): 2 x this rank's layer weights per token,
+        q k^T and the weighted sum over the keys each query sees, and the head over `head_rows` tokens (all real
+        tokens when None; the head's rank only)."""
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        lengths = valid.sum(dim=1).tolist()
+        tokens = sum(lengths)
+        attended = sum(n * past_length + n * (n + 1) // 2 for n in lengths)
+        head = 2 * cfg.hidden_size * cfg.vocab_size * (tokens if head_rows is None else head_rows) if self.is_last else 0
+        work.count(flops=2 * self.block_weights * tokens + 4 * len(self.blocks) * heads * head_dim * attended + head)
 
     # ------------------------------------------------------------------------------ tokenizing
     def encode(self, request: Request, room_for: int = 0) -> Encoded:
@@ -160,6 +175,7 @@ class DistInferenceMaskTokenPipeSync:
         so a scorer that reads a few positions skips the vocabulary projection of the others."""
         b, t = ids.shape
         past_length = 0 if past is None else past[0][0].shape[2]
+        self.count_forward(valid, past_length, None if keep is None else keep[0].numel())
         if self.is_first:
             x = self.embeddings(ids, past_length)
         else:

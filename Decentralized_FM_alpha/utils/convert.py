@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from Decentralized_FM_alpha.utils import work
 from Decentralized_FM_alpha.utils.manifest import (CONVERSION_MANIFEST, base_manifest, file_sha256, now,
                                                    write_json_atomic)
 from Decentralized_FM_alpha.utils.model_source import is_hub_id, require_local_path_or_hub_id
@@ -188,6 +189,8 @@ def write_converted(reader: WeightReader, plan: FilePlan, save_path: Path, dtype
             t = tensors[name]
             state[key] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
         torch.save(state, save_path / filename)
+        work.count(file_bytes=sum(t.numel() * t.element_size() for t in tensors.values())  # read
+                   + sum(t.numel() * t.element_size() for t in state.values()))  # written
 
 
 def check_plan_covers(reader: WeightReader, plan: FilePlan, ignorable: Callable[[str], bool]) -> None:

@@ -26,6 +26,8 @@ from typing import Callable, Hashable
 import numpy as np
 import torch
 
+from Decentralized_FM_alpha.utils import work
+
 STORAGE_DTYPE = np.float16
 ROW_FILE_WRITERS = ("async", "sync")
 DEFAULT_BUFFER_BYTES = 2 << 30  # pinned host staging for BackgroundRowFiles
@@ -59,6 +61,7 @@ class MmapRowFiles:
             bad = (~torch.isfinite(rows)).any(dim=1).nonzero()[0, 0].item()
             raise overflow_error(what, first_row + bad)
         self.mmaps[key][first_row:first_row + rows.shape[0]] = rows.cpu().numpy()
+        work.count(file_bytes=rows.numel() * 2)
 
     def commit(self, commit: Callable[[], None]) -> None:
         for m in self.mmaps.values():
@@ -99,6 +102,7 @@ class BackgroundRowFiles:
         """Queue `rows` (n, width) float16 for file `key` at row `first_row`; returns without waiting for the disk."""
         self.check()
         rows = rows.contiguous()
+        work.count(file_bytes=rows.numel() * 2)
         per_slab = max(1, self.slab_bytes // (rows.shape[1] * 2))
         chunks = list(rows.split(per_slab))
         bad = [~torch.isfinite(c).all() for c in chunks]  # on the compute stream, before the copies

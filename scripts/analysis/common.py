@@ -16,13 +16,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from Decentralized_FM_alpha.utils import work
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore
 from Decentralized_FM_alpha.utils.manifest import now, read_json, write_json_atomic
 from sparse_predictor import main_att, main_mlp, main_mlp_llama
 from sparse_predictor.trainer.cli import require_complete, resolve_device
 from sparse_predictor.trainer.labels import LabelSpec
-from sparse_predictor.trainer.model import TrainConfig, train_predictor
-from sparse_predictor.trainer.rows import SplitConfig, load_layer
+from sparse_predictor.trainer.model import TrainConfig, TrainResult, train_predictor, train_stacked
+from sparse_predictor.trainer.rows import LayerData, SplitConfig, load_layer
 
 PERCENTILES = (5, 25, 50, 75, 95)
 CHUNK_BYTES = 256 << 20  # float32 bytes of activations held at once while streaming a sample
@@ -120,6 +121,7 @@ def iter_row_chunks(rows: np.ndarray, chunk: int) -> Iterator[tuple[slice, np.nd
 
 def read_rows(mm: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """The given rows of a float16 memmap as float32: only those rows are read from disk."""
+    work.count(file_bytes=len(rows) * mm.shape[1] * mm.itemsize)
     return torch.from_numpy(np.asarray(mm[rows], dtype=np.float32))
 
 
@@ -154,7 +156,23 @@ def train_and_evaluate(store: ActivationStore, block: str, layer: int, input_fla
                        log: Callable[[str], None], split: SplitConfig = SplitConfig()) -> dict[str, Any]:
     """Train one predictor with the project's trainer; its held-out metrics and what it was trained on."""
     data = load_layer(store, block, layer, input_flag, label, device, cfg.batch_size, max_device_bytes, split)
-    result = train_predictor(data, block, cfg, log=log)
+    return trained_record(data, train_predictor(data, block, cfg, log=log), block, layer, input_flag, label)
+
+
+def train_and_evaluate_together(store: ActivationStore, block: str, layer: int, input_flag: str,
+                                labels: Sequence[LabelSpec], cfg: TrainConfig, device: torch.device,
+                                max_device_bytes: int | None, log: Callable[[str], None],
+                                split: SplitConfig = SplitConfig()) -> list[dict[str, Any]]:
+    """train_and_evaluate of several labels of one layer and input: one read of the rows, the predictors trained in
+    lockstep (train_stacked: each exactly as if trained alone with cfg.seed), one record per label, in order."""
+    data = load_layer(store, block, layer, input_flag, labels, device, cfg.batch_size, max_device_bytes, split)
+    results = train_stacked(data, block, cfg, [(i, cfg.seed) for i in range(len(labels))], log=log)
+    return [trained_record(data, result, block, layer, input_flag, labels[result.label_index]) for result in results]
+
+
+def trained_record(data: LayerData, result: TrainResult, block: str, layer: int, input_flag: str,
+                   label: LabelSpec) -> dict[str, Any]:
+    """A trained predictor's held-out metrics and what it was trained on."""
     return {**result.metrics, "block": block, "layer": layer, "input": input_flag, "input_kind": data.input.kind,
             "input_layer": data.input.layer, "label": label.name, "k": label.k, "threshold": label.threshold,
             "label_definition": label.definition(), "rows_train": data.rows_train,

@@ -42,8 +42,8 @@ from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noq
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis import capacity  # noqa: E402
-from scripts.analysis.common import (collection_source, device_from_args, iter_row_chunks,  # noqa: E402
-                                     layer_partial, open_collection, parse_fractions, read_rows, rows_per_chunk,
+from scripts.analysis.common import (collection_source, device_from_args,  # noqa: E402
+                                     layer_partial, open_collection, parse_fractions,
                                      stored_partial, write_csv_atomic, write_results)
 from sparse_predictor import main_att, main_mlp  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
@@ -51,7 +51,7 @@ from sparse_predictor.trainer.labels import LabelSpec, make_label_spec, topk_mas
 from sparse_predictor.trainer.model import TrainConfig, train_stacked  # noqa: E402
 from sparse_predictor.trainer.baselines import (fixed_ranker, kind_ranker, oracle_ranker,  # noqa: E402
                                                 random_ranker, score_rankers)
-from sparse_predictor.trainer.rows import document_split, load_layer  # noqa: E402
+from sparse_predictor.trainer.rows import chunk_slices, document_split, load_layer, open_rows, stream_chunks  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import static_ranking, static_scores  # noqa: E402
 from sparse_predictor.trainer.static import static_counts  # noqa: E402
 
@@ -206,24 +206,32 @@ def baseline_records(store: ActivationStore, model: str, family: str, layer: int
 
 
 def gate_coverage_records(store: ActivationStore, model: str, layer: int, fractions: list[float],
-                          is_test: np.ndarray, documents: np.ndarray) -> list[dict]:
-    """The share of the true top-K of |SiLU(g) * u| on the held-out rows that sign(g) > 0 covers: no predictor."""
+                          is_test: np.ndarray, documents: np.ndarray, device: torch.device) -> list[dict]:
+    """The share of the true top-K of |SiLU(g) * u| on the held-out rows that sign(g) > 0 covers: no predictor.
+    Rows are streamed onto `device` and counted there per document."""
     rows = np.flatnonzero(is_test)
     ids, inverse = np.unique(documents[rows], return_inverse=True)
     ffn = store.dims.ffn_dim
-    hits = {f: np.zeros(len(ids)) for f in fractions}
-    positive = np.zeros(len(ids))
-    label_mm, gate_mm = store.open("mlp_label", layer), store.open("mlp_gate", layer)
-    for part, chunk in iter_row_chunks(rows, rows_per_chunk(3 * ffn)):
-        y, g = read_rows(label_mm, chunk), read_rows(gate_mm, chunk)
-        doc = inverse[part]
-        positive += np.bincount(doc, weights=(g > 0).sum(dim=1).numpy(), minlength=len(ids))
-        for f in fractions:
+    doc_of_row = torch.from_numpy(inverse).to(device)
+    hits = torch.zeros((len(fractions), len(ids)), dtype=torch.int64, device=device)
+    positive = torch.zeros(len(ids), dtype=torch.int64, device=device)
+    files = [open_rows(store, kind, layer) for kind in ("mlp_label", "mlp_gate")]
+    slices = [s for s in chunk_slices(len(is_test), [f.width for f in files]) if is_test[s].any()]
+    done = 0
+    for part, (y, g) in stream_chunks(files, slices, device):
+        local = np.flatnonzero(is_test[part])
+        index = torch.from_numpy(local).to(device)
+        y, g = y[index].float(), g[index].float()
+        doc = doc_of_row[done:done + len(local)]
+        done += len(local)
+        positive.index_add_(0, doc, (g > 0).sum(dim=1))
+        for i, f in enumerate(fractions):
             true = topk_mask(y.abs(), fraction_count(f, ffn))
-            hits[f] += np.bincount(doc, weights=((g > 0) & true).sum(dim=1).numpy(), minlength=len(ids))
+            hits[i].index_add_(0, doc, ((g > 0) & true).sum(dim=1))
+    hits, positive = hits.cpu().numpy(), positive.cpu().numpy()
     tokens = np.bincount(inverse, minlength=len(ids))
     records = []
-    for f, h in hits.items():
+    for f, h in zip(fractions, hits):
         K = fraction_count(f, ffn)
         records.append({"model": model, "block": "mlp", "layer": layer, "input": GATE_INPUT, "ranking": "sign(g)",
                         "label": "topk", "k": f, "K": K, "Recall@K": float(h.sum() / (K * len(rows))),
@@ -266,7 +274,7 @@ def layer_results(store: ActivationStore, source: dict, layer: int, args: argpar
     records = predictor_records(store, model, family, layer, args, device, max_bytes)
     records += baseline_records(store, model, family, layer, args.fractions, is_test, device, args.seed)
     if gate_unavailable(family, store) is None:
-        records += gate_coverage_records(store, model, layer, args.fractions, is_test, documents)
+        records += gate_coverage_records(store, model, layer, args.fractions, is_test, documents, device)
     config = lambda block: block_config(args, block)  # noqa: E731
     return {"records": records,
             "capacity": capacity.capacity_records(store, model, layer, args, config, device, max_bytes, split)

@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/sparsity_stats.py` run
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec  # noqa: E402
+from sparse_predictor.trainer.rows import chunk_slices, open_rows, stream_chunks  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis.common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
-                                     iter_row_chunks, open_collection, parse_fractions, read_rows,
-                                     per_layer_partials, rows_per_chunk, sample_rows, train_and_evaluate,
-                                     write_results)
+                                     open_collection, parse_fractions, per_layer_partials, sample_rows,
+                                     train_and_evaluate_together, write_results)
 
 STATISTIC_DEFINITIONS = {
     "zero_fraction": "fraction of mlp_label entries == 0 in float16 storage; OPT: ReLU zeros, the exact inactive "
@@ -74,21 +76,29 @@ def fraction_key(prefix: str, value: float) -> str:
 
 
 def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thresholds: list[float],
-                     fractions: list[float]) -> dict:
-    """One layer's sparsity statistics over the sampled rows, streamed chunk by chunk."""
-    has_gate = "mlp_gate" in store.kinds
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    zero_mass_tokens = 0
+                     fractions: list[float], device: torch.device) -> dict:
+    """One layer's sparsity statistics over the sampled rows, streamed chunk by chunk onto `device` (the GPU on a
+    GPU run: the sort of every row's magnitudes is the stage's work), sums kept there until the end."""
+    kinds = ["mlp_label", "att_label"] + (["mlp_gate"] if "mlp_gate" in store.kinds else [])
+    files = [open_rows(store, kind, layer) for kind in kinds]
+    selected = np.zeros(store.rows, dtype=bool)
+    selected[sample.rows] = True
+    slices = [s for s in chunk_slices(store.rows, [f.width for f in files]) if selected[s].any()]
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+    sums: dict[str, torch.Tensor] = defaultdict(zero)
+    counts: dict[str, int] = defaultdict(int)
+    zero_mass_tokens = zero()
 
-    def add(key: str, total: float, n: int) -> None:
-        sums[key] = sums.get(key, 0.0) + float(total)
-        counts[key] = counts.get(key, 0) + int(n)
+    def add(key: str, total: torch.Tensor, n: int) -> None:
+        sums[key] += total
+        counts[key] += int(n)
 
-    label_mm, heads_mm = store.open("mlp_label", layer), store.open("att_label", layer)
-    gate_mm = store.open("mlp_gate", layer) if has_gate else None
-    for _, rows in iter_row_chunks(sample.rows, rows_per_chunk(3 * store.dims.ffn_dim)):
-        y = read_rows(label_mm, rows)
+    for rows, tensors in stream_chunks(files, slices, device):
+        local = np.flatnonzero(selected[rows])
+        if len(local) < rows.stop - rows.start:
+            index = torch.from_numpy(local).to(device)
+            tensors = [t[index] for t in tensors]
+        y, heads, *gate = (t.float() for t in tensors)
         add("zero_fraction", (y == 0).sum(), y.numel())
         add("positive_fraction", (y > 0).sum(), y.numel())
         magnitude = y.abs()
@@ -97,15 +107,14 @@ def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thre
         shares, counted = top_mass_shares(magnitude, fractions)
         for f, share in shares.items():
             add(fraction_key("mlp_top", f) + "_mass", share.sum(), len(share))
-        zero_mass_tokens += int((~counted).sum())
-        head_shares, _ = top_mass_shares(read_rows(heads_mm, rows).abs(), fractions)
+        zero_mass_tokens += (~counted).sum()
+        head_shares, _ = top_mass_shares(heads.abs(), fractions)
         for f, share in head_shares.items():
             add(fraction_key("att_top", f) + "_mass", share.sum(), len(share))
-        if gate_mm is not None:
-            g = read_rows(gate_mm, rows)
-            add("gate_negative_fraction", (g < 0).sum(), g.numel())
-    stats = {key: sums[key] / counts[key] if counts[key] else None for key in sums}  # None: no token had mass
-    stats["tokens_with_zero_mlp_mass"] = zero_mass_tokens
+        if gate:
+            add("gate_negative_fraction", (gate[0] < 0).sum(), gate[0].numel())
+    stats = {key: float(sums[key]) / counts[key] if counts[key] else None for key in sums}  # None: no token had mass
+    stats["tokens_with_zero_mlp_mass"] = int(zero_mass_tokens)
     # None where a statistic does not apply: no mlp_gate collected
     return {"layer": layer, **{c: stats.get(c) for c in statistic_columns(thresholds, fractions)}}
 
@@ -130,22 +139,24 @@ def parse_label(spec: str, ffn: int) -> LabelSpec:
 
 def label_sweep(store: ActivationStore, model: str, layers: list[int], label_specs: list[str],
                 args: argparse.Namespace) -> list[dict]:
-    """One predictor per (layer, label); a gate label without collected mlp_gate is recorded as absent."""
+    """One predictor per (layer, label), a layer's labels trained together on one read of its rows; a gate label
+    without collected mlp_gate is recorded as absent."""
     labels = {spec: parse_label(spec, store.dims.ffn_dim) for spec in label_specs}
+    present = [spec for spec in label_specs if labels[spec].source_kind in store.kinds]
     device, max_bytes = device_from_args(args)
     cfg = train_config(args)
     records = []
-    progress = tqdm([(l, s) for l in layers for s in label_specs], desc="label sweep predictors", unit="predictor")
-    for layer, spec in progress:
-        progress.set_postfix(layer=layer, label=spec)
-        label = labels[spec]
-        if label.source_kind not in store.kinds:
-            records.append({"model": model, "layer": layer, "label_spec": spec, "label": label.name,
-                            "status": f"absent: {label.source_kind} was not collected (--collect-mlp-gate)"})
-            continue
-        metrics = train_and_evaluate(store, "mlp", layer, args.input, label, cfg, device, max_bytes, log=tqdm.write,
-                                     split=split_config(args))
-        records.append({"model": model, "label_spec": spec, "status": "trained", **metrics})
+    for layer in tqdm(layers, desc="label sweep", unit="layer"):
+        trained = dict(zip(present, train_and_evaluate_together(
+            store, "mlp", layer, args.input, [labels[spec] for spec in present], cfg, device, max_bytes,
+            log=tqdm.write, split=split_config(args)))) if present else {}
+        for spec in label_specs:
+            if spec in trained:
+                records.append({"model": model, "label_spec": spec, "status": "trained", **trained[spec]})
+            else:
+                records.append({"model": model, "layer": layer, "label_spec": spec, "label": labels[spec].name,
+                                "status": f"absent: {labels[spec].source_kind} was not collected "
+                                          "(--collect-mlp-gate)"})
     return records
 
 
@@ -202,10 +213,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     print(gate_note)
     settings = {k: str(v) for k, v in vars(args).items() if k not in RUN_ONLY}
     out = Path(args.out_dir)
+    device = device_from_args(args)[0]
     records = per_layer_partials(out / "sparsity_stats.partial", settings, tqdm(layers, desc="sparsity statistics",
                                                                                unit="layer"),
                                  lambda l: [{"model": source["model"],
-                                             **layer_statistics(store, l, sample, thresholds, fractions)}])
+                                             **layer_statistics(store, l, sample, thresholds, fractions, device)}])
     sweep_layers = [] if args.no_label_sweep else parse_layer_list(args.sweep_layers, store.num_layers)
     sweep = per_layer_partials(out / "label_sweep.partial", settings, sweep_layers,
                                lambda l: label_sweep(store, source["model"], [l], args.labels.split(","), args))

@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,15 +45,13 @@ from transformers import LlamaConfig  # noqa: E402
 from Decentralized_FM_alpha import dist_inference_runner  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
-from Decentralized_FM_alpha.utils.row_files import WRITE_THREADS  # noqa: E402
-from scripts.bench.common import (CONFIG, bench_config, build_model, doc_lengths, forward_flops,  # noqa: E402
+from scripts.bench.common import (CONFIG, bench_config, build_model, disk_bandwidth, doc_lengths, forward_flops,  # noqa: E402
                                   free_device_memory, matmul_peak, training_flops_per_row, write_c4_requests)
 from sparse_predictor import main_att_llama, main_mlp_llama, train_online  # noqa: E402
 from sparse_predictor.trainer.cli import resolve_device  # noqa: E402
 
 # run in this order; compare last: the async collection waits on disk for it, and it matters least if time runs out
 STAGES = ("disk", "inference", "collection", "online", "compare")
-DISK_BLOCK = 64 << 20
 ONLINE_GOAL_S = 300  # the issue's goal: all predictors of Llama 3.2 3B in 5 minutes on one H100
 GOAL_DISK_FRACTION = 0.8
 GOAL_RECALL_POINTS = 0.5
@@ -65,42 +62,6 @@ GOAL_RECALL_POINTS = 0.5
 
 
 # ------------------------------------------------------------------------------------- measurements
-def timed_writes(directory: Path, blocks: int, streams: int) -> float:
-    """Seconds to pwrite `blocks` 64 MiB blocks of random bytes, dealt over `streams` threads each writing its own
-    new file, then fdatasync every file; the files are deleted."""
-    paths = [directory / f"disk_test_{i}.bin" for i in range(streams)]
-    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for path in paths]
-
-    def write(stream: int) -> None:
-        block = bytearray(os.urandom(DISK_BLOCK))
-        for n, i in enumerate(range(stream, blocks, streams)):
-            block[:8] = i.to_bytes(8, "little")  # no two blocks alike (storage that deduplicates cannot cheat)
-            os.pwrite(fds[stream], block, n * DISK_BLOCK)
-        os.fdatasync(fds[stream])
-
-    try:
-        with ThreadPoolExecutor(streams) as pool:
-            start = time.perf_counter()
-            list(pool.map(write, range(streams)))
-            return time.perf_counter() - start
-    finally:
-        for fd, path in zip(fds, paths):
-            os.close(fd)
-            path.unlink()
-
-
-def disk_bandwidth(directory: Path, gigabytes: float) -> dict:
-    """Sequential write bandwidth, the best of one stream and of as many parallel streams as the async collection
-    writer has threads (one stream alone can under-state what the disk takes, and the writer writes in parallel)."""
-    blocks = max(1, int(gigabytes * 2**30 // DISK_BLOCK))
-    seconds = {streams: timed_writes(directory, blocks, streams) for streams in (1, WRITE_THREADS)}
-    best = min(seconds, key=seconds.get)
-    return {"bytes": blocks * DISK_BLOCK, "seconds": seconds[best], "bytes_per_s": blocks * DISK_BLOCK / seconds[best],
-            "streams": best, "bytes_per_s_by_streams": {n: blocks * DISK_BLOCK / t for n, t in seconds.items()},
-            "method": f"pwrite of 64 MiB blocks into new files, then fdatasync (like dd bs=64M conv=fdatasync), with "
-                      f"1 and {WRITE_THREADS} streams; the faster is the bandwidth"}
-
-
 def run_runner(argv: list[str], device: torch.device) -> dict:
     """One in-process runner run; seconds from its manifest (after the model is loaded, until its files are final)."""
     if device.type == "cuda":

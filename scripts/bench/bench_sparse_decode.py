@@ -38,7 +38,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -53,7 +53,8 @@ from Decentralized_FM_alpha.modules import hf_llama_module, hf_opt_module, spars
 from Decentralized_FM_alpha.modules.sparse_kernels import columns_times, rows_times  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, write_json_atomic  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import fraction_count  # noqa: E402
-from scripts.bench.common import free_device_memory, matmul_peak, synchronize  # noqa: E402
+from scripts.bench.common import (copy_bandwidth, free_device_memory, matmul_peak, median_seconds,  # noqa: E402
+                                  synchronize)
 
 FIXTURES = REPO / "tests" / "fixtures"
 MODELS = {"llama-3.2-3b": ("llama", FIXTURES / "llama-3.2-3b-config.json"),
@@ -139,51 +140,6 @@ def random_predictors(model: Model, D: int, dtype: torch.dtype, device: torch.de
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, graph: bool) -> float:
-    """Median seconds of fn: on CUDA the replay of a captured graph between CUDA events (after eager warm-up, which
-    also autotunes and compiles the kernels), on the CPU a host clock."""
-    if device.type != "cuda":
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    run = fn
-    if graph:
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            fn()
-        run = captured.replay
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, reps: int) -> float:
-    """Bytes read + written per second of a large device copy."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 24)
-    src = torch.randn(n // 4, device=device)
-    dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, reps, graph=False)
-    return 2 * n / seconds
-
-
 # -------------------------------------------------------------------------------------------------- masks
 def random_masks(gen: torch.Generator, batch: int, n: int, k: int, shared: bool, device) -> torch.Tensor:
     """(B, N) masks of k random units per row: independent rows, or one mask repeated."""

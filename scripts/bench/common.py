@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
+import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
@@ -15,11 +19,13 @@ from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from Decentralized_FM_alpha import convert_llama_checkpoint
 from Decentralized_FM_alpha.task_datasets.request_files import make_echo_request, write_requests
+from Decentralized_FM_alpha.utils.row_files import WRITE_THREADS
 from tests.helpers_tokenizer import build_test_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = REPO / "tests/fixtures/llama-3.2-3b-config.json"
+DISK_BLOCK = 64 << 20
 
 
 def bench_config(args: argparse.Namespace) -> LlamaConfig:
@@ -117,3 +123,84 @@ def write_c4_requests(path: Path, n_docs: int, max_chars: int) -> None:
     with open(REPO / "data/samples/c4_train_1k.jsonl", encoding="utf-8") as f:
         texts = [json.loads(line)["text"][:max_chars] for line, _ in zip(f, range(n_docs))]
     write_requests(path, [make_echo_request(t) for t in texts])
+
+
+def timed_writes(directory: Path, blocks: int, streams: int) -> float:
+    """Seconds to pwrite `blocks` 64 MiB blocks of random bytes, dealt over `streams` threads each writing its own
+    new file, then fdatasync every file; the files are deleted."""
+    paths = [directory / f"disk_test_{i}.bin" for i in range(streams)]
+    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for path in paths]
+
+    def write(stream: int) -> None:
+        block = bytearray(os.urandom(DISK_BLOCK))
+        for n, i in enumerate(range(stream, blocks, streams)):
+            block[:8] = i.to_bytes(8, "little")  # no two blocks alike (storage that deduplicates cannot cheat)
+            os.pwrite(fds[stream], block, n * DISK_BLOCK)
+        os.fdatasync(fds[stream])
+
+    try:
+        with ThreadPoolExecutor(streams) as pool:
+            start = time.perf_counter()
+            list(pool.map(write, range(streams)))
+            return time.perf_counter() - start
+    finally:
+        for fd, path in zip(fds, paths):
+            os.close(fd)
+            path.unlink()
+
+
+def disk_bandwidth(directory: Path, gigabytes: float) -> dict:
+    """Sequential write bandwidth, the best of one stream and of as many parallel streams as the async collection
+    writer has threads (one stream alone can under-state what the disk takes, and the writer writes in parallel)."""
+    blocks = max(1, int(gigabytes * 2**30 // DISK_BLOCK))
+    seconds = {streams: timed_writes(directory, blocks, streams) for streams in (1, WRITE_THREADS)}
+    best = min(seconds, key=seconds.get)
+    return {"bytes": blocks * DISK_BLOCK, "seconds": seconds[best], "bytes_per_s": blocks * DISK_BLOCK / seconds[best],
+            "streams": best, "bytes_per_s_by_streams": {n: blocks * DISK_BLOCK / t for n, t in seconds.items()},
+            "method": f"pwrite of 64 MiB blocks into new files, then fdatasync (like dd bs=64M conv=fdatasync), with "
+                      f"1 and {WRITE_THREADS} streams; the faster is the bandwidth"}
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, graph: bool) -> float:
+    """Median seconds of fn: on CUDA the replay of a captured graph between CUDA events (after eager warm-up, which
+    also autotunes and compiles the kernels), on the CPU a host clock."""
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    run = fn
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        run = captured.replay
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, reps: int) -> float:
+    """Bytes read + written per second of a large device copy."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, reps, graph=False)
+    return 2 * n / seconds

@@ -193,8 +193,9 @@ def rows_of(path: Path, model: str, out_dir: Path) -> list[dict]:
                "samples": result["n-samples"].get(name, {}).get("effective"),
                "num_fewshot": result["n-shot"].get(name), "seconds": result["seconds"],
                "result_json": str(path.relative_to(out_dir))}
-        for metric in METRICS:
-            row[metric], row[f"{metric}_stderr"] = values.get(metric), values.get(f"{metric}_stderr")
+        for metric in METRICS:  # the harness writes "N/A" for a standard error it did not compute: left empty
+            row[metric], row[f"{metric}_stderr"] = (v if isinstance(v, (int, float)) else None for v in
+                                                    (values.get(metric), values.get(f"{metric}_stderr")))
         row["other_metrics"] = "; ".join(f"{k}={v:.6g}" for k, v in values.items()
                                          if k.removesuffix("_stderr") not in METRICS and isinstance(v, (int, float)))
         rows.append(row)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from Decentralized_FM_alpha.utils import work
 from Decentralized_FM_alpha.utils.activation_store import iter_row_chunks
 from sparse_predictor.trainer.metrics import aggregate_statistics, batch_statistics, per_document_counts
 from sparse_predictor.trainer.rows import DeviceRows, LayerData
@@ -50,6 +51,7 @@ def evaluate(model: torch.nn.Module, test: DeviceRows, labels_of: Sequence[int],
     batch_size rows in row order as the original's test loader; with `documents`, also the per-document counts.
     magnitudes[l]: label l ranks by |value| (LabelSpec.ranks_by_magnitude), so its Captured Mass is defined."""
     model.eval()
+    work.count_evaluation(sum(p.numel() for p in model.parameters()), test.n)
     batches: list[list[dict]] = [[] for _ in labels_of]
     for s in iter_row_chunks(test.n, batch_size):
         logits = predictor_logits(model, test.x[s], amp_dtype)  # (P, b, out)
@@ -162,6 +164,7 @@ class TrainStep:
                  floor: float, graphs: bool, batch_size: int):
         self.model, self.optimizer, self.amp_dtype, self.floor = model, optimizer, amp_dtype, floor
         self.graphs, self.batch_size = graphs, batch_size
+        self.layer_weights = (model.w1.numel(), model.w2.numel())  # of all stacked predictors (work.py)
         self.captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def eager(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,6 +175,7 @@ class TrainStep:
         return losses.detach()
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        work.count_training_step(*self.layer_weights, x.shape[1])
         if not self.graphs or x.shape[1] != self.batch_size:
             return self.eager(x, labels)
         if self.captured is None:

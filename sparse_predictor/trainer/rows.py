@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from Decentralized_FM_alpha.utils import work
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore, activation_file, iter_row_chunks
 from sparse_predictor.trainer.labels import (InputSpec, LabelSpec, label_bits, pack_bits, packed_width, resolve_input,
                                              unpack_bits)
@@ -157,6 +158,7 @@ def stream_chunks(files: Sequence[RowFile], slices: Sequence[slice],
             for i, rows in enumerate(slices):
                 for future in pending.popleft():
                     future.result()
+                work.count(file_bytes=(rows.stop - rows.start) * 2 * sum(f.width for f in files))
                 slot, n = i % READ_AHEAD, rows.stop - rows.start
                 if cuda:
                     tensors = [buf[:n].to(device, non_blocking=True) for buf in buffers[slot]]
