@@ -271,15 +271,27 @@ def layer_results(store: ActivationStore, source: dict, layer: int, args: argpar
     """Everything the summary trains and scores for one layer: predictors and baselines ("records"), the capacity
     and data curves ("capacity") and the fold predictors ("folds") where the layer is in their subsets."""
     model, family = source["model"], source["family"]
-    records = predictor_records(store, model, family, layer, args, device, max_bytes)
-    records += baseline_records(store, model, family, layer, args.fractions, is_test, device, args.seed)
+    seconds: dict[str, float] = {}
+
+    def timed(part: str, compute):
+        start = time.perf_counter()
+        found = compute()
+        seconds[part] = time.perf_counter() - start
+        return found
+
+    records = timed("predictors", lambda: predictor_records(store, model, family, layer, args, device, max_bytes))
+    records += timed("baselines", lambda: baseline_records(store, model, family, layer, args.fractions, is_test,
+                                                           device, args.seed))
     if gate_unavailable(family, store) is None:
-        records += gate_coverage_records(store, model, layer, args.fractions, is_test, documents, device)
+        records += timed("gate coverage", lambda: gate_coverage_records(store, model, layer, args.fractions, is_test,
+                                                                        documents, device))
     config = lambda block: block_config(args, block)  # noqa: E731
     return {"records": records,
-            "capacity": capacity.capacity_records(store, model, layer, args, config, device, max_bytes, split)
-            if curves else [],
-            "folds": capacity.fold_records(store, model, layer, args, config, device, max_bytes, split) if folds else []}
+            "capacity": timed("capacity", lambda: capacity.capacity_records(
+                store, model, layer, args, config, device, max_bytes, split)) if curves else [],
+            "folds": timed("folds", lambda: capacity.fold_records(
+                store, model, layer, args, config, device, max_bytes, split)) if folds else [],
+            "seconds": seconds}
 
 
 RUN_ONLY = ("out_dir", "device", "layers", "jobs", "partial_only")  # flags that do not change a layer's records
@@ -323,7 +335,7 @@ def main(argv: list[str] | None = None) -> Path:
                       key=lambda layer: layer not in heavy)
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
-    curves, folds = [], []
+    curves, folds, layer_seconds = [], [], {}
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
         found = layer_partial(partial, settings, layer, lambda l: layer_results(
             store, source, l, args, device, max_bytes, is_test, documents, split, l in capacity_layers,
@@ -331,6 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
         records += found["records"]
         curves += found["capacity"]
         folds += found["folds"]
+        layer_seconds[layer] = found.get("seconds")
     if args.partial_only:
         return partial
     payload = {"analysis": "recall_summary", "source": source, "layers": layers, "fractions": args.fractions,
@@ -343,7 +356,8 @@ def main(argv: list[str] | None = None) -> Path:
                "baselines": BASELINE_DEFINITIONS,
                "capacity": curves, "capacity_layers": capacity_layers, "folds": folds, "fold_layers": fold_layers,
                "fold_spread": capacity.fold_spread(folds, records),
-               "seconds": time.perf_counter() - started}
+               "seconds": time.perf_counter() - started,
+               "layer_seconds": layer_seconds}  # per layer and part, as first computed (a resumed layer: its run)
     json_path, csv_path = write_results(args.out_dir, "recall_summary", payload, records, CSV_COLUMNS, provenance)
     write_csv_atomic(Path(args.out_dir) / "recall_capacity.csv", curves, CURVE_COLUMNS)
     write_csv_atomic(Path(args.out_dir) / "recall_folds.csv", folds, CURVE_COLUMNS)
