@@ -13,7 +13,9 @@ Sizes: --scales S ... multiply the study's per-model sizes (collected tokens, va
 windows) and --task-limits L ... (one per scale) cap the documents of each task. With two or more sizes each stage's
 seconds are fitted as a + b x driver (collect, predictors, analysis, summary: collected tokens; sweep: documents
 scored; tasks: task documents evaluated; convert, requests, report: constant) and evaluated at the study's defaults
-(scale 1, full task splits): stage_fits.json, which `run_study.py --plan` reads.
+(scale 1, full task splits): stage_fits.json, which `run_study.py --plan` reads. Sizes after the first start from the
+first size's converted weights (convert is measured once), and each size's activation files are deleted when it is
+done (manifests kept), so the disk holds one size's collections at a time.
 
     python scripts/bench/bench_study.py --out out/bench_study --scales 0.05 0.1 --task-limits 10 20 -- --jobs 4
     python scripts/bench/bench_study.py --smoke --out out/bench_study_smoke     # CPU, tiny configs, about a minute
@@ -270,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         sizes[name]["wall_s"] = time.time() - started
         if done.returncode != 0:
             raise SystemExit(f"the study at {name} failed (exit {done.returncode}): see {args.out / f'{name}.log'}")
+        if i == 0:  # later sizes start from this size's conversion (convert is measured once) ...
+            models = [f"{name_}={study / 'converted' / name_}" for name_ in args.models]
+        for rows_file in study.glob("data/*/*.mmap"):  # ... and the disk holds one size's collections at a time
+            rows_file.unlink()
         tables[name] = stage_rows(study, rates, "online-dir" if args.online_dir and any(
             r["stage"].startswith("collect (layers") for r in read_json(study / "study_manifest.json")["stages"])
             else "out-dir")
