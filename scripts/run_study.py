@@ -41,7 +41,7 @@ from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, writ
 from Decentralized_FM_alpha.utils.work import WORK_LOG, read_log  # noqa: E402
 from Decentralized_FM_alpha.utils.model_source import (family_of_checkpoint, module_family,  # noqa: E402
                                                        require_local_path_or_hub_id)
-from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS  # noqa: E402
+from scripts.assets.dejavu_tasks import TASK_NAMES as DEJAVU_TASKS, documents_per_setting  # noqa: E402
 from scripts.study.plan import (FLOAT16, check_disk, collection_bytes, free_disk, gib,  # noqa: E402
                                 layer_collection_bytes, layer_groups, measured_rates, mmap_need_and_free,
                                 model_facts, plan_model)
@@ -564,11 +564,13 @@ def study_plan(args: argparse.Namespace) -> list:
         config = source_config(model)
         facts = model_facts(model.name, config)
         gated = module_family(config.model_type, model.source) == "llama"
-        settings = 2 * len(plan_settings(args.modes, args.mlp_budgets, args.att_budgets, args.blocks,
-                                         ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads
-                                         else ["heads"], gated))
+        units = ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads else ["heads"]
+        settings = 2 * len(plan_settings(args.modes, args.mlp_budgets, args.att_budgets, args.blocks, units, gated))
+        task_settings = len(plan_settings(args.task_modes or args.modes, args.mlp_budgets, args.att_budgets,
+                                          args.task_blocks or args.blocks, units, gated)) if args.tasks else 0
         plans.append(plan_model(facts, args, fractions, settings, rates,
-                                input_lookback(args.predictor_input, facts.dims.num_layers)))
+                                input_lookback(args.predictor_input, facts.dims.num_layers), task_settings,
+                                documents_per_setting(args.task_limit) if task_settings else 0))
     print("\n".join(line for p in plans for line in p.lines))
     free = free_disk(args.out_dir)
     print(f"total: mmap path {gib(sum(p.mmap_bytes for p in plans))}, online path "

@@ -86,3 +86,41 @@ def test_the_task_table_is_written_again_when_its_command_changes(tmp_path):
     manifest.write_text(json.dumps({"argv": command("oracle")[1:]}))  # sys.argv of that run: script, then its flags
     assert run_study.tasks_done(manifest, command("oracle"))
     assert not run_study.tasks_done(manifest, command("oracle", "random"))
+
+
+def test_the_plan_estimates_every_fitted_stage_of_a_model_of_the_fitted_shape(tmp_path, monkeypatch, capsys):
+    """bench_study.py's stage fits (a + b x driver) give the plan's time of every stage, the sweep's and tasks'
+    slopes scaled by the planned settings over the measured ones; another shape gets none of them."""
+    from transformers import AutoConfig
+
+    from scripts.assets.dejavu_tasks import documents_per_setting
+    from scripts.study import plan
+    from scripts.study.sparse_sweep import SPARSE_MODES, plan_settings
+
+    config = AutoConfig.from_pretrained(REPO / "pretrained_models/tiny-llama")
+    facts = plan.model_facts("tiny-llama", config)
+    dims = {"hidden_size": facts.dims.hidden_size, "num_layers": facts.dims.num_layers,
+            "ffn_dim": facts.dims.ffn_dim, "num_heads": facts.dims.num_heads, "num_kv_heads": facts.dims.num_kv_heads}
+    fits = [{"model": "bench", "stage": "summary", "a_s": 7.0, "b_s_per_unit": 0.25, "settings": None,
+             "points": [[1, 7.25], [2, 7.5]]},
+            {"model": "bench", "stage": "tasks", "a_s": 3.0, "b_s_per_unit": 2.0, "settings": 4,
+             "points": [[5, 13], [10, 23]]},
+            {"model": "bench", "stage": "convert", "a_s": 11.0, "b_s_per_unit": 0.0, "settings": None,
+             "points": [[0, 11]]}]
+    path = tmp_path / "stage_fits.json"
+    path.write_text(json.dumps({"dims": {"bench": dims}, "fits": fits}))
+    monkeypatch.setattr(plan, "STAGE_FITS", path)
+    run_study.main([TINY, "--out-dir", str(tmp_path / "out"), *SMALL, "--collect-tokens", "120", "--task-limit", "3",
+                    "--plan"])
+    out = capsys.readouterr().out
+    modes = list(SPARSE_MODES)
+    settings = len(plan_settings(modes, ["0.1", "0.25", "0.5"], ["0.1", "0.25", "0.5"], ["mlp", "att", "both"],
+                                 ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads else ["heads"],
+                                 True))
+    assert f"summary: {7 + 0.25 * 120:,.0f} s" in out
+    assert f"tasks: {3 + 2.0 * documents_per_setting(3) * settings / 4:,.0f} s" in out
+    assert "convert: 11 s" in out and out.count("stage_fits.json (bench)") == 3
+    dims["hidden_size"] += 1  # another shape: the fits do not apply
+    path.write_text(json.dumps({"dims": {"bench": dims}, "fits": fits}))
+    run_study.main([TINY, "--out-dir", str(tmp_path / "out"), *SMALL, "--plan"])
+    assert "stage_fits.json" not in capsys.readouterr().out

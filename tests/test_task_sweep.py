@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
 from scripts.assets import make_local_task
 from scripts.report import report
 from scripts.study import task_sweep
@@ -28,7 +29,17 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
             "--att-topk", "2", "3",
             "--predictor-dir", str(tmp_path / "pred"), "--limit", "4", "--bootstrap-iters", "100", "--batch", "8",
             "--out-dir", str(out)]
+    built = []
+    original_init = DejaVuLM.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(k.get("sparse_mode"))
+        original_init(self, *a, **k)
+
+    monkeypatch.setattr("Decentralized_FM_alpha.lm_eval_model.DejaVuLM.__init__", counting_init)
     rows = task_sweep.main(argv)
+    monkeypatch.undo()
+    assert built == ["dense"]  # one model for every setting, the dense one first
     settings = [("dense", "dense", "dense")] + [(m, mlp, att) for m in ("oracle", "predictor", "random")
                                                 for mlp, att in (("0.25", "2"), ("0.5", "3"))]
     assert [(r["mode"], r["mlp_topk"], r["att_topk"], r["task"]) for r in rows] == \
@@ -42,7 +53,7 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
         result = json.loads((out / row["result_json"]).read_text())
         assert result["identity"]["mode"] == row["mode"] and result["git_commit"]
         info = result["model_info"]["dejavu"]
-        assert info["model_type"] == ("opt" if row["mode"] == "dense" else "opt-ml-att-sparse")
+        assert info["model_type"] == "opt-ml-att-sparse" and info["sparsity"]["mode"] == row["mode"]
         if row["mode"] != "dense":
             assert info["sparsity"]["mode"] == row["mode"] and row["block"] == "both"
             assert set(info["sparsity"]["mlp_budgets"].values()) == {float(row["mlp_topk"])}

@@ -241,3 +241,9 @@ def verify_task_folder(folder: Path) -> None:
         if digest != task["data_sha256"]:
             raise ValueError(f"{task['data_file']}: sha256 {digest} differs from {task['data_sha256']} recorded in "
                              f"{manifest}; the file changed")
+
+
+def documents_per_setting(limit: int | None, data_dir: Path = DATA_DIR) -> int:
+    """Documents the seven tasks evaluate for one setting at this --limit (None: the full splits)."""
+    return sum(len(docs) if limit is None else min(limit, len(docs))
+               for docs in (hf_documents(task, data_dir) for task in TASKS))

@@ -25,6 +25,7 @@ Arguments after -- go to run_study.py unchanged. Writes <out>/rates.json, <out>/
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
-from scripts.assets.dejavu_tasks import TASKS, hf_documents  # noqa: E402
+from scripts.assets.dejavu_tasks import documents_per_setting  # noqa: E402
 from scripts.bench.common import (DISK_BLOCK, copy_bandwidth, disk_bandwidth, free_device_memory,  # noqa: E402
                                   matmul_peak)
 from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
@@ -167,17 +168,33 @@ def stage_rows(study_dir: Path, rates: dict, file_role: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- sizes and fits
-def task_documents(limit: int | None) -> int:
-    """Documents the seven local tasks evaluate per setting at this --task-limit (None: the full splits)."""
-    sizes = [len(hf_documents(task)) for task in TASKS]
-    return sum(n if limit is None else min(limit, n) for n in sizes)
+def settings_run(study: Path, model: str) -> dict[str, int]:
+    """How many settings the study's sweep and task stages ran for the model (the plan scales their time by it)."""
+    def distinct(path: Path, columns: tuple[str, ...]) -> int:
+        if not path.is_file():
+            return 0
+        with open(path) as f:
+            return len({tuple(row[c] for c in columns) for row in csv.DictReader(f)})
+
+    setting = ("mode", "block", "mlp_topk", "att_topk", "att_unit")
+    return {"sweep": distinct(study / "sweep" / model / "sweep.csv", setting),
+            "tasks": distinct(study / "tasks" / model / "tasks.csv", setting)}
+
+
+def model_dims(config_path: Path) -> dict[str, int]:
+    """The shape a fit holds for (plan.py applies it only to a model of the same shape)."""
+    config = json.loads(config_path.read_text())
+    return {"hidden_size": config["hidden_size"], "num_layers": config["num_hidden_layers"],
+            "ffn_dim": config.get("intermediate_size", config.get("ffn_dim")),
+            "num_heads": config["num_attention_heads"],
+            "num_kv_heads": config.get("num_key_value_heads", config["num_attention_heads"])}
 
 
 def drivers(scale: float, task_limit: int | None) -> dict[str, float]:
     """The quantity each stage's time is fitted against, at one size."""
     tokens = round(DEFAULTS["collect_tokens"] * scale)
     scored = max(1, round(DEFAULTS["val_docs"] * scale)) + max(1, round(DEFAULTS["wiki_windows"] * scale))
-    return {**{stage: tokens for stage in ROW_STAGES}, "sweep": scored, "tasks": task_documents(task_limit)}
+    return {**{stage: tokens for stage in ROW_STAGES}, "sweep": scored, "tasks": documents_per_setting(task_limit)}
 
 
 def size_flags(scale: float, task_limit: int | None) -> list[str]:
@@ -205,8 +222,9 @@ def fit_stages(tables: dict[str, list[dict]], sizes: dict[str, dict]) -> list[di
         else:
             at_default = float(y.mean())
             fit = {"a_s": at_default, "b_s_per_unit": 0.0, "driver_at_default": None}
+        measured = [sizes[name]["settings"].get(model, {}).get(stage) for name in tables]
         fits.append({"model": model, "stage": stage, "points": [[float(a), float(b)] for a, b in zip(x, y)], **fit,
-                     "default_s": float(at_default)})
+                     "default_s": float(at_default), "settings": measured[-1] if measured else None})
     return fits
 
 
@@ -276,12 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
             models = [f"{name_}={study / 'converted' / name_}" for name_ in args.models]
         for rows_file in study.glob("data/*/*.mmap"):  # ... and the disk holds one size's collections at a time
             rows_file.unlink()
+        sizes[name]["settings"] = {model: settings_run(study, model) for model in args.models}
         tables[name] = stage_rows(study, rates, "online-dir" if args.online_dir and any(
             r["stage"].startswith("collect (layers") for r in read_json(study / "study_manifest.json")["stages"])
             else "out-dir")
         write_tables(args.out, rates, sizes, tables)
     fits = fit_stages(tables, sizes) if len(args.scales) >= 2 else []
     write_json_atomic(args.out / "stage_fits.json", {**base_manifest(kind="bench_study_fits"), "sizes": sizes,
+                                                     "dims": {m: model_dims(args.out / "hf" / m / "config.json") for m in args.models},
                                                      "defaults": {**DEFAULTS, "task_limit": None},
                                                      "drivers_at_default": drivers(1.0, None), "fits": fits})
     return {"rates": rates, "tables": tables, "fits": fits}

@@ -127,6 +127,42 @@ def measured_rates() -> dict:
     }
 
 
+STAGE_FITS = REPO / "docs/results/study_3b_shapes/stage_fits.json"
+FITTED_ROW_STAGES = ("collect", "predictors", "analysis", "summary")
+
+
+def fitted_model(facts: ModelFacts, path: Path | None = None) -> tuple[str, list[dict]] | None:
+    """The stage fits of scripts/bench/bench_study.py for a model of exactly this shape, with its name; None when the
+    file is absent or no model in it has these dims (a fit is not stretched to another shape)."""
+    path = path or STAGE_FITS
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    dims = {"hidden_size": facts.dims.hidden_size, "num_layers": facts.dims.num_layers, "ffn_dim": facts.dims.ffn_dim,
+            "num_heads": facts.dims.num_heads, "num_kv_heads": facts.dims.num_kv_heads}
+    for model, model_dims in found.get("dims", {}).items():
+        if model_dims == dims:
+            return model, [fit for fit in found["fits"] if fit["model"] == model]
+    return None
+
+
+def fitted_estimates(fits: list[dict], model: str, a, settings: dict[str, int], task_documents: int
+                     ) -> list[tuple[str, str, str]]:
+    """(stage, seconds, source) of every fitted stage: a + b x driver at this study's sizes; the sweep's and tasks'
+    slope scaled by this study's settings over the measured run's (different modes, blocks or budgets)."""
+    drivers = {**{stage: a.collect_tokens for stage in FITTED_ROW_STAGES}, "sweep": a.val_docs + (a.wiki_windows or 64),
+               "tasks": task_documents}
+    out = []
+    for fit in fits:
+        stage = fit["stage"]
+        slope = fit["b_s_per_unit"] * drivers.get(stage, 0)
+        if stage in settings and fit.get("settings"):
+            slope *= settings[stage] / fit["settings"]
+        out.append((stage, f"{fit['a_s'] + slope:,.0f}",
+                    f"{STAGE_FITS.name} ({model}): a + b x driver fitted over {len(fit['points'])} measured sizes"))
+    return out
+
+
 def stage_estimates(facts: ModelFacts, a, rates: dict, tokens_scored: int, settings: int, predictor_flops: float
                     ) -> list[tuple[str, str, str]]:
     """(stage, seconds, source) for the stages a measured rate covers."""
@@ -163,8 +199,10 @@ class ModelPlan:
     lines: list[str]
 
 
-def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rates: dict, lookback: int
-               ) -> ModelPlan:
+def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rates: dict, lookback: int,
+               task_settings: int = 0, task_documents: int = 0) -> ModelPlan:
+    """`settings`: sweep runs (settings x 2 datasets); `task_settings` and `task_documents`: the tasks stage's settings
+    and documents per setting."""
     dims = facts.dims
     groups = dims.num_kv_heads < dims.num_heads
     att_fractions = [float(f) for f in fractions]
@@ -177,8 +215,13 @@ def plan_model(facts: ModelFacts, a, fractions: list[float], settings: int, rate
     online_groups = layer_groups(dims.num_layers, layer_rows, int(a.memory_budget_gb * 2**30), lookback)
     largest = max((len(g) + min(g[0], lookback) for g in online_groups), default=0)
     tokens_scored = a.val_docs * a.max_seq_len + (a.wiki_windows or 64) * a.max_seq_len
-    estimates = stage_estimates(facts, a, rates, tokens_scored, settings,
-                                training_flops(facts, a, len(fractions), len(fractions) if groups else 0))
+    fitted = fitted_model(facts)
+    if fitted:  # rates measured at this very shape, every stage
+        estimates = fitted_estimates(fitted[1], fitted[0], a, {"sweep": settings // 2, "tasks": task_settings},
+                                     task_documents)
+    else:
+        estimates = stage_estimates(facts, a, rates, tokens_scored, settings,
+                                    training_flops(facts, a, len(fractions), len(fractions) if groups else 0))
     lines = [f"{facts.name}: {dims.num_layers} layers, d {dims.hidden_size}, ffn {dims.ffn_dim}, {dims.num_heads} heads "
              f"({dims.num_kv_heads} key/value), {facts.parameters:,} parameters",
              f"  disk, mmap path: activations {gib(activations)} (exact: {a.collect_tokens:,} rows x "

@@ -137,20 +137,20 @@ def harness_version() -> str:
 
 
 class Models:
-    """One loaded harness model at a time: settings of one model type reuse it, each sparse setting with its own
-    controller (DejaVuLM.use_sparsity)."""
+    """One harness model loaded once for every setting: the sparse model type, each setting with its own controller
+    (DejaVuLM.use_sparsity). The dense setting runs as its mode `dense`, which keeps every unit on the same code path
+    as the dense modules (the same operations, so the same numbers) and spares a second load of the weights."""
 
     def __init__(self):
-        self.lm, self.dense = None, None
+        self.lm = None
 
     def get(self, arguments: dict):
         from Decentralized_FM_alpha.lm_eval_model import DejaVuLM
 
-        dense = "sparse_mode" not in arguments
-        if self.lm is None or dense or self.dense:
-            self.lm, self.dense = None, None
+        arguments = {"sparse_mode": "dense", **arguments}
+        if self.lm is None:
             gc.collect()
-            self.lm, self.dense = DejaVuLM(**arguments), dense
+            self.lm = DejaVuLM(**arguments)
         else:
             self.lm.use_sparsity(**arguments)
         return self.lm
@@ -205,7 +205,7 @@ def rows_of(path: Path, model: str, out_dir: Path) -> list[dict]:
 def setting_columns(result: dict) -> dict:
     """The setting of a result JSON as sweep.csv describes it (budgets as written, counts kept, predictor wiring)."""
     setting = result["identity"]
-    sparsity = result["model_info"]["dejavu"]["sparsity"] or {}
+    sparsity = (result["model_info"]["dejavu"]["sparsity"] or {}) if setting["mode"] != "dense" else {}
 
     def one(values) -> str:
         values = sorted(set(values))
