@@ -21,16 +21,20 @@ def test_the_floor_is_the_largest_bound_and_collect_is_bound_by_writing():
 
 
 def test_fits_recover_the_line_through_two_sizes_and_evaluate_it_at_the_defaults():
-    sizes = {name: {"drivers": bench_study.drivers(scale, limit), "settings": {"m": {"tasks": 9}}}
+    sizes = {name: {"drivers": bench_study.drivers(bench_study.study_sizes(scale, limit)),
+                    "settings": {"m": {"tasks": 9}}}
              for name, scale, limit in (("small", 0.025, 5), ("large", 0.05, 10))}
     line = {"summary": (4.0, 0.001), "tasks": (2.0, 0.5)}
     tables = {name: [{"model": "m", "stage": stage, "seconds": a + b * sizes[name]["drivers"][stage]}
-                     for stage, (a, b) in line.items()] + [{"model": "m", "stage": "convert", "seconds": 10.0 + i}]
+                     for stage, (a, b) in line.items()] + [{"model": "m", "stage": "convert", "seconds": 10.0 + i},
+                                                           {"model": "all", "stage": "tasks", "seconds": 1.0 + i}]
               for i, name in enumerate(sizes)}
-    fits = {f["stage"]: f for f in bench_study.fit_stages(tables, sizes)}
-    default = bench_study.drivers(1.0, None)
+    fits = {f["stage"]: f for f in bench_study.fit_stages(tables, sizes) if f["model"] == "m"}
+    default = bench_study.drivers(bench_study.study_sizes(1.0, None))
     for stage, (a, b) in line.items():
         assert fits[stage]["a_s"] == pytest.approx(a) and fits[stage]["b_s_per_unit"] == pytest.approx(b)
         assert fits[stage]["default_s"] == pytest.approx(a + b * default[stage])
     assert fits["convert"]["default_s"] == pytest.approx(10.5) and fits["convert"]["b_s_per_unit"] == 0
     assert fits["tasks"]["settings"] == 9
+    [local_tasks] = [f for f in bench_study.fit_stages(tables, sizes) if f["model"] == "all"]
+    assert local_tasks["b_s_per_unit"] == 0 and local_tasks["default_s"] == pytest.approx(1.5)  # no driver

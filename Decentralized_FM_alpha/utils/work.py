@@ -1,12 +1,16 @@
 """The work a process does, counted where it is done, so that a stage's time can stand beside its floor.
 
-Three counters, each the least a correct program must do (never what this one happens to do):
+Three counters of the work the stage's method asks for (the predictors it trains, the forward passes it runs, the
+rows it reads), each counted as the least the hardware must do for it, never the overheads of this implementation
+(launches, padding, casts, idle time):
   flops         matrix-multiply FLOPs: the model's forward passes over real (unpadded) tokens, the predictors'
                 training steps (forward and backward, count_training_step) and held-out evaluations (2 x rows x
                 parameters);
   device_bytes  device-memory bytes that cannot be avoided: AdamW reading and writing each predictor weight and its
                 two moments once per step (OPTIMIZER_BYTES_PER_PARAMETER);
-  file_bytes    bytes read from or written to collected activation files.
+  file_bytes    bytes read from or written to collected activation files and converted weights, as read: a file
+                that a stage reads twice (the summary's input variants each read their layer's label file)
+                counts twice, so this bound is the floor of the reads as the stage makes them.
 The floor of a stage is max(flops / matmul peak, device_bytes / device bandwidth, file_bytes / file bandwidth), each
 rate measured on the machine (scripts/bench/bench_study.py). With DEJAVU_WORK_LOG set, the process appends its totals
 and its peak of allocated GPU memory as one JSON line to that file when it exits; run_study.py sets it per stage and

@@ -119,6 +119,13 @@ def iter_row_chunks(rows: np.ndarray, chunk: int) -> Iterator[tuple[slice, np.nd
         yield part, rows[part]
 
 
+def read_rows_on(mm: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """read_rows onto `device`: the float16 rows go over as stored and become float32 there (on a GPU the cast is
+    the device's, not the host's)."""
+    work.count(file_bytes=len(rows) * mm.shape[1] * mm.itemsize)
+    return torch.from_numpy(np.asarray(mm[rows])).to(device).float()
+
+
 def read_rows(mm: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """The given rows of a float16 memmap as float32: only those rows are read from disk."""
     work.count(file_bytes=len(rows) * mm.shape[1] * mm.itemsize)

@@ -20,19 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/analysis/sparsity_stats.py` run
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from sparse_predictor.trainer.cli import add_training_arguments, split_config, train_config  # noqa: E402
 from sparse_predictor.trainer.labels import LabelSpec, make_label_spec  # noqa: E402
-from sparse_predictor.trainer.rows import chunk_slices, open_rows, stream_chunks  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
 from scripts.analysis.common import (RowSample, RUN_SCRIPT_LR, collection_source, device_from_args,  # noqa: E402
-                                     open_collection, parse_fractions, per_layer_partials, sample_rows,
-                                     train_and_evaluate_together, write_results)
+                                     iter_row_chunks, open_collection, parse_fractions, per_layer_partials,
+                                     read_rows_on, rows_per_chunk, sample_rows, train_and_evaluate_together,
+                                     write_results)
 
 STATISTIC_DEFINITIONS = {
     "zero_fraction": "fraction of mlp_label entries == 0 in float16 storage; OPT: ReLU zeros, the exact inactive "
@@ -77,13 +76,10 @@ def fraction_key(prefix: str, value: float) -> str:
 
 def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thresholds: list[float],
                      fractions: list[float], device: torch.device) -> dict:
-    """One layer's sparsity statistics over the sampled rows, streamed chunk by chunk onto `device` (the GPU on a
-    GPU run: the sort of every row's magnitudes is the stage's work), sums kept there until the end."""
+    """One layer's sparsity statistics over the sampled rows (only those are read), chunk by chunk on `device` (the
+    GPU on a GPU run: the sort of every row's magnitudes is the stage's work), sums kept there until the end."""
     kinds = ["mlp_label", "att_label"] + (["mlp_gate"] if "mlp_gate" in store.kinds else [])
-    files = [open_rows(store, kind, layer) for kind in kinds]
-    selected = np.zeros(store.rows, dtype=bool)
-    selected[sample.rows] = True
-    slices = [s for s in chunk_slices(store.rows, [f.width for f in files]) if selected[s].any()]
+    files = [store.open(kind, layer) for kind in kinds]
     zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
     sums: dict[str, torch.Tensor] = defaultdict(zero)
     counts: dict[str, int] = defaultdict(int)
@@ -93,12 +89,8 @@ def layer_statistics(store: ActivationStore, layer: int, sample: RowSample, thre
         sums[key] += total
         counts[key] += int(n)
 
-    for rows, tensors in stream_chunks(files, slices, device):
-        local = np.flatnonzero(selected[rows])
-        if len(local) < rows.stop - rows.start:
-            index = torch.from_numpy(local).to(device)
-            tensors = [t[index] for t in tensors]
-        y, heads, *gate = (t.float() for t in tensors)
+    for _, rows in iter_row_chunks(sample.rows, rows_per_chunk(3 * store.dims.ffn_dim)):
+        y, heads, *gate = (read_rows_on(mm, rows, device) for mm in files)
         add("zero_fraction", (y == 0).sum(), y.numel())
         add("positive_fraction", (y > 0).sum(), y.numel())
         magnitude = y.abs()

@@ -190,32 +190,38 @@ def model_dims(config_path: Path) -> dict[str, int]:
             "num_kv_heads": config.get("num_key_value_heads", config["num_attention_heads"])}
 
 
-def drivers(scale: float, task_limit: int | None) -> dict[str, float]:
-    """The quantity each stage's time is fitted against, at one size."""
-    tokens = round(DEFAULTS["collect_tokens"] * scale)
-    scored = max(1, round(DEFAULTS["val_docs"] * scale)) + max(1, round(DEFAULTS["wiki_windows"] * scale))
-    return {**{stage: tokens for stage in ROW_STAGES}, "sweep": scored, "tasks": documents_per_setting(task_limit)}
+def study_sizes(scale: float, task_limit: int | None) -> dict:
+    """run_study.py's per-model sizes at this fraction of its defaults (at least one document of each)."""
+    return {"collect_tokens": round(DEFAULTS["collect_tokens"] * scale),
+            "val_docs": max(1, round(DEFAULTS["val_docs"] * scale)),
+            "wiki_windows": max(1, round(DEFAULTS["wiki_windows"] * scale)), "task_limit": task_limit}
 
 
-def size_flags(scale: float, task_limit: int | None) -> list[str]:
-    return ["--collect-tokens", str(round(DEFAULTS["collect_tokens"] * scale)),
-            "--val-docs", str(max(1, round(DEFAULTS["val_docs"] * scale))),
-            "--wiki-windows", str(max(1, round(DEFAULTS["wiki_windows"] * scale))),
-            *(["--task-limit", str(task_limit)] if task_limit else [])]
+def drivers(sizes: dict) -> dict[str, float]:
+    """The quantity each stage's time is fitted against (per model; the study-wide 'all' stages have none)."""
+    return {**{stage: sizes["collect_tokens"] for stage in ROW_STAGES},
+            "sweep": sizes["val_docs"] + sizes["wiki_windows"], "tasks": documents_per_setting(sizes["task_limit"])}
+
+
+def size_flags(sizes: dict) -> list[str]:
+    return ["--collect-tokens", str(sizes["collect_tokens"]), "--val-docs", str(sizes["val_docs"]),
+            "--wiki-windows", str(sizes["wiki_windows"]),
+            *(["--task-limit", str(sizes["task_limit"])] if sizes["task_limit"] else [])]
 
 
 def fit_stages(tables: dict[str, list[dict]], sizes: dict[str, dict]) -> list[dict]:
     """Per (model, stage): seconds = a + b x driver by least squares over the sizes (a constant where the stage has
     no driver), and its value at the defaults (scale 1, full task splits)."""
-    default = drivers(1.0, None)
+    default = drivers(study_sizes(1.0, None))
     fits = []
     keys = sorted({(r["model"], r["stage"]) for rows in tables.values() for r in rows})
     for model, stage in keys:
-        points = [(sizes[name]["drivers"].get(stage), r["seconds"]) for name, rows in tables.items() for r in rows
-                  if (r["model"], r["stage"]) == (model, stage)]
+        per_model = model != "all"  # the study-wide stages (requests, local tasks, report) have no driver
+        points = [(sizes[name]["drivers"].get(stage) if per_model else None, r["seconds"])
+                  for name, rows in tables.items() for r in rows if (r["model"], r["stage"]) == (model, stage)]
         x = np.array([p[0] if p[0] is not None else 0.0 for p in points], dtype=float)
         y = np.array([p[1] for p in points], dtype=float)
-        if stage in default and len(set(x)) >= 2:
+        if per_model and stage in default and len(set(x)) >= 2:
             b, a = np.polyfit(x, y, 1)
             at_default = a + b * default[stage]
             fit = {"a_s": float(a), "b_s_per_unit": float(b), "driver_at_default": default[stage]}
@@ -276,13 +282,14 @@ def main(argv: list[str] | None = None) -> dict:
         limit = args.task_limits[i] if args.task_limits else None
         name = f"s{scale:g}"
         study = args.out / name
-        flags = size_flags(scale, limit) if not args.smoke else [
-            "--collect-tokens", str(round(1200 * scale / args.scales[0])), "--val-docs", "2", "--wiki-windows", "1",
-            "--task-limit", str(limit or 2)]
+        chosen = study_sizes(scale, limit) if not args.smoke else {
+            "collect_tokens": round(1200 * scale / args.scales[0]), "val_docs": 2, "wiki_windows": 1,
+            "task_limit": limit or 2}
+        flags = size_flags(chosen)
         command = [sys.executable, str(REPO / "scripts/run_study.py"), *models, "--out-dir", str(study),
                    *device_flags, *smoke, *flags,
                    *(["--online-dir", str(args.online_dir / name)] if args.online_dir else []), *passthrough]
-        sizes[name] = {"scale": scale, "task_limit": limit, "command": command, "drivers": drivers(scale, limit)}
+        sizes[name] = {"scale": scale, **chosen, "command": command, "drivers": drivers(chosen)}
         print(f"[{name}] {' '.join(command)}", flush=True)
         started = time.time()
         with open(args.out / f"{name}.log", "a") as log:
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json_atomic(args.out / "stage_fits.json", {**base_manifest(kind="bench_study_fits"), "sizes": sizes,
                                                      "dims": {m: model_dims(args.out / "hf" / m / "config.json") for m in args.models},
                                                      "defaults": {**DEFAULTS, "task_limit": None},
-                                                     "drivers_at_default": drivers(1.0, None), "fits": fits})
+                                                     "drivers_at_default": drivers(study_sizes(1.0, None)), "fits": fits})
     return {"rates": rates, "tables": tables, "fits": fits}
 
 
