@@ -221,13 +221,14 @@ def fit_stages(tables: dict[str, list[dict]], sizes: dict[str, dict]) -> list[di
                   for name, rows in tables.items() for r in rows if (r["model"], r["stage"]) == (model, stage)]
         x = np.array([p[0] if p[0] is not None else 0.0 for p in points], dtype=float)
         y = np.array([p[1] for p in points], dtype=float)
-        if per_model and stage in default and len(set(x)) >= 2:
-            b, a = np.polyfit(x, y, 1)
+        b, a = np.polyfit(x, y, 1) if per_model and stage in default and len(set(x)) >= 2 else (None, None)
+        if b is not None and b >= 0:
             at_default = a + b * default[stage]
             fit = {"a_s": float(a), "b_s_per_unit": float(b), "driver_at_default": default[stage]}
-        else:
+        else:  # no driver, or a time that fell as the size grew (noise above the size's effect): a constant
             at_default = float(y.mean())
-            fit = {"a_s": at_default, "b_s_per_unit": 0.0, "driver_at_default": None}
+            fit = {"a_s": at_default, "b_s_per_unit": 0.0, "driver_at_default": None,
+                   **({"note": "the time fell as the driver grew: fitted as a constant"} if b is not None else {})}
         measured = [sizes[name]["settings"].get(model, {}).get(stage) for name in tables]
         fits.append({"model": model, "stage": stage, "points": [[float(a), float(b)] for a, b in zip(x, y)], **fit,
                      "default_s": float(at_default), "settings": measured[-1] if measured else None})
