@@ -297,7 +297,7 @@ def report_inputs(tmp_path_factory) -> tuple[Path, list[Path]]:
 
 def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_path):
     root, inputs = report_inputs
-    text = report.build_report(inputs, tmp_path / "report").read_text()
+    text = report.read_report(report.build_report(inputs, tmp_path / "report"))
     for section in report.SECTIONS:
         assert f"## {section}\n\nMissing" not in text and f"## {section}\n" in text
     assert "- opt-synthetic / lastword_mc: dense acc 0.4" in text  # the downstream section reads the task CSV
@@ -328,15 +328,15 @@ def test_report_builds_from_fixture_results_with_every_table(report_inputs, tmp_
     drift_provenance = json.loads(drift_json.read_text())["provenance"]
     assert (f"| {drift_json} | `{drift_provenance['command']}` | {drift_provenance['git_commit']} | "
             f"{(root / 'opt_c4' / 'manifest.json').resolve()} |") in sources
-    for figure in ("drift_att_x", "drift_mlp_x", "lookahead_mlp", "sparsity_stats", "label_sweep", "predictors_mlp",
-                   "perplexity_sweep"):
+    for figure in ("drift_att_x", "drift_mlp_x", "lookahead_mlp", "sparsity_stats_opt-synthetic", "label_sweep",
+                   "predictors_mlp"):
         assert f"](figures/{figure}.png)" in text
         assert (tmp_path / "report" / "figures" / f"{figure}.png").stat().st_size > 0
 
 
 def test_report_lists_sections_without_input_once_under_not_measured(report_inputs, tmp_path):
     root, _ = report_inputs
-    text = report.build_report([root / "sweep.csv"], tmp_path / "report").read_text()
+    text = report.read_report(report.build_report([root / "sweep.csv"], tmp_path / "report"))
     assert "## Residual-stream drift" not in text
     not_measured = text.split("## Not measured in this run")[1].split("\n## ")[0]
     assert "- section 'Residual-stream drift': no input of this kind was given" in not_measured
@@ -376,11 +376,14 @@ def test_task_matrix_has_one_column_per_task_and_the_unweighted_mean_with_its_st
                 "acc": str(acc), "acc_stderr": str(se)}
 
     rows = [row("dense", "dejavu_cb", 0.5, 0.03), row("dense", "dejavu_copa", 0.7, 0.04),
-            row("oracle", "dejavu_cb", 0.4, 0.03, "0.5")]
+            row("dense", "dejavu_rte", 0.54, 0.03), row("oracle", "dejavu_cb", 0.4, 0.03, "0.5")]
     lines = task_matrix(rows, {})
     header = next(line for line in lines if line.startswith("| mode"))
-    assert header.split("|")[1:-1] == [" mode ", " budget ", " cb ", " copa ", " mean "]
-    dense = next(line for line in lines if line.startswith("| dense"))
-    assert "0.600 ± 0.025" in dense  # (0.5 + 0.7) / 2, sqrt(0.03^2 + 0.04^2) / 2
+    assert header.split("|")[1:-1] == [" mode ", " budget ", " cb ", " copa ", " rte ", " headline mean ",
+                                       " mean of all "]
+    assert "left out, at chance for the dense model: dejavu_rte" in "\n".join(lines)  # 0.54 - 0.5 <= 2 x 0.03
+    dense = next(line for line in lines if line.startswith("| dense")).split("|")
+    assert dense[-3].strip() == "0.600 ± 0.025"  # headline: (0.5 + 0.7) / 2, sqrt(0.03^2 + 0.04^2) / 2
+    assert dense[-2].strip() == "0.580 ± 0.019"  # all three: 1.74 / 3, sqrt(0.03^2 + 0.04^2 + 0.03^2) / 3
     oracle = next(line for line in lines if line.startswith("| oracle"))
     assert "0.400 ± 0.030" in oracle and "not run" in oracle and "n/a (1 of 2 tasks)" in oracle

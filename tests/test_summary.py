@@ -101,8 +101,8 @@ def test_identical_labels_give_identical_summary_numbers_for_opt_and_llama(twin_
 
 def test_every_summary_number_traces_to_a_source_with_command_commit_and_manifest(twin_results, tmp_path):
     root, results = twin_results
-    text = report.build_report([results["opt"][0], results["llama"][0], root / "results"],
-                               tmp_path / "report").read_text()
+    text = report.read_report(report.build_report([results["opt"][0], results["llama"][0], root / "results"],
+                               tmp_path / "report"))
     sources = {}
     for line in text.split("## Sources")[1].splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -189,14 +189,43 @@ def presented(twin_results, tmp_path_factory):
                           (model, "lastword_mc", "random", budget): (0.30, stderr)})
     task_csv = write_tasks(out / "tasks", tasks)
     inputs = [results["opt"][0], results["llama"][0], root / "results", sweep, task_csv]
-    text = report.build_report(inputs, out / "report", notes=[f"models and data under {root}/results"]).read_text()
+    text = report.read_report(report.build_report(inputs, out / "report", notes=[f"models and data under {root}/results"]))
     return out, inputs, text
 
 
-def test_the_report_opens_with_the_answer_within_3000_characters_and_without_a_path(presented):
+def test_the_report_opens_with_the_headline_table_and_sentences_built_from_its_cells(presented):
+    out, _, _ = presented
+    lines = (out / "report" / "report.md").read_text().splitlines()
+    screen = lines[:next(i for i, line in enumerate(lines) if line.startswith("## "))]
+    assert len(screen) <= 40 and screen[0].startswith("# DejaVu's contextual sparsity: opt-twin, llama-twin")
+    header = next(i for i, line in enumerate(screen) if line.startswith("| model | block"))
+    cells = {}
+    for row in screen[header + 2:]:
+        if not row.startswith("|"):
+            break
+        parts = [p.strip() for p in row.strip("|").split("|")]
+        modes = [m.strip() for m in screen[header].strip("|").split("|")[2:]]
+        cells[(parts[0], parts[1].split(":")[0])] = dict(zip(modes, parts[2:]))
+    assert cells[("opt-twin", "MLP + attention")]["oracle"].count(" / ") == 2  # <= 1.01 / <= 1.05 / tasks
+    sentences = [line for line in screen if line.startswith("- opt-twin.") or line.startswith("- llama-twin.")]
+    assert len(sentences) == 2
+    units = {"MLP": "neurons", "attention": "heads", "MLP + attention": "neurons"}
+    checked = 0
+    for (model, block), by_mode in cells.items():
+        if block not in units or by_mode.get("predictor", "not run") == "not run":
+            continue
+        sentence = next(s for s in sentences if s.startswith(f"- {model}."))
+        clause = sentence.split(f"{block}: ")[1].split(". ")[0]  # this block's clause
+        needed = by_mode["predictor"].split(" / ")[1]
+        assert clause.startswith(f"the predictor needs {needed} of the {units[block]} for at most 5% loss")
+        assert f"the oracle {by_mode['oracle'].split(' / ')[1]}" in clause
+        checked += 1
+    assert checked == 2
+
+
+def test_the_answer_appendix_sets_models_side_by_side_without_a_path(presented):
     out, _, text = presented
-    assert text.split("\n## ")[1].startswith("Answer\n") and text.index("\n## Answer") < 3000
-    answer = sections(text)["Answer"]
+    answer = sections(text)["Answer"].split("\nPart of [the report]")[0]  # the appendix's link back aside
     assert not PATH_LIKE.search(answer.replace("n/a", "")), PATH_LIKE.search(answer.replace("n/a", ""))
     assert "| quantity | opt-twin | llama-twin |" in answer  # the models side by side
     assert ("| budget | mode | opt-twin: MLP + attention | llama-twin: MLP + attention | opt-twin: MLP only | "
@@ -205,10 +234,11 @@ def test_the_report_opens_with_the_answer_within_3000_characters_and_without_a_p
             "|") in answer
     assert "| 0.5 of neurons, 2 of 4 heads | gate | n/a | n/a | n/a | 1.100 [1.100, 1.100] |" in answer
     assert "| 0.25 of neurons, 1 of 4 heads | predictor | 0.700 ± 0.005 | 0.700 ± 0.070 |" in answer  # tasks
-    # commands, sources and provenance come after everything else; the note (with its path) after the Answer
-    order = [title for title in sections(text)]
-    assert order.index("Answer") == 0 and order[-3:] == ["Inputs", "Sources", "Provenance"]
-    assert order.index("About this run") == 1 and order.index("Glossary") < order.index("Sources")
+    # in report.md the note follows the first screen, provenance comes last; the reference appendix ends with sources
+    order = list(sections((out / "report" / "report.md").read_text()))
+    assert order.index("About this run") < order.index("Appendices") and order[-1] == "Provenance"
+    reference = list(sections("\n" + (out / "report" / "appendix_reference.md").read_text()))
+    assert reference.index("Glossary") < reference.index("Sources") == len(reference) - 1
 
 
 def test_no_markdown_table_is_wider_than_the_column_limit(presented):
@@ -237,10 +267,10 @@ def test_generated_sentences_follow_the_numbers(presented):
     # accuracy: precise rows compare, noisy rows are marked too noisy, with the flag
     assert ("  - task accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within 0.02; "
             "accuracies in the table): lastword_mc: at 0.25 of neurons, 1 of 4 heads: 0.100 below (0.700 vs 0.800, "
-            "standard error 0.007); at 0.5 of neurons, 2 of 4 heads: within 0.02 (0.795 vs 0.800).") in opt
+            "unpaired standard error 0.007); at 0.5 of neurons, 2 of 4 heads: within 0.02 (0.795 vs 0.800).") in opt
     assert ("  - task accuracy of the predictor against dense, MLP and attention sparse (flag --acc-within 0.02; "
             "accuracies in the table): too noisy to read at every budget on lastword_mc (standard error of the "
-            "difference 0.099 > 0.02).") in llama
+            "difference 0.099 > 0.02; paired where per-document scores were stored, else unpaired).") in llama
 
 
 def test_rows_keeping_whole_key_value_groups_are_a_budget_of_their_own():
@@ -283,39 +313,49 @@ def test_a_comparison_noisier_than_its_flag_is_too_noisy_to_read():
     assert ratio_clause(far, Flags(within=0.1)) == "100% above (ratio 2.000 [1.500, 2.700])"
     # accuracy: noise decides only where the difference's interval reaches into the band of the flag
     assert accuracy_clause(TaskResult(0.575, 0.035), TaskResult(0.925, 0.019), Flags()) == (
-        "0.350 below (0.575 vs 0.925, standard error 0.040)")
+        "0.350 below (0.575 vs 0.925, unpaired standard error 0.040)")
     assert accuracy_clause(TaskResult(0.90, 0.021), TaskResult(0.925, 0.019), Flags()) == (
-        "too noisy to read (0.900 vs 0.925, standard error of the difference 0.028 > 0.02)")
+        "too noisy to read (0.900 vs 0.925, unpaired standard error of the difference 0.028 > 0.02)")
+    same = {"doc_ids": [0, 1, 2, 3]}  # paired over the same documents: the per-document differences' spread
+    paired = accuracy_clause(TaskResult(0.5, 0.29, {**same, "acc": [1, 0, 1, 0]}),
+                             TaskResult(0.75, 0.25, {**same, "acc": [1, 1, 1, 0]}), Flags())
+    assert paired == "too noisy to read (0.500 vs 0.750, paired standard error of the difference 0.250 > 0.02)"
 
 
 def test_every_figure_draws_a_mode_in_its_one_style(presented, monkeypatch, tmp_path):
-    """The same mode looks the same in the summary, perplexity and task figures, and as series_style says."""
+    """The same mode looks the same in the perplexity and task figures of every model, and as series_style says;
+    every figure of the report has at most four panels."""
     from matplotlib.colors import to_hex
-    from scripts.analysis.common import new_figure, series_style
-    from scripts.report import plots, summary
+    from scripts.analysis.common import MAX_PANELS, new_figure, series_style
+    from scripts.report import baselines, figures as paper, plots
     figures = {}
 
     def keep(fig, path):
         figures[path.name] = fig
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")  # the gallery lists the files present
         return path
-    monkeypatch.setattr(plots, "save_figure", keep)
-    monkeypatch.setattr(summary, "save_figure", keep)
+    for module in (plots, paper, baselines):
+        monkeypatch.setattr(module, "save_figure", keep)
     report.build_report(presented[1], tmp_path / "report")
+    assert figures and all(len([ax for ax in fig.axes if ax.has_data()]) <= MAX_PANELS for fig in figures.values())
 
     def style(line) -> tuple:
         return to_hex(line.get_color()), line.get_linestyle(), line.get_marker()
     _, (reference,) = new_figure()
     expected = {mode: style(reference.plot([0, 1], [0, 1], **series_style(mode))[0]) for mode in MODES}
     seen = defaultdict(set)
-    for name in ("summary.png", "perplexity_sweep.png", "tasks_sweep.png"):
+    shown = [name for name in figures if name.startswith(("F3_perplexity_", "F3_tasks_"))]
+    assert len(shown) == 4  # two models, perplexity and task mean each
+    for name in shown:
         for ax in figures[name].axes:
             for line in ax.get_lines():
                 if line.get_label() in MODES:
                     seen[line.get_label()].add((name, style(line)))
-            assert len(ax.get_lines()) <= 7  # at most ~6 series and a reference line per panel
+            assert len(ax.get_lines()) <= 9  # the modes, dense, and two rule or chance lines per panel
     for mode in MODES:
         assert {s for _, s in seen[mode]} == {expected[mode]}, mode
-        assert len({name for name, _ in seen[mode]}) == (2 if mode in ("static", "gate") else 3), mode  # no task row
+        assert any(name.startswith("F3_perplexity_") for name, _ in seen[mode]), mode
 
 
 def test_pooled_numbers_leave_out_layer_0_and_every_input_pools_the_same_layers(presented, twin_results):
@@ -339,7 +379,7 @@ def test_pooled_numbers_leave_out_layer_0_and_every_input_pools_the_same_layers(
 
 def test_sections_without_input_are_listed_once_at_the_end(presented, tmp_path):
     _, inputs, _ = presented
-    text = report.build_report([inputs[3]], tmp_path / "report").read_text()  # the sweep alone
+    text = report.read_report(report.build_report([inputs[3]], tmp_path / "report"))  # the sweep alone
     titles = list(sections(text))
     assert "Residual-stream drift" not in titles and "Decomposition" not in titles
     assert text.count("Residual-stream drift") == 1
@@ -400,7 +440,7 @@ def with_baselines(twin_results, tmp_path_factory):
         (out / family).mkdir()
         (out / family / "recall_summary.json").write_text(json.dumps(recall))
         (out / family / "drift.json").write_text(json.dumps(drift_payload))
-    text = report.build_report([results["opt"][0], results["llama"][0], out], out / "report").read_text()
+    text = report.read_report(report.build_report([results["opt"][0], results["llama"][0], out], out / "report"))
     return out, text
 
 

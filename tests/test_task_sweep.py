@@ -73,10 +73,13 @@ def test_task_sweep_writes_every_setting_resumes_and_feeds_the_report(tmp_path, 
     with pytest.raises(SystemExit, match="limit"):
         task_sweep.main([*argv[:-2], "--limit", "3", "--out-dir", str(out)])
 
-    written = report.build_report([out / "tasks.csv"], tmp_path / "report")
-    section = written.read_text().split("## Downstream tasks")[1].split("\n## ")[0]
-    assert "](figures/tasks_sweep.png)" in section and (tmp_path / "report/figures/tasks_sweep.png").is_file()
+    report.build_report([out / "tasks.csv"], tmp_path / "report")
+    section = (tmp_path / "report" / "appendix_downstream_tasks.md").read_text()
     assert section.count(f"| opt_converted | {make_local_task.MULTIPLE_CHOICE} |") == len(settings)
+    dense = json.loads((out / "runs" / "dense" / f"{make_local_task.MULTIPLE_CHOICE}.json").read_text())
+    examples = dense["per_example"][make_local_task.MULTIPLE_CHOICE]
+    mc_dense = next(r for r in table if r["task"] == make_local_task.MULTIPLE_CHOICE and r["mode"] == "dense")
+    assert len(examples["acc"]) == 4 and sum(examples["acc"]) / 4 == pytest.approx(float(mc_dense["acc"]))
 
 
 def test_task_sweep_shards_evaluate_every_nth_setting_and_the_unsharded_run_tables_them(tmp_path, tiny_tokenizer_dir,

@@ -4,8 +4,9 @@ Per layer, the MLP keeps the top-k neurons and attention the top-k query heads o
 token; the others contribute zero. What ranks them is the mode:
   dense      keep everything (the same code path, for comparisons)
   predictor  the layer's trained predictor, fed exactly the input it was trained on
-  oracle     the true |activation| (MLP) / head output norm (attention): the best any predictor could do
-  random     uniform random scores, seeded: the floor
+  oracle     the true |activation| (MLP) / head output norm (attention): what the label ranks by, not an upper
+             bound on quality
+  random     uniform random scores, seeded
   static     the K units most often in the true top-K over the training documents, the same for every token
              (static_{block}_layer{L}.json of sparse_predictor/static_topk.py): the input-independent baseline
   gate       MLP only, gated MLPs (Llama): the top-K of |act(g)| with g the exact gate pre-activation (CATS-style,

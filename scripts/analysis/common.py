@@ -258,13 +258,25 @@ def model_colors(models: Sequence[str]) -> dict[str, str]:
     return {m: MODEL_COLORS[i] for i, m in enumerate(ordered)}
 
 
+MAX_PANELS = 4  # panels of one figure: more do not read on a paper's page; split the figure instead
+
+
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: int = 1, sharey: bool = False):
-    """A matplotlib figure drawn off-screen (Agg), so plots work on machines without a display; axes row-major."""
+    """A matplotlib figure drawn off-screen (Agg), so plots work on machines without a display; axes row-major. At
+    most MAX_PANELS panels (an error otherwise: the caller splits the figure)."""
+    if ncols * nrows > MAX_PANELS:
+        raise ValueError(f"a figure of {nrows} x {ncols} panels: at most {MAX_PANELS}; split it")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.rcParams.update(FIGURE_STYLE)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, sharey=sharey)
     return fig, [ax for row in axes for ax in row]
+
+
+FIGURE_STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 7,
+                "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False,
+                "pdf.fonttype": 42}  # one style for every figure; TrueType fonts in the PDFs (journals ask for it)
 
 
 def plot_series(ax, x: Sequence[float], y: Sequence[float], kind: str, label: str, color: str | None = None,
@@ -282,14 +294,49 @@ def reference_line(ax, y: float, kind: str, label: str) -> None:
     ax.axhline(y, color=style["color"], linestyle=style["linestyle"], linewidth=1.0, label=label)
 
 
+MAX_LOG_TICKS = 6
+
+
+def readable_log_ticks(low: float, high: float, most: int = MAX_LOG_TICKS) -> list[float]:
+    """At most `most` ticks between low and high on a log axis: 1, 2 and 5 per decade when they fit, else the
+    decades, else every n-th decade."""
+    import math
+    if not (low > 0 and high > low):
+        return []
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for subs in ((1, 2, 5), (1, 3), (1,)):
+        ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in subs if low <= m * 10.0 ** e <= high]
+        if 2 <= len(ticks) <= most:
+            return ticks
+    step = max(1, math.ceil((last - first + 1) / most))
+    return [10.0 ** e for e in range(first, last + 1, step) if low <= 10.0 ** e <= high]
+
+
 def log_y(ax) -> None:
-    """A log y axis whose ticks read as plain numbers (1.5, 2, 6), not powers of ten."""
-    from matplotlib.ticker import FuncFormatter
+    """A log y axis with a few readable ticks (readable_log_ticks of the shown range, recomputed when the limits
+    change) as plain numbers, and no labelled minor ticks (they piled up)."""
+    from matplotlib.ticker import FuncFormatter, Locator, NullFormatter
+
+    class Readable(Locator):
+        def __call__(self):
+            return readable_log_ticks(*sorted(self.axis.get_view_interval()))
+
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=6)
+    ax.yaxis.set_major_locator(Readable())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def figure_legend(fig, axes) -> None:
+    """One legend for every panel of the figure (each label once), to the right of the panels, off the data."""
+    handles, labels = [], []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
 def legend_outside(ax) -> None:
@@ -301,11 +348,14 @@ def legend_outside(ax) -> None:
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
+    """The figure as PNG at `path` and as PDF beside it (same stem); returns the PNG's path."""
     import matplotlib.pyplot as plt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legends placed outside the axes
+    for target in (path, path.with_suffix(".pdf")):  # bbox tight keeps the legends placed outside the axes
+        fig.savefig(target, dpi=150, bbox_inches="tight",
+                    **({"metadata": {"CreationDate": None}} if target.suffix == ".pdf" else {}))  # reproducible
     plt.close(fig)
     return path
 

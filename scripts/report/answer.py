@@ -10,12 +10,16 @@ Nothing here names a file: sources and commands are at the end of the report.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+from scripts.report.headline import collapsed, difference_standard_error
 from scripts.report.inputs import PANELS, Budget, row_budget
-from scripts.report.summary import (BASELINES, BLOCK_TITLES, MAX_COLUMNS, SPARSE_MODES, Cell, ModelSummary,
+from scripts.report.plots import BLOCK_TITLES
+from scripts.report.summary import (BASELINES, MAX_COLUMNS, SPARSE_MODES, Cell, ModelSummary,
                                     headline_dataset, layer_text, table, wiring_text)
 
 
@@ -26,25 +30,40 @@ class Flags:
     acc_within: float = 0.02  # --acc-within: an accuracy difference within this reads "within"
 
 
+COLLAPSED_AT = 10.0  # perplexity ratio to dense above which a run has collapsed
+
+
 @dataclass(frozen=True)
 class TaskResult:
     acc: float
     stderr: float
+    examples: dict | None = None  # doc ids and per-document acc (task_sweep.py's per_example), when stored
 
 
 TaskResults = dict[tuple[str, str, str, Budget | None], TaskResult]  # (model, task, mode, budget; None = dense)
 
 
+def per_example(csv_path: object, row: dict) -> dict | None:
+    """The row's per-document scores from its result JSON (path relative to the table), when that run stored them."""
+    if not row.get("result_json") or not isinstance(csv_path, Path):
+        return None
+    path = csv_path.parent / row["result_json"]
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("per_example", {}).get(row["task"])
+
+
 def task_results(task_sweeps: Sequence[tuple[object, list[dict]]]) -> TaskResults:
-    """(model, task, mode, budget) -> accuracy and the harness's standard error, from task-sweep CSV rows."""
+    """(model, task, mode, budget) -> accuracy, the harness's standard error and (when stored) per-document scores,
+    from task-sweep CSV rows."""
     out = {}
-    for _, rows in task_sweeps:
+    for csv_path, rows in task_sweeps:
         for row in rows:
             if row.get("acc") in (None, "") or row.get("acc_stderr") in (None, ""):
                 continue
             budget = None if row["mode"] == "dense" else row_budget(row)
-            out[(row["model"], row["task"], row["mode"], budget)] = TaskResult(float(row["acc"]),
-                                                                               float(row["acc_stderr"]))
+            out[(row["model"], row["task"], row["mode"], budget)] = TaskResult(
+                float(row["acc"]), float(row["acc_stderr"]), per_example(csv_path, row))
     return out
 
 
@@ -79,26 +98,28 @@ def ratio_clause(cell: Cell | None, flags: Flags) -> str:
     return f"{percent(abs(value - 1))} {'above' if value > 1 else 'below'} (ratio {cell.text()})"
 
 
-def accuracy_se(result: TaskResult, base: TaskResult) -> float:
-    """The standard error of a difference of two accuracies, the two rows taken as independent (the harness gives
-    each row's own)."""
-    return math.hypot(result.stderr, base.stderr)
+def accuracy_se(result: TaskResult, base: TaskResult) -> tuple[float, str]:
+    """The standard error of a difference of two accuracies and its kind: paired over the same documents where both
+    runs stored per-document scores, else unpaired (headline.difference_standard_error)."""
+    return difference_standard_error(result.acc, result.stderr, result.examples, base.acc, base.stderr,
+                                     base.examples)
 
 
 def accuracy_noisy(result: TaskResult, base: TaskResult, flags: Flags) -> bool:
-    difference, se = result.acc - base.acc, accuracy_se(result, base)
+    difference, (se, _) = result.acc - base.acc, accuracy_se(result, base)
     return too_noisy(se, flags.acc_within, difference - 1.96 * se, difference + 1.96 * se)
 
 
 def accuracy_clause(result: TaskResult, base: TaskResult, flags: Flags) -> str:
     """How an accuracy compares with a reference under the flag --acc-within."""
-    difference, se = result.acc - base.acc, accuracy_se(result, base)
+    difference, (se, kind) = result.acc - base.acc, accuracy_se(result, base)
     numbers = f"{result.acc:.3f} vs {base.acc:.3f}"
     if accuracy_noisy(result, base, flags):
-        return f"too noisy to read ({numbers}, standard error of the difference {se:.3f} > {flags.acc_within:g})"
+        return (f"too noisy to read ({numbers}, {kind} standard error of the difference {se:.3f} > "
+                f"{flags.acc_within:g})")
     if abs(difference) <= flags.acc_within:
         return f"within {flags.acc_within:g} ({numbers})"
-    return f"{abs(difference):.3f} {'above' if difference > 0 else 'below'} ({numbers}, standard error {se:.3f})"
+    return f"{abs(difference):.3f} {'above' if difference > 0 else 'below'} ({numbers}, {kind} standard error {se:.3f})"
 
 
 def cell_text(cell: Cell | None) -> str:
@@ -143,10 +164,14 @@ def level(budget: Budget) -> float:
 
 
 def level_label(value: float, budgets: Sequence[Budget], summaries: Sequence[ModelSummary]) -> str:
-    """The budget in units (from the paired row when there is one): '0.25 of neurons, 2 of 9 heads'."""
+    """The budget in units (from the paired row when there is one), in each model's own counts: '0.25 of neurons, 2
+    of 9 heads', or per model where the models keep different counts ('smollm2: ..., 2 of 9 heads; qwen: ..., 4 of
+    14 heads')."""
     at_level = sorted((b for b in budgets if level(b) == value), key=lambda b: BLOCK_ORDER.index(b.panel))
-    texts = {at_level[0].text(s.dims) for s in summaries}
-    return texts.pop() if len(texts) == 1 else at_level[0].text()
+    texts = {s.model: at_level[0].text(s.dims) for s in summaries}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{model}: {text}" for model, text in texts.items())
 
 
 def side_by_side(keys: Sequence[str], summaries: Sequence[ModelSummary]) -> list[list[tuple[str, ModelSummary]]]:
@@ -259,11 +284,13 @@ def model_sentences(s: ModelSummary, tasks: TaskResults, task_names: Sequence[st
         side = "exceeds" if gap.interval.value >= 0 else "is below"
         out.append(f"drift at k=1 (raw): the same-token cosine {side} the cross-token one by "
                    f"{abs(gap.interval.value):.3f} (difference {gap.text()}, tokens paired)")
-    for mode in ("predictor", "static", "gate") if dataset else ():  # random is the floor: its numbers are above
+    for mode in ("predictor", "static", "gate") if dataset else ():  # random: its numbers are in the tables
         where = mode_block(s, dataset, mode)
         budgets = sorted((b for ds, m, b in s.vs_oracle if (ds, m) == (dataset, mode) and b.panel == where),
                          key=Budget.sort_key)
-        clauses = [f"at {b.text(s.dims)}: {ratio_clause(s.vs_oracle[(dataset, mode, b)], flags)}" for b in budgets]
+        clauses = [f"at {b.text(s.dims)}: " + (collapsed_text(s, dataset, mode, b) or
+                                                 ratio_clause(s.vs_oracle[(dataset, mode, b)], flags))
+                   for b in budgets]
         if clauses:
             out.append(f"{mode} perplexity against the oracle's, {BLOCK_TITLES[where]} (flag --within "
                        f"{flags.within:g}): " + "; ".join(clauses))
@@ -284,6 +311,18 @@ def model_sentences(s: ModelSummary, tasks: TaskResults, task_names: Sequence[st
     return out
 
 
+def collapsed_text(s: ModelSummary, dataset: str, mode: str, budget: Budget) -> str | None:
+    """'collapsed (...)' when the mode's run and the oracle's are both more than COLLAPSED_AT x dense perplexity:
+    a ratio between two collapsed runs is no comparison."""
+    run, oracle = s.ppl.get((dataset, mode, budget)), s.ppl.get((dataset, "oracle", budget))
+    if run is None or oracle is None or run.interval is None or oracle.interval is None:
+        return None
+    if not collapsed(run.interval.value, oracle.interval.value, COLLAPSED_AT):
+        return None
+    return (f"collapsed, both above {COLLAPSED_AT:g}x dense ({mode} {run.interval.value:.4g}x, oracle "
+            f"{oracle.interval.value:.4g}x): no ratio read")
+
+
 def span(values: Sequence[float]) -> str:
     low, high = f"{min(values):.3f}", f"{max(values):.3f}"
     return low if low == high else f"{low} to {high}"
@@ -302,7 +341,7 @@ def accuracy_sentence(s: ModelSummary, tasks: TaskResults, task_names: Sequence[
             continue
         results = [tasks[(s.model, task, "predictor", b)] for b in budgets]
         if all(accuracy_noisy(r, base, flags) for r in results):
-            noisy.append((task, [accuracy_se(r, base) for r in results]))
+            noisy.append((task, [accuracy_se(r, base)[0] for r in results]))
         elif all(abs(r.acc - base.acc) <= flags.acc_within and not accuracy_noisy(r, base, flags) for r in results):
             within.append(task)
         else:
@@ -311,7 +350,8 @@ def accuracy_sentence(s: ModelSummary, tasks: TaskResults, task_names: Sequence[
     parts = []
     if noisy:
         parts.append(f"too noisy to read at every budget on {', '.join(t for t, _ in noisy)} (standard error of the "
-                     f"difference {span([e for _, errors in noisy for e in errors])} > {flags.acc_within:g})")
+                     f"difference {span([e for _, errors in noisy for e in errors])} > {flags.acc_within:g}; paired "
+                     "where per-document scores were stored, else unpaired)")
     if within:
         parts.append(f"within {flags.acc_within:g} at every budget on {', '.join(within)}")
     parts += detailed
@@ -369,7 +409,7 @@ def answer_section(summaries: Sequence[ModelSummary], tasks: TaskResults, fracti
     rows = recall_rows(summaries, fractions)
     if rows:
         lines += ["**Recall@K of the lookahead predictor** (the oracle's is 1 by definition; the static top-K is the "
-                  "input-independent floor):", ""]
+                  "input-independent baseline; uniform chance K / units):", ""]
         lines += table(["K", "ranking", *(s.model for s in summaries)], rows)
     else:
         absent.append("Answer: Recall@K (no recall_summary.py result)")

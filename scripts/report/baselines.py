@@ -16,7 +16,7 @@ from typing import Sequence
 
 from Decentralized_FM_alpha.utils.intervals import Interval
 from scripts.analysis.capacity import pooled_interval, pooled_value
-from scripts.analysis.common import model_colors, new_figure, save_figure, write_csv_atomic
+from scripts.analysis.common import figure_legend, model_colors, new_figure, save_figure, write_csv_atomic
 from scripts.report.sections import table
 from scripts.report.summary import layer_text, summary_layers
 
@@ -222,8 +222,7 @@ def plot_capacity(recall: Sequence[dict], out_dir: Path) -> Path | None:
     if not payloads:
         return None
     colors = model_colors([p["source"]["model"] for p in payloads])
-    fig, axes = new_figure(ncols=5, width=4.2, height=3.6)
-    axes, legend_ax = axes[:4], axes[4]  # the legend gets its own panel, off the data
+    fig, axes = new_figure(ncols=2, nrows=2, width=4.2, height=3.4)
     panels = [(block, curve, x_key) for block in ("mlp", "att") for curve, x_key in (("D", "D"),
                                                                                      ("rows", "rows_fraction"))]
     for ax, (block, curve, x_key) in zip(axes, panels):
@@ -249,14 +248,7 @@ def plot_capacity(recall: Sequence[dict], out_dir: Path) -> Path | None:
                ylabel="held-out Recall@K", title=f"{BLOCK_TITLES[block]}: against {'D' if curve == 'D' else 'data'}")
         if curve == "D":
             ax.set_xscale("log", base=2)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        h, l = ax.get_legend_handles_labels()
-        handles += [a for a, b in zip(h, l) if b not in labels]
-        labels += [b for b in l if b not in labels]
-    legend_ax.axis("off")
-    if handles:
-        legend_ax.legend(handles, labels, fontsize=7, loc="center left", frameon=False)
+    figure_legend(fig, axes)
     return save_figure(fig, out_dir / "capacity.png")
 
 

@@ -19,6 +19,7 @@ PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
 SEED_DIR = re.compile(r"seed\d+")
 SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
 TASKS_REQUIRED = ("model", "task", "mode", "acc", "acc_stderr")
+LAYER_SWEEP_REQUIRED = ("model", "block", "mode", "budget", "layer", "log_increase")  # scripts/study/layer_sweep.py
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -65,6 +66,7 @@ class Inputs:
     predictors: list[PredictorSet] = field(default_factory=list)
     sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
     task_sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)
+    layer_sweeps: list[tuple[Path, list[dict]]] = field(default_factory=list)  # one layer sparse at a time
     studies: list[tuple[Path, dict]] = field(default_factory=list)  # run_study.py manifests: stage wall times
     benches: list[tuple[Path, dict]] = field(default_factory=list)  # bench_sparse_decode.py JSONs: decode speed
     missing: list[str] = field(default_factory=list)
@@ -109,7 +111,8 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
         return False
     if path.suffix == ".csv":
         columns, rows = read_csv(path)
-        for required, found in ((SWEEP_REQUIRED, inputs.sweeps), (TASKS_REQUIRED, inputs.task_sweeps)):
+        for required, found in ((LAYER_SWEEP_REQUIRED, inputs.layer_sweeps), (SWEEP_REQUIRED, inputs.sweeps),
+                                (TASKS_REQUIRED, inputs.task_sweeps)):
             if set(required) <= columns:
                 found.append((path, rows))
                 return True

@@ -16,17 +16,16 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scripts/report/plots.py` run
 
 import numpy as np  # noqa: E402
 
-from scripts.analysis.common import (MAX_SERIES, legend_outside, log_y, model_colors, new_figure,  # noqa: E402
-                                     plot_series, reference_line, save_figure, series_style)
-from scripts.report.inputs import ANALYSES, Budget, row_budget  # noqa: E402
+from scripts.analysis.common import (MAX_SERIES, legend_outside, model_colors, new_figure, plot_series,  # noqa: E402
+                                     save_figure)
+from scripts.report.inputs import ANALYSES  # noqa: E402
 
 MARKERS = ("o", "s", "^", "v", "D", "x", "*", "+")
 SPARSE_MODES = ("oracle", "predictor", "random", "static", "gate")
@@ -43,22 +42,6 @@ def integer_ticks(ax) -> None:
 
 def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)] or [[]]
-
-
-# ------------------------------------------------------------------------------------- budgets
-def budget_axis(budgets: Sequence[Budget], dims: dict) -> tuple[list[float], list[str], str]:
-    """x positions, tick labels and axis label of a budget axis: the fraction of neurons kept (a paired run's heads
-    under it), or the heads kept of H when the MLP is dense."""
-    heads, kv_heads = dims.get("num_heads"), dims.get("num_kv_heads")
-    if budgets and all(b.mlp is not None for b in budgets):
-        ffn = dims.get("ffn_dim")
-        x = [float(b.mlp) if float(b.mlp) < 1 else (float(b.mlp) / ffn if ffn else np.nan) for b in budgets]
-        ticks = [f"{v:g}" + (f"\n{b.att_count(heads, kv_heads)} of {heads or '?'}" if b.att is not None else "")
-                 for v, b in zip(x, budgets)]
-        paired = any(b.att is not None for b in budgets)
-        return x, ticks, "fraction of neurons kept" + (f"\n(heads kept of {heads or '?'} under it)" if paired else "")
-    x = [float(b.att_count(heads, kv_heads) or np.nan) for b in budgets]
-    return x, [f"{v:g}" for v in x], f"heads kept (of {heads or '?'})"
 
 
 BLOCK_TITLES = {"both": "MLP and attention sparse", "both groups": "MLP and attention sparse (whole kv groups)",
@@ -92,9 +75,9 @@ def plot_drift(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -
                                                                   for r in rs)]
         groups = chunks(list(records), max(1, MAX_SERIES // max(1, len(pairings))))
         rows = [(dims, group) for dims in dims_sets for group in groups]
-        fig, axes = new_figure(ncols=3, nrows=len(rows), width=4.6, height=3.6)
-        for row, (dims, group) in enumerate(rows):
-            panels = dict(zip(("raw", "normed", "distance"), axes[3 * row: 3 * row + 3]))
+        for row, (dims, group) in enumerate(rows):  # one figure of three panels each
+            fig, axes = new_figure(ncols=3, width=4.6, height=3.6)
+            panels = dict(zip(("raw", "normed", "distance"), axes))
             for model in group:
                 for space in ("raw", "normed"):
                     for pairing, points in drift_series(records[model], space, dims).items():
@@ -124,7 +107,8 @@ def plot_drift(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -
             ax.set_title(f"{kind}, {where}: cosine(x_l, x_(l+k))", fontsize=9)
             integer_ticks(ax)
             legend_outside(ax)
-        paths.append(save_figure(fig, out_dir / f"drift_{kind}.png"))
+            suffix = ("" if dims == "all" else "_without_massive") + (f"_{row}" if len(groups) > 1 else "")
+            paths.append(save_figure(fig, out_dir / f"drift_{kind}{suffix}.png"))
     return paths
 
 
@@ -166,11 +150,11 @@ def stat_columns(results: Sequence[dict], prefix: str) -> list[str]:
 
 
 def plot_sparsity(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
-    """One row per model: (a) exact-zero and below-threshold fractions, (b) top-f magnitude share, (c) gate < 0,
+    """One figure per model: (a) exact-zero and below-threshold fractions, (b) top-f magnitude share, (c) gate < 0,
     per layer."""
-    fig, axes = new_figure(ncols=3, nrows=len(results), width=4.8, height=3.4)
-    for row, result in enumerate(results):
-        zeros, mass, gate = axes[3 * row: 3 * row + 3]
+    paths = []
+    for result in results:
+        fig, (zeros, mass, gate) = new_figure(ncols=3, width=4.8, height=3.4)
         model = model_of(result)
         records = sorted(result["records"], key=lambda r: r["layer"])
         layers = [r["layer"] for r in records]
@@ -194,7 +178,8 @@ def plot_sparsity(results: Sequence[dict], colors: dict[str, str], out_dir: Path
             ax.set_ylim(0, 1.05)
             integer_ticks(ax)
             legend_outside(ax)
-    return [save_figure(fig, out_dir / "sparsity_stats.png")]
+        paths.append(save_figure(fig, out_dir / f"sparsity_stats_{model}.png"))
+    return paths
 
 
 def plot_label_sweep(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
@@ -250,92 +235,6 @@ def plot_predictors(summaries: dict[tuple[str, str], list[dict]], colors: dict[s
             legend_outside(ax)
         paths.append(save_figure(fig, out_dir / f"predictors_{block}.png"))
     return paths
-
-
-def panel_keys(rows: list[dict], group: str) -> list[tuple[str, str, str]]:
-    """(model, dataset or task, block) of every panel, in the rows' order."""
-    return list(dict.fromkeys((r["model"], r[group], row_budget(r).panel) for r in rows if r["mode"] != "dense"))
-
-
-@dataclass
-class BudgetPanel:
-    """One panel of a sweep figure: its axes, the rows of its (model, dataset or task), its budgets on the x axis."""
-    ax: Any
-    rows: list[dict]
-    budgets: list[Budget]
-    x: list[float]
-
-    def series(self, mode: str, value: Callable[[dict], Any]) -> list[tuple[float, Any]]:
-        """(x, value(row)) of the mode's rows at this panel's budgets."""
-        points = {row_budget(r): value(r) for r in self.rows if r["mode"] == mode}
-        return [(xi, points[b]) for xi, b in zip(self.x, self.budgets) if b in points]
-
-
-def budget_panels(rows: list[dict], group: str, dims: dict[str, dict]) -> tuple[Any, list[BudgetPanel]]:
-    """The figure of one panel per (model, `group` value, block) with its budget axis and title; unused axes off."""
-    panels = panel_keys(rows, group)
-    if not panels:
-        return None, []
-    fig, axes = new_figure(ncols=min(3, len(panels)), nrows=-(-len(panels) // 3), width=4.6, height=3.6)
-    made = []
-    for ax, (model, key, block) in zip(axes, panels):
-        chosen = [r for r in rows if (r["model"], r[group]) == (model, key)]
-        budgets = sorted({row_budget(r) for r in chosen if r["mode"] != "dense" and row_budget(r).panel == block},
-                         key=Budget.sort_key)
-        x, ticks, xlabel = budget_axis(budgets, dims.get(model, {}))
-        ax.set_xticks(x, ticks, fontsize=7)
-        ax.set_xlabel(xlabel)
-        ax.set_title(f"{model}, {key}:\n{BLOCK_TITLES[block]}", fontsize=9)
-        made.append(BudgetPanel(ax, chosen, budgets, x))
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
-    return fig, made
-
-
-def plot_perplexity(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
-    """Perplexity (log scale) against the budget, one panel per (model, dataset, block), one series per mode; the
-    dense perplexity as a reference line."""
-    fig, panels = budget_panels(rows, "dataset", dims)
-    if not panels:
-        return []
-    for panel in panels:
-        for mode in SPARSE_MODES:
-            shown = panel.series(mode, lambda r: float(r["perplexity"]))
-            if shown:
-                plot_series(panel.ax, *zip(*shown), mode, mode)
-        for r in panel.rows:
-            if r["mode"] == "dense":
-                reference_line(panel.ax, float(r["perplexity"]), "dense", f"dense {float(r['perplexity']):.4g}")
-        log_y(panel.ax)
-        panel.ax.set_ylabel("perplexity (log scale)")
-        legend_outside(panel.ax)
-    return [save_figure(fig, out_dir / "perplexity_sweep.png")]
-
-
-def plot_tasks(rows: list[dict], dims: dict[str, dict], out_dir: Path) -> list[Path]:
-    """Downstream accuracy against the budget, one panel per (model, task, block), one series per mode with a band
-    of ± 1.96 harness standard errors; dense as a reference line with its band."""
-    fig, panels = budget_panels([r for r in rows if r.get("acc") not in (None, "")], "task", dims)
-    if not panels:
-        return []
-    for panel in panels:
-        ax = panel.ax
-        for mode in SPARSE_MODES:
-            shown = panel.series(mode, lambda r: (float(r["acc"]), float(r.get("acc_stderr") or 0)))
-            if shown:
-                xs, points = zip(*shown)
-                acc, se = zip(*points)
-                plot_series(ax, xs, acc, mode, mode, low=[a - 1.96 * s for a, s in zip(acc, se)],
-                            high=[a + 1.96 * s for a, s in zip(acc, se)])
-        for r in panel.rows:
-            if r["mode"] == "dense":
-                acc, se = float(r["acc"]), float(r.get("acc_stderr") or 0)
-                reference_line(ax, acc, "dense", f"dense {acc:.3f}")
-                ax.axhspan(acc - 1.96 * se, acc + 1.96 * se, color=series_style("dense")["color"], alpha=0.08)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy (harness acc; band ± 1.96 se)")
-        legend_outside(ax)
-    return [save_figure(fig, out_dir / "tasks_sweep.png")]
 
 
 def plot_results(results: Sequence[dict], out_dir: Path, colors: dict[str, str] | None = None) -> list[Path]:

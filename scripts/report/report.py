@@ -24,7 +24,10 @@ Writes <out-dir>/report.md and its figures under <out-dir>/figures/.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,13 +35,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS  # noqa: E402
-from scripts.analysis.common import model_colors  # noqa: E402
+from Decentralized_FM_alpha.utils.selection import fraction_count  # noqa: E402
+from scripts.analysis.common import model_colors, model_family, model_label  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
 from scripts.report.answer import Flags, answer_section, task_results  # noqa: E402
 from scripts.report.baselines import baselines_section  # noqa: E402
 from scripts.report.speed import speed_section  # noqa: E402
-from scripts.report.inputs import Sources, all_models, discover, model_dims  # noqa: E402
-from scripts.report.plots import plot_perplexity, plot_predictors, plot_results, plot_tasks  # noqa: E402
+from scripts.report.figures import (CAPTIONS, gallery, plot_contextual_sparsity, plot_layer_cost,  # noqa: E402
+                                    plot_quality)
+from scripts.report.figures import plot_recall_by_layer as plot_layer_recall  # noqa: E402
+from scripts.report.headline import first_screen  # noqa: E402
+from scripts.report.inputs import Inputs, Sources, all_models, discover, model_dims  # noqa: E402
+from scripts.report.layers import (baseline_layer_recall, layer_recall_table, model_layers,  # noqa: E402
+                                   predictor_layer_recall)
+from scripts.report.plots import plot_predictors, plot_results  # noqa: E402
+from scripts.report.why import layer_sweep_lines, on_policy_lines, structured_lines  # noqa: E402
+from scripts.report.summary import headline_dataset  # noqa: E402
 from scripts.report.sections import (collections_section, drift_section, figure_lines,  # noqa: E402
                                      label_sweep_section, lookahead_section, perplexity_section,
                                      predictors_section, result_source, sparsity_section,
@@ -48,12 +60,15 @@ SECTIONS = ("Collections", "Residual-stream drift", "Lookahead", "Sparsity stati
             "Predictors", "Perplexity sweep", "Downstream tasks")
 GLOSSARY = {
     "dense": "the unmodified model (every neuron and head computed); perplexity ratios divide by its perplexity",
-    "oracle": "sparse mode keeping the true top-K units of each token (from the exact activations): the best any "
-              "predictor of that budget could do; its Recall@K is 1 by definition",
+    "oracle": "sparse mode keeping each token's top-K units by the size of their exact output: |activation| for MLP "
+              "neurons, the norm of the head's output for attention heads. It is what the label ranks by, not an upper "
+              "bound on quality (a small output can still matter downstream; a predictor can beat it); its Recall@K is "
+              "1 by definition",
     "predictor": "sparse mode keeping the top-K units of DejaVu's trained predictor, fed the lookahead input",
     "random": "sparse mode keeping K units drawn uniformly at random per token",
     "static": "sparse mode / ranking keeping, per layer, the K units most often in the true top-K over the training "
-              "documents: input-independent, the floor a predictor must beat",
+              "documents: the input-independent baseline a predictor must beat to show that it reads its input (not a "
+              "floor of quality: it can score below random, e.g. where the frequent units are not the useful ones)",
     "gate": "sparse mode / ranking keeping the top-K units by |SiLU(g)| with g the exact gate pre-activation "
             "(CATS-style, Llama MLP only, no training; OPT has no gate: n/a)",
     "budget": "what a sparse block keeps: a fraction of the MLP neurons, and heads kept of H (or whole key-value "
@@ -96,9 +111,73 @@ GLOSSARY = {
 
 
 # ------------------------------------------------------------------------------------- the report
+@dataclass
+class Appendix:
+    slug: str
+    title: str
+    what: str
+    lines: list[str]
+
+
+def write_appendices(appendices: Sequence[Appendix], out_dir: Path) -> None:
+    for a in appendices:
+        (out_dir / f"appendix_{a.slug}.md").write_text("\n".join(
+            [f"## {a.title}", ""] + a.lines + ["", f"Part of [the report](report.md): {a.what}.", ""]))
+
+
+def model_families(inputs: Inputs) -> dict[str, str]:
+    """model -> opt or llama, from every input that says (collections, analysis results)."""
+    families = {model_label(m): model_family(m) for _, m in inputs.collections}
+    for results in inputs.results.values():
+        for _, r in results:
+            families.setdefault(r["source"]["model"], r["source"].get("family", ""))
+    return families
+
+
+def recall_headline(inputs: Inputs, dims: dict[str, dict], colors: dict[str, str], figures: Path,
+                    fractions: Sequence[float]) -> tuple[list[str], list[Path]]:
+    """Recall@K over every layer (per-budget predictors) with the baselines where scored, and F2 at the middle K."""
+    layer_recall = predictor_layer_recall(inputs.predictors)
+    if not layer_recall:
+        return [], []
+    ks = sorted({k for _, _, k in layer_recall})
+    payloads = [r for _, r in inputs.results["recall_summary"]]
+    baselines = {k: baseline_layer_recall(payloads, k) for k in ks}
+    lines = ["Held-out Recall@K of DejaVu's lookahead predictor trained at each budget, on every layer from 1 (layer 0 "
+             "stays dense): the mean over layers with its min and max; the summary's baselines on the layers it "
+             "scored them (named); uniform chance K / units. Each value is one collection and one training run "
+             "(seed); the per-layer spread is what the mean hides.", ""]
+    lines += layer_recall_table(layer_recall, baselines, dims, all_models(inputs))
+    k = min(ks, key=lambda v: abs(v - 0.25))
+    per_model = defaultdict(dict)
+    for (model, block, kk), points in layer_recall.items():
+        if kk == k:
+            per_model[model][block] = points
+    chance = {m: {b: fraction_count(k, dims[m]["ffn_dim" if b == "mlp" else "num_heads"]) /
+                  dims[m]["ffn_dim" if b == "mlp" else "num_heads"] for b in per_model[m]}
+              for m in per_model if dims.get(m)}
+    paths = plot_layer_recall(per_model, baselines[k], chance, model_layers(dims), colors, k, figures)
+    return lines + [""], paths
+
+
+def where_and_why(inputs: Inputs) -> tuple[list[str], list[str]]:
+    """The first screen's where (one layer at a time) and why (on-policy recall, the structured predictor) lines:
+    their numbers when the inputs hold them, else what was not run."""
+    where = layer_sweep_lines(inputs.layer_sweeps) or [
+        "not run: no one-layer-at-a-time sweep among the inputs (scripts/study/layer_sweep.py), so the cost per layer "
+        "and how much of it compounds are not measured."]
+    why = on_policy_lines(inputs.sweeps) or [
+        "not run: no sweep recorded on-policy recall (the mask applied against the same run's true top-K), so recall "
+        "on the sparse model's own states is not measured."]
+    why += structured_lines([r for _, r in inputs.results["recall_summary"]]) or [
+        "not run: no predictor shaped like SwiGLU (structured) among the inputs, so the function-class question is "
+        "not measured."]
+    return where, why
+
+
 def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = (), flags: Flags = Flags()) -> Path:
-    """Write <out_dir>/report.md (and figures) from the inputs; returns its path. The Answer comes first; `notes`
-    (context such as what the models are) follow it; commands, sources and provenance are at the end."""
+    """Write <out_dir>/report.md (its first screen answers the question), the appendix_*.md files it links, figures
+    and their gallery; returns the report's path."""
     provenance = base_manifest(kind="report")
     inputs = discover(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,57 +215,107 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
         body["Predictors"] = predictors_section(inputs.predictors, sources, missing) + figure_lines(
             plot_predictors(summaries, colors, figures), out_dir)
     if present["Perplexity sweep"]:
-        body["Perplexity sweep"] = perplexity_section(inputs.sweeps, sources, missing, dims) + figure_lines(
-            plot_perplexity([row for _, rows in inputs.sweeps for row in rows], dims, figures), out_dir)
+        body["Perplexity sweep"] = perplexity_section(inputs.sweeps, sources, missing, dims)
     if present["Downstream tasks"]:
-        body["Downstream tasks"] = tasks_section(inputs.task_sweeps, sources, missing, dims,
-                                                 flags.acc_within) + figure_lines(
-            plot_tasks([row for _, rows in inputs.task_sweeps for row in rows], dims, figures), out_dir)
+        body["Downstream tasks"] = tasks_section(inputs.task_sweeps, sources, missing, dims, flags.acc_within)
     not_measured += [f"section '{title}': no input of this kind was given" for title in SECTIONS if not present[title]]
-    if not parts.summary:
-        not_measured.append("Summary: no recall_summary.py, drift.py or sweep result was given")
-    if not parts.decomposition:
-        not_measured.append("Decomposition: no recall_summary.py result was given")
 
-    lines = ["# DejaVu on OPT and Llama: analysis report", "", "## Answer", ""] + answer
-    if notes:
-        lines += ["## About this run", ""] + [f"> **Note.** {note}\n" for note in notes]
-    if parts.summary:
-        lines += ["## Summary", ""] + parts.summary
-    if parts.decomposition:
-        lines += ["## Decomposition", ""] + parts.decomposition
-    if baseline_figures or not baseline_lines[0].startswith("Missing"):
-        lines += ["## Baselines and controls", ""] + baseline_lines + figure_lines(baseline_figures, out_dir)
-    else:
-        not_measured.append("section 'Baselines and controls': " + baseline_lines[0])
+    dataset = headline_dataset(parts.summaries)
+    task_rows = [row for _, rows in inputs.task_sweeps for row in rows]
+    where, why = where_and_why(inputs)
+    screen = (first_screen(parts.summaries, dataset, task_rows, model_families(inputs), where, why) if dataset else
+              ["No perplexity sweep with per-request log-probs among the inputs: the sparsity each mode sustains "
+               "cannot be read."])
+    recall_lines, recall_figures = recall_headline(inputs, dims, colors, figures, parts.fractions)
+    paper = plot_contextual_sparsity([r for _, r in inputs.results["sparsity_stats"]], colors, figures)
+    paper += recall_figures
+    paper += plot_quality(parts.summaries, dataset, task_rows, figures) if dataset else []
+    paper += plot_layer_cost([row for _, rows in inputs.layer_sweeps for row in rows], figures)
+    speed_lines = []
     for path, bench in inputs.benches:
         rows = [row for _, sweep_rows in inputs.sweeps for row in sweep_rows]
-        lines += ["## What it buys: decode speed with sparse kernels", ""] + speed_section(
-            rows, bench, figures, out_dir, source=sources.add(path, bench.get("provenance"), None))
+        speed_lines += speed_section(rows, bench, figures, out_dir, source=sources.add(path, bench.get("provenance"),
+                                                                                        None))
     if not inputs.benches:
-        not_measured.append("section 'What it buys': no bench_sparse_decode.py JSON was given")
+        not_measured.append("decode speed: no bench_sparse_decode.py JSON was given")
+    if not recall_lines:
+        not_measured.append("Recall@K over every layer: no per-budget predictor folder (b{k}/ with its summary CSV)")
+
+    appendices = [Appendix("answer", "Answer", "by budget: drift, the lookahead penalty, and each mode's "
+                           "perplexity ratio, task accuracy and Recall@K at every budget, with intervals", answer)]
+    if parts.summary:
+        appendices.append(Appendix("summary", "Summary and decomposition", "the pooled numbers on identical "
+                                   "definitions and their decomposition (activation, input distance, the gate)",
+                                   parts.summary + (["## Decomposition", ""] + parts.decomposition
+                                                    if parts.decomposition else [])))
+    if baseline_figures or not baseline_lines[0].startswith("Missing"):
+        appendices.append(Appendix("baselines", "Baselines and controls", "the rankings without a trained predictor, "
+                                   "the capacity and data curves and the folds",
+                                   baseline_lines + figure_lines(baseline_figures, out_dir)))
+    else:
+        not_measured.append("section 'Baselines and controls': " + baseline_lines[0])
+    if speed_lines:
+        appendices.append(Appendix("speed", "What it buys: decode speed with sparse kernels", "the decode bench's "
+                                   "speed beside each mode's perplexity", speed_lines))
     for title in SECTIONS:
         if title in body:
-            lines += [f"## {title}", ""] + body[title]
-    lines += ["## Not measured in this run", ""] + ([f"- {m}" for m in not_measured] or ["Everything was."]) + [""]
-    lines += ["## Missing inputs", ""] + ([f"- {m}" for m in missing] or ["Nothing missing."]) + [""]
-    lines += ["## Glossary", ""] + [f"- **{k}**: {v}" for k, v in GLOSSARY.items()] + [""]
+            appendices.append(Appendix(title.lower().replace(" ", "_").replace("-", "_"), title,
+                                       f"the {title.lower()} inputs in full", body[title]))
+    reference = ["## Not measured in this run", ""] + ([f"- {m}" for m in not_measured] or ["Everything was."]) + [""]
+    reference += ["## Missing inputs", ""] + ([f"- {m}" for m in missing] or ["Nothing missing."]) + [""]
+    reference += ["## Glossary", ""] + [f"- **{k}**: {v}" for k, v in GLOSSARY.items()] + [""]
     if inputs.studies:
-        lines += ["## Study stages", ""] + stages_section(inputs.studies, sources)
-    lines += ["## Inputs", ""]
-    lines += [f"- `{p}`" for p in paths]
-    lines += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]
-    lines += ["", "## Sources", "", "Every table row names its source [S<n>]: its file, command, commit and "
-              "manifest.", ""]
-    lines += table(["id", "file", "command", "commit", "manifest"],
-                   [[s["id"], s["file"], f"`{s['command']}`", s["commit"], s["manifest"]] for s in sources.rows])
+        reference += ["## Study stages", ""] + stages_section(inputs.studies, sources)
+    reference += ["## Inputs", ""] + [f"- `{p}`" for p in paths]
+    reference += [f"- not recognised (no known result inside): `{u}`" for u in inputs.unrecognised]
+    reference += ["", "## Sources", "", "Every table row names its source [S<n>]: its file, command, commit and "
+                  "manifest.", ""]
+    reference += table(["id", "file", "command", "commit", "manifest"],
+                       [[s["id"], s["file"], f"`{s['command']}`", s["commit"], s["manifest"]] for s in sources.rows])
+    appendices.append(Appendix("reference", "What was not measured, glossary, stages, sources", "what each term "
+                               "means and where every number came from", reference))
+    write_appendices(appendices, out_dir)
+
+    lines = [f"# DejaVu's contextual sparsity: {', '.join(models)}", ""] + screen + [""]
+    if recall_lines:
+        lines += ["## Recall@K over every layer", ""] + recall_lines
+    paper_figures = [p for p in paper if p.is_file()] + [p for p in (figures / "speed_vs_perplexity.png",)
+                                                         if p.is_file() and speed_lines]
+    if paper_figures:
+        lines += ["## Figures", "", "PNG and PDF, captions in [the gallery](figures/README.md)."]
+        lines += [f"- [{p.stem}](figures/{p.name}): {CAPTIONS.get(p.name, '').split('. ', 1)[-1]}" for p in paper_figures]
+        lines += [""]
+    if notes:
+        lines += ["## About this run", ""] + [f"> **Note.** {note}\n" for note in notes]
+    lines += ["## Appendices", ""] + [f"- [{a.title}](appendix_{a.slug}.md): {a.what}." for a in appendices] + [""]
+    lines += [f"{len(not_measured)} items were not measured and {len(missing)} inputs are missing: "
+              f"[the reference appendix](appendix_reference.md) lists them.", ""]
+    lines += ["## Statistics", "", STATISTICS_NOTE, ""]
     lines += ["## Provenance", "", f"Generated by `{provenance['command']}` at commit `{provenance['git_commit']}` on "
               f"{provenance['start_time']}, with --within {flags.within:g} and --acc-within {flags.acc_within:g}.", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
-    print(f"wrote {report}: {sum(present.values())} of {len(SECTIONS)} sections, {len(sources.rows)} sources, "
-          f"{len(missing)} missing inputs, {len(not_measured)} items not measured, figures in {figures}")
+    gallery([*paper_figures, *sorted(p for p in figures.glob("*.png") if p not in paper_figures)], figures)
+    print(f"wrote {report} ({len(lines)} lines) and {len(appendices)} appendices: {sum(present.values())} of "
+          f"{len(SECTIONS)} sections, {len(sources.rows)} sources, {len(missing)} missing inputs, {len(not_measured)} "
+          f"items not measured, figures in {figures}")
     return report
+
+
+def read_report(path: Path) -> str:
+    """report.md followed by every appendix it links, in its order: the whole report as one text (to search it)."""
+    text = path.read_text()
+    appendices = re.findall(r"\]\((appendix_[a-z_]+\.md)\)", text)
+    return "\n".join([text, *((path.parent / a).read_text() for a in dict.fromkeys(appendices))])
+
+
+STATISTICS_NOTE = ("Every interval is a 95% percentile bootstrap that resamples held-out documents (Recall@K, "
+                   "captured mass), validation requests paired with the dense run (C4 perplexity ratios) or whole "
+                   "WikiText-2 articles; it holds fixed the one collection of activations, the one training run of "
+                   "each predictor (one seed) and the weights: it is the noise of the evaluation sample, not of "
+                   "training. A spread over seeds is shown only where two or more seeds ran. Task accuracies carry the "
+                   "harness's standard error; a difference between two modes is paired over the same examples where "
+                   "per-example scores were stored, else labelled unpaired.")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -10,9 +10,10 @@ import numpy as np
 
 from sparse_predictor.trainer.records import SUMMARY_COLUMNS
 from scripts.analysis.common import PERCENTILES, model_label, write_csv_atomic
-from scripts.report.answer import too_noisy
+from scripts.report.answer import per_example, too_noisy
+from scripts.report.headline import TaskScore, difference_standard_error, headline_tasks
 from scripts.report.summary import (MAX_COLUMNS, ModelSummary, build_summaries, decomposition_tables, layer_text,
-                                    per_layer_tables, plot_recall_by_layer, plot_summary, summary_tables, sweep_wiring,
+                                    per_layer_tables, summary_tables, sweep_wiring,
                                     csv_rows as summary_csv_rows, table as markdown_table)
 from scripts.report.inputs import (Inputs, PredictorSet, Sources, all_models, model_dims, read_json_file,
                                    row_budget)
@@ -268,8 +269,8 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
     difference whose standard error exceeds the flag --acc-within is marked too noisy to read."""
     lines = []
     for csv_path, rows in task_sweeps:
-        dense = {(r["model"], r["task"]): (number(r["acc"]), number(r["acc_stderr"])) for r in rows
-                 if r["mode"] == "dense"}
+        dense = {(r["model"], r["task"]): (number(r["acc"]), number(r["acc_stderr"]), per_example(csv_path, r))
+                 for r in rows if r["mode"] == "dense"}
         out = []
         for i, r in enumerate(rows, start=2):
             result = resolve_manifest(r.get("result_json", ""), csv_path)
@@ -279,17 +280,19 @@ def tasks_section(task_sweeps: list[tuple[Path, list[dict]]], sources: Sources, 
             else:
                 src = sources.add(result, read_json_file(result), str(result))
             acc, stderr = number(r["acc"]), number(r["acc_stderr"])
-            base, base_stderr = dense.get((r["model"], r["task"]), (None, None))
+            base, base_stderr, base_examples = dense.get((r["model"], r["task"]), (None, None, None))
             out.append([r["model"], r["task"], r["mode"],
                         "dense" if r["mode"] == "dense" else row_budget(r).text(dims.get(r["model"])), r.get("samples"),
                         plus_minus(acc, stderr),
                         plus_minus(number(r.get("acc_norm")), number(r.get("acc_norm_stderr"))),
-                        "" if r["mode"] == "dense" else difference_text(acc, stderr, base, base_stderr, acc_within),
+                        "" if r["mode"] == "dense" else difference_text(acc, stderr, per_example(csv_path, r), base,
+                                                                        base_stderr, base_examples, acc_within),
                         src])
         lines += task_matrix(rows, dims)
-        lines += [f"From `{csv_path}` (accuracy ± the harness's standard error; the "
-                  f"difference to dense is marked too noisy when its standard error, the two rows' combined, exceeds "
-                  f"the flag --acc-within {acc_within:g}; every column in the CSV):", ""]
+        lines += [f"From `{csv_path}` (accuracy ± the harness's standard error; the difference to dense with its "
+                  f"standard error, paired over the same documents where both runs stored per-document scores, else "
+                  f"unpaired (the two rows' combined), marked too noisy when it exceeds the flag --acc-within "
+                  f"{acc_within:g}; every column in the CSV):", ""]
         lines += table(["model", "task", "mode", "budget", "samples", "acc", "acc_norm", "acc - dense acc", "src"],
                        out)
         lines += against_dense(rows, "task", {k: v[0] for k, v in dense.items()}, "acc", lambda r: number(r["acc"]),
@@ -309,16 +312,22 @@ def task_matrix(rows: list[dict], dims: dict[str, dict]) -> list[str]:
         for r in mine:
             budget = "dense" if r["mode"] == "dense" else row_budget(r).text(dims.get(model))
             settings.setdefault((r["mode"], budget), {})[r["task"]] = r
+        dense = settings.get(("dense", "dense"), {})
+        kept, left = headline_tasks({t: TaskScore(number(r["acc"]), number(r["acc_stderr"])) for t, r in dense.items()
+                                     if number(r["acc"]) is not None})
         out = []
         for (mode, budget), by_task in settings.items():
             cells = [plus_minus(number(by_task[t]["acc"]), number(by_task[t]["acc_stderr"])) if t in by_task
                      else "not run" for t in tasks]
-            out.append([mode, budget, *cells, mean_text([by_task.get(t) for t in tasks])])
-        lines += [f"{model}: accuracy per task ± the harness's standard error, and the mean over the {len(tasks)} "
-                  f"tasks (unweighted, as DejaVu's table; its standard error sqrt(sum se^2) / {len(tasks)}); "
-                  f"{sweep_wiring(mine)}:", ""]
-        lines += split_table(["mode", "budget"], [*[t.removeprefix("dejavu_") for t in tasks], "mean"], out,
-                             tail_headers=()) + [""]
+            out.append([mode, budget, *cells, mean_text([by_task.get(t) for t in kept]),
+                        mean_text([by_task.get(t) for t in tasks])])
+        lines += [f"{model}: accuracy per task ± the harness's standard error; the headline mean over the {len(kept)} "
+                  f"tasks whose dense accuracy is more than 2 standard errors above uniform chance"
+                  + (f" (left out, at chance for the dense model: {', '.join(left)})" if left else "")
+                  + f", and the mean over all {len(tasks)} (unweighted, as DejaVu's table; standard error sqrt(sum "
+                  f"se^2) / n, tasks independent); {sweep_wiring(mine)}:", ""]
+        lines += split_table(["mode", "budget"], [*[t.removeprefix("dejavu_") for t in tasks], "headline mean",
+                                                  "mean of all"], out, tail_headers=()) + [""]
     return lines
 
 
@@ -335,14 +344,16 @@ def plus_minus(value: float | None, stderr: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
 
 
-def difference_text(acc: float | None, stderr: float | None, base: float | None, base_stderr: float | None,
-                    acc_within: float) -> str:
-    """The difference to dense, marked too noisy to read as the Answer marks it (answer.too_noisy)."""
+def difference_text(acc: float | None, stderr: float | None, examples: dict | None, base: float | None,
+                    base_stderr: float | None, base_examples: dict | None, acc_within: float) -> str:
+    """The difference to dense with its standard error (paired or unpaired, said), marked too noisy to read as the
+    Answer marks it (answer.too_noisy)."""
     if acc is None or base is None:
         return "n/a"
-    difference, se = acc - base, float(np.hypot(stderr or 0.0, base_stderr or 0.0))
+    difference = acc - base
+    se, kind = difference_standard_error(acc, stderr, examples, base, base_stderr, base_examples)
     noisy = too_noisy(se, acc_within, difference - 1.96 * se, difference + 1.96 * se)
-    return f"{difference:+.3f}" + (f" (too noisy to read: se {se:.3f} > {acc_within:g})" if noisy else "")
+    return (f"{difference:+.3f} ({kind} se {se:.3f}" + (f"; too noisy to read: > {acc_within:g})" if noisy else ")"))
 
 
 def stage_time(stage: dict) -> str:
@@ -406,13 +417,9 @@ def summary_section(inputs: Inputs, sources: Sources, out_dir: Path, missing: li
     if not (recall or drift or sweeps):
         return SummaryParts(summaries, fractions, distance, [], [])
     lines = summary_tables(summaries, fractions, distance)
-    figures = [plot_summary(summaries, fractions, out_dir / "figures")]
-    if recall and distance is not None:
-        figures.append(plot_recall_by_layer([r for _, r in recall], distance, colors, out_dir / "figures"))
     csv_path = out_dir / "summary.csv"
     rows = summary_csv_rows(summaries)
     write_csv_atomic(csv_path, rows, list(dict.fromkeys(k for row in rows for k in row)))
-    lines += figure_lines([f for f in figures if f is not None], out_dir)
     lines += [f"All numbers with their intervals, seed spreads, uniform-chance levels, layer sets and sources, and "
               f"every perplexity ratio against the oracle: `{csv_path.name}`.", ""]
     activations = {model_label(m): (m.get("label_definitions") or {}).get("mlp_label", "not recorded")

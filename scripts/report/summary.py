@@ -23,9 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from Decentralized_FM_alpha.utils.intervals import METHOD, Interval, bootstrap, cluster_sums, ratio, seed_spread
-from scripts.analysis.common import legend_outside, log_y, new_figure, plot_series, reference_line, save_figure
-from scripts.report.inputs import PANELS, Budget, row_budget
-from scripts.report.plots import BLOCK_TITLES, budget_axis
+from scripts.report.inputs import Budget, row_budget
 
 MLP_INPUTS = ("same", "lookahead", "l-1", "l-2")
 ATT_INPUTS = ("same", "lookahead", "l-2")
@@ -408,7 +406,7 @@ def summary_tables(summaries: Sequence[ModelSummary], fractions: Sequence[float]
     lines = ["Every cell: value [95% interval: bootstrap over held-out documents] and, for trained predictors, "
              "s min to max over training seeds. Values pool the layers named in each row (the same set for every "
              "input of a model, layer 0 left out) and the seeds. Uniform chance: a ranking that ignores the input "
-             "(Recall@K = K / units; a difference: 0; a cosine: 0); the static top-K is the floor that matters.", ""]
+             "(Recall@K = K / units; a difference: 0; a cosine: 0); the static top-K is the input-independent baseline.", ""]
     for block, title in (("mlp", "MLP neurons"), ("att", "Attention heads (query heads)")):
         for metric in ("Recall@K", "Captured Mass"):
             headers, rows = ranking_rows(summaries, block, fractions, metric)
@@ -508,99 +506,6 @@ def csv_rows(summaries: Sequence[ModelSummary]) -> list[dict]:
             row.update(cell.csv(run_key_text(dataset, mode, budget).replace("ppl ratio", "ppl vs oracle")))
         rows.append(row)
     return rows
-
-
-# ------------------------------------------------------------------------------------- the figures
-def plot_budget_panel(ax, summary: ModelSummary, dataset: str, block: str, cells_of: str = "ppl") -> None:
-    """Perplexity / dense against the budget for every mode of one model: one series per mode, intervals as bands,
-    dense = 1 as a reference line."""
-    budgets = budgets_of([summary], dataset, block)
-    x, ticks, xlabel = budget_axis(budgets, summary.dims)
-    cells = summary.ppl if cells_of == "ppl" else summary.vs_oracle
-    for mode in SPARSE_MODES:
-        points = [(xi, cells[(dataset, mode, b)]) for xi, b in zip(x, budgets)
-                  if (dataset, mode, b) in cells and cells[(dataset, mode, b)].interval]
-        if points:
-            plot_series(ax, [p for p, _ in points], [c.interval.value for _, c in points], mode, mode,
-                        low=[c.interval.low for _, c in points], high=[c.interval.high for _, c in points])
-    reference_line(ax, 1.0, "dense", "dense (ratio 1)")
-    log_y(ax)
-    ax.set_xticks(x, ticks, fontsize=7)
-    ax.set(xlabel=xlabel, ylabel="perplexity / dense (log scale)")
-    ax.set_title(f"{summary.model}, {dataset}:\n{BLOCK_TITLES[block]}", fontsize=9)
-    legend_outside(ax)
-
-
-def plot_recall_panel(ax, summary: ModelSummary, block: str, fractions: Sequence[float]) -> None:
-    """Recall@K against K for one model and block: the lookahead predictor (band), same-layer, baselines, uniform
-    chance; the oracle's is 1."""
-    for kind, key in (("predictor", "{block} Recall@K {k:g} lookahead"), ("same-layer", "{block} Recall@K {k:g} same"),
-                      *((b, f"{{block}} {b} Recall@K {{k:g}}") for b in BASELINES if b != "random")):
-        cells = [(k, summary.cells.get(key.format(block=block, k=k))) for k in fractions]
-        cells = [(k, c) for k, c in cells if c is not None and c.interval]
-        if cells:
-            label = {"predictor": "predictor (lookahead)", "same-layer": "predictor (same-layer)"}.get(kind, kind)
-            plot_series(ax, [k for k, _ in cells], [c.interval.value for _, c in cells], kind, label,
-                        low=[c.interval.low for _, c in cells], high=[c.interval.high for _, c in cells])
-    chance = [(k, summary.cells[f"{block} Recall@K {k:g} lookahead"].chance) for k in fractions
-              if f"{block} Recall@K {k:g} lookahead" in summary.cells
-              and summary.cells[f"{block} Recall@K {k:g} lookahead"].chance is not None]
-    if chance:
-        plot_series(ax, *zip(*chance), "uniform chance", "uniform chance (K / units)")
-    reference_line(ax, 1.0, "oracle", "oracle (1 by definition)")
-    unit = "neurons" if block == "mlp" else "heads"
-    ax.set_ylim(0, 1.05)
-    ax.set(xlabel=f"K as a fraction of {unit}", ylabel="held-out Recall@K")
-    ax.set_title(f"{summary.model}: {'MLP' if block == 'mlp' else 'attention'} Recall@K\n(layers "
-                 f"{summary.notes.get('layers', 'n/a')})", fontsize=9)
-    legend_outside(ax)
-
-
-def plot_summary(summaries: Sequence[ModelSummary], fractions: Sequence[float], out_dir: Path) -> Path | None:
-    """One row per model: Recall@K against K (MLP, attention) with the baselines and uniform chance, and the
-    perplexity ratio against the budget of the first page's dataset, one panel per sparse block."""
-    dataset = headline_dataset(summaries)
-    blocks = [b for b in PANELS[1:] if any(ds == dataset and budget.panel == b
-                                                       for s in summaries for ds, _, budget in s.ppl)]
-    shown = [s for s in summaries if any(key.startswith(("mlp Recall@K", "att Recall@K")) for key in s.cells)
-             or any(ds == dataset for ds, _, _ in s.ppl)]
-    if not shown:
-        return None
-    ncols = 2 + len(blocks)
-    fig, axes = new_figure(ncols=ncols, nrows=len(shown), width=4.2, height=3.4)
-    for row, s in enumerate(shown):
-        panels = axes[ncols * row: ncols * (row + 1)]
-        for ax, b in zip(panels[:2], ("mlp", "att")):
-            plot_recall_panel(ax, s, b, fractions)
-        for ax, block in zip(panels[2:], blocks):
-            if budgets_of([s], dataset, block):
-                plot_budget_panel(ax, s, dataset, block)
-            else:
-                ax.set_axis_off()
-    return save_figure(fig, out_dir / "summary.png")
-
-
-def plot_recall_by_layer(recall: Sequence[dict], distance: float, colors: dict[str, str], out_dir: Path) -> Path:
-    """Per layer: held-out Recall@K (K = `distance`) of the same-layer and lookahead predictors, MLP and attention;
-    one colour per model, the line style of the input."""
-    fig, axes = new_figure(ncols=2, width=5.0, height=3.6)
-    for payload in recall:
-        model = payload["source"]["model"]
-        for ax, block in zip(axes, ("mlp", "att")):
-            for kind, name in (("predictor", "lookahead"), ("same-layer", "same")):
-                by_layer = defaultdict(list)
-                for r in select(payload["records"], block, name, "topk", distance):
-                    if is_predictor(r):
-                        by_layer[r["layer"]].append(r["Recall@K"])
-                points = sorted((layer, float(np.mean(v))) for layer, v in by_layer.items())
-                if points:
-                    plot_series(ax, *zip(*points), kind, f"{model} {INPUT_NAMES[name]}", color=colors[model])
-    for ax, block in zip(axes, ("MLP", "attention")):
-        ax.set_ylim(0, 1.05)
-        ax.set(xlabel="layer l", ylabel=f"held-out Recall@K (K = {distance:g} of units)",
-               title=f"{block}: same-layer vs lookahead input, per layer")
-        legend_outside(ax)
-    return save_figure(fig, out_dir / "recall_by_layer.png")
 
 
 # ------------------------------------------------------------------------------------- the decomposition

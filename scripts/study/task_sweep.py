@@ -124,10 +124,22 @@ def evaluate_task(args, lm, manager, task: str) -> dict:
         elif task_obj.get_config("num_fewshot") is None:
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=args.fewshot_seed)
-    out = evaluate(lm=lm, task_dict=loaded, limit=args.limit, bootstrap_iters=args.bootstrap_iters, log_samples=False)
+    out = evaluate(lm=lm, task_dict=loaded, limit=args.limit, bootstrap_iters=args.bootstrap_iters, log_samples=True)
     return {"results": out["results"], "n-samples": out["n-samples"], "n-shot": out.get("n-shot", {}),
             "versions": out.get("versions", {}), "higher_is_better": out.get("higher_is_better", {}),
+            "per_example": per_example_accuracy(out.get("samples", {})),
             "harness": harness_version(), "seconds": time.time() - started}
+
+
+def per_example_accuracy(samples: dict) -> dict[str, dict[str, list]]:
+    """task -> the doc ids and each document's acc (1 correct, 0 not), in doc order: a difference between two settings
+    on the same documents gets its paired standard error from these (scripts/report/headline.py)."""
+    found = {}
+    for task, rows in samples.items():
+        scored = sorted((row["doc_id"], float(row["acc"])) for row in rows if "acc" in row)
+        if scored:
+            found[task] = {"doc_ids": [d for d, _ in scored], "acc": [a for _, a in scored]}
+    return found
 
 
 def harness_version() -> str:

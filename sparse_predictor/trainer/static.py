@@ -2,7 +2,7 @@
 
 A unit's count is the number of training rows in which it is in the label's true top-K (the LabelSpec topk label
 at fraction k, as the predictors are trained on). The static top-K of every token is then the same K units: the
-most often counted, ties by lower unit index. It is the floor a predictor must clear to show that it reads its
+most often counted, ties by lower unit index. It is the input-independent baseline a predictor must clear to show that it reads its
 input (units that are often active, attention heads especially, let a fixed set score far above K / units).
 
 The counting is written once here, for the CLI (sparse_predictor/static_topk.py, whose files the sparse runner's
