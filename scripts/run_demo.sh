@@ -11,7 +11,7 @@
 # Environment (defaults): OUT (out/demo), MODEL_ROOT (pretrained_models), MODELS ("tiny-opt tiny-llama tiny-llama-relu"),
 #   TRAIN_DOCS (120), COLLECT_ROWS (12000), EPOCHS (4), RANK (128: predictor width D), SEEDS (1),
 #   VAL_DOCS (16), WIKI_WINDOWS (12), MAX_SEQ_LEN (256), MLP_BUDGETS ("0.25 0.5": fractions; predictors are
-#   trained at each; the GPU study uses 0.1 0.25 0.5), ATT_BUDGETS (empty: the MLP fractions of each model's heads), TASK_MODES ("oracle predictor
+#   trained at each; the GPU study uses 0.1 0.25 0.5 0.75 0.9), ATT_BUDGETS (empty: the MLP fractions of each model's heads), TASK_MODES ("oracle predictor
 #   random static") and TASK_BLOCKS ("both": the paired rows; the sweep runs every mode and block),
 #   FRACTIONS ("0.25 0.5": K of the summary), LOOKAHEAD_DISTANCE (0: the summary covers distances 0-2),
 #   SWEEP_LABELS (labels compared on the middle layer: "relu,topk:0.25,threshold:0.01,gate"), DEVICE (cpu),

@@ -615,9 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=("last", "original"), default="last",
                    help="which epoch is kept: last (default: nothing chosen on the held-out split) or original "
                         "(DejaVu's best held-out Recall, which favours predicting many units)")
-    p.add_argument("--mlp-budgets", nargs="+", default=["0.1", "0.25", "0.5"],
+    p.add_argument("--mlp-budgets", nargs="+", default=["0.1", "0.25", "0.5", "0.75", "0.9"],
                    help="MLP budgets of the sweep and the tasks: fractions of the neurons (predictors are trained at "
-                        "each), or counts (default 0.1 0.25 0.5)")
+                        "each), or counts (default 0.1 0.25 0.5 0.75 0.9: the useful range, where the headline's "
+                        "1%% and 5%% losses are read)")
     p.add_argument("--att-budgets", nargs="+", default=None,
                    help="attention budgets: fractions of each model's query heads, turned into counts by the one count "
                         "rule (predictors trained at each), or counts; paired with --mlp-budgets in the 'both' rows "

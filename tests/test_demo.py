@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 
+from scripts.report.report import read_report
 from tests.runner_helpers import REPO
 
 REDUCED = {"TRAIN_DOCS": "12", "COLLECT_ROWS": "2500", "EPOCHS": "1", "RANK": "32", "VAL_DOCS": "3", "WIKI_WINDOWS": "2",
@@ -25,11 +26,20 @@ def test_reduced_demo_writes_the_report_for_opt_and_llama(tmp_path):
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     report_path = tmp_path / "demo" / "report" / "report.md"
     assert f"report at {report_path}" in done.stdout
-    report = report_path.read_text()
-    assert "not a claim about Llama 3.2 3B" in report
+    first = report_path.read_text()
+    screen = first.split("\n## ")[0].splitlines()
+    assert len(screen) <= 40 and any(line.startswith("| model | block: kept") for line in screen)  # the answer first
+    assert "not a claim about Llama 3.2 3B" in first
+    for model in MODELS:  # every model's table rows and sentence on the first screen
+        assert any(line.startswith(f"| {model} | MLP: ") for line in screen)
+        assert any(line.startswith(f"- {model}. MLP: the predictor needs ") for line in screen)
+    assert "](figures/F3_perplexity_tiny-llama.png)" in first and "](figures/F2_recall_by_layer.png)" in first
+    gallery = (report_path.parent / "figures" / "README.md").read_text()
+    assert "F1_contextual_sparsity.png" in gallery and (report_path.parent / "figures" / "F1_contextual_sparsity.pdf").is_file()
+    assert len(first.splitlines()) <= 400
+    report = read_report(report_path)
     sections = {part.split("\n", 1)[0]: part for part in report.split("\n## ")[1:]}
-    assert list(sections)[0] == "Answer" and report.index("\n## Answer") < 3000  # the answer on the first screen
-    assert "](figures/summary.png)" in sections["Summary"]
+    assert "Answer" in sections and "Summary and decomposition" in sections
     widths = [len(re.split(r"(?<!\\)\|", line.strip())) - 2 for line in report.splitlines() if line.startswith("|")]
     assert max(widths) <= 10  # markdown tables within the column limit
     for section in ("## Decomposition", "## Baselines and controls", "## Study stages", "## Collections", "## Residual-stream drift",

@@ -114,7 +114,8 @@ def test_the_plan_estimates_every_fitted_stage_of_a_model_of_the_fitted_shape(tm
                     "--plan"])
     out = capsys.readouterr().out
     modes = list(SPARSE_MODES)
-    settings = len(plan_settings(modes, ["0.1", "0.25", "0.5"], ["0.1", "0.25", "0.5"], ["mlp", "att", "both"],
+    budgets = run_study.build_parser().get_default("mlp_budgets")
+    settings = len(plan_settings(modes, budgets, budgets, ["mlp", "att", "both"],
                                  ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads else ["heads"],
                                  True))
     assert f"summary: {7 + 0.25 * 120:,.0f} s" in out

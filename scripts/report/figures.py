@@ -34,11 +34,18 @@ def relative_depth(layer: int, layers: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- F1
-def plot_contextual_sparsity(results: Sequence[dict], colors: dict[str, str], out_dir: Path,
-                             fractions: Sequence[float] = (0.1, 0.25, 0.5)) -> list[Path]:
+def shown_fractions(results: Sequence[dict], wanted: Sequence[float] = (0.1, 0.25, 0.5)) -> list[float]:
+    """The recorded top-f fractions closest to each wanted one (sparsity_stats.py --fractions), each once."""
+    recorded = sorted({float(k[len("mlp_top"):-len("_mass")]) for r in results for rec in r["records"] for k in rec
+                       if k.startswith("mlp_top") and k.endswith("_mass")})
+    return sorted({min(recorded, key=lambda f: abs(f - w)) for w in wanted}) if recorded else []
+
+
+def plot_contextual_sparsity(results: Sequence[dict], colors: dict[str, str], out_dir: Path) -> list[Path]:
     """F1: per block a panel, per model a colour, per fraction f a line style: the mean share of a token's magnitude
     held by its top fraction f of units, against relative depth."""
-    if not results:
+    fractions = shown_fractions(results)
+    if not results or not fractions:
         return []
     fig, axes = new_figure(ncols=2, width=4.6, height=3.4, sharey=True)
     styles = ("-", "--", ":")

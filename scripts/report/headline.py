@@ -248,8 +248,21 @@ def first_screen(summaries: Sequence[ModelSummary], dataset: str, task_rows: Seq
               "result. Point estimates; the intervals are in the appendices.", ""]
     lines += [f"Rule: {SENTENCE_RULE}."] + [f"- {s}" for s in model_sentences(rows)] + [""]
     lines += [f"- Where: {w}" for w in where] + [f"- Why: {w}" for w in why]
-    lines += [f"- Not run: {n}" for n in not_run_lines(summaries, families)]
+    lines += [f"- Not run: {n}" for n in not_run_lines(summaries, families) + range_lines(rows)]
     return lines
+
+
+def range_lines(rows: Sequence[HeadlineRow]) -> list[str]:
+    """Where no row measured a kept fraction of 0.75 or more: cells '> f' cannot be read further (the study's default
+    budgets run to 0.9)."""
+    largest: dict[str, float] = {}
+    for r in rows:
+        for fraction, _, _ in r.measured:
+            largest[BLOCK_NAMES[r.block]] = max(fraction, largest.get(BLOCK_NAMES[r.block], 0.0))
+    if not largest or max(largest.values()) >= 0.75:
+        return []
+    return ["kept fractions above the largest measured (" + ", ".join(f"{b} {f:.2f}" for b, f in largest.items())
+            + "), so a cell '> f' says no more than that."]
 
 
 def difference_standard_error(acc_a: float, se_a: float | None, examples_a: dict | None, acc_b: float,
