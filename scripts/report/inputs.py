@@ -18,6 +18,7 @@ ANALYSES = ("drift", "lookahead", "sparsity_stats", "label_sweep", "recall_summa
 PREDICTOR_JSON = re.compile(r"(mlp|att)_layer(\d+)\.json")
 SEED_DIR = re.compile(r"seed\d+")
 SWEEP_REQUIRED = ("model", "dataset", "mode", "perplexity")
+NOT_A_SWEEP = "log_increase"  # scripts/study/layer_sweep.py's per-layer table: single-layer runs, not read here
 TASKS_REQUIRED = ("model", "task", "mode", "acc", "acc_stderr")
 
 
@@ -109,6 +110,8 @@ def classify_file(path: Path, inputs: Inputs, predictor_files: dict[tuple[Path, 
         return False
     if path.suffix == ".csv":
         columns, rows = read_csv(path)
+        if NOT_A_SWEEP in columns:
+            return False
         for required, found in ((SWEEP_REQUIRED, inputs.sweeps), (TASKS_REQUIRED, inputs.task_sweeps)):
             if set(required) <= columns:
                 found.append((path, rows))
