@@ -19,7 +19,8 @@ projections, and a skipped head still leaves its keys/values for later tokens.
 Because the simulation computes every activation before masking it, the controller also counts the on-policy
 Recall@K of each sparse layer: how many of the units its mask keeps are in the true top-K of the same forward pass
 (|activation| for the MLP, head output norms for attention, in query heads also with --gqa-groups), over the real
-(non-padded) tokens the pipeline marks. Oracle is 1 by construction.
+(non-padded) tokens the pipeline marks. Oracle is 1 by construction (in query heads; with --gqa-groups the oracle
+keeps whole groups, which need not be the top-K heads).
 """
 from __future__ import annotations
 
@@ -224,9 +225,8 @@ class SparsityController:
         """Per sparse layer of this rank: hits, real tokens, K and Recall@K = hits / (K x tokens) of the masks the run
         applied, against the true top-K of the same forward pass; and the mean over layers per block."""
         layers = []
-        for (block, layer), (hits, tokens) in sorted(self.recall_counts.items(), key=lambda item: (item[0][0] != "mlp",
-                                                                                                   item[0][1])):
-            k, hits, tokens = self.kept[block][layer], int(hits), int(tokens)
+        for block, layer in sorted(self.recall_counts, key=lambda key: (key[0] != "mlp", key[1])):  # MLP first
+            k, (hits, tokens) = self.kept[block][layer], map(int, self.recall_counts[(block, layer)])
             layers.append({"block": block, "layer": layer, "K": k, "hits": hits, "tokens": tokens,
                            "recall": hits / (k * tokens) if tokens else None})
         mean = {}
