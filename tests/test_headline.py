@@ -65,3 +65,14 @@ def test_a_ratio_between_two_collapsed_runs_prints_as_collapsed():
     assert text.startswith("collapsed, both above 10x dense") and "%" not in text
     s.ppl[("c4", "oracle", budget)] = Cell(Interval(1.2, 1.1, 1.3, 200))
     assert collapsed_text(s, "c4", "predictor", budget) is None  # one run alive: the ratio reads
+
+
+def test_on_policy_recall_is_set_beside_the_same_predictors_recall_on_the_dense_states():
+    from scripts.report.why import on_policy_lines
+    row = {"model": "m", "mode": "predictor", "dataset": "c4", "block": "mlp", "mlp_topk": "0.5",
+           "mlp_on_policy_recall_layers": "1:0.8000 2:0.6000 3:0.5000 4:0.4000"}
+    held_out = {("m", "mlp", 0.5): [(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6), (5, 0.1)]}
+    [line] = on_policy_lines([(None, [row, {**row, "mode": "oracle"}])], held_out)
+    assert line == ("m, MLP at 0.5, predictor: on-policy Recall@K of the applied masks 0.575 over 4 sparse layers "
+                    "(0.700 in the first half, 0.450 in the second); held out on the dense model's states the same "
+                    "predictors score 0.750 over those layers.")

@@ -42,6 +42,14 @@ def test_sweep_decomposes_by_block_with_per_budget_predictors(tmp_path, tiny_tok
             assert r["att_kept"] == {"0.25": "1", "0.5": "2", "dense": "n/a"}[r["att_topk"]]
         if r["mode"] != "dense":
             assert r["dense_layers"] == "0"
+        for block in ("mlp", "att"):  # on-policy Recall@K of each sparse block, per sparse layer (1 and 2) and mean
+            recall, layers = r[f"{block}_on_policy_recall"], r[f"{block}_on_policy_recall_layers"]
+            if r[f"{block}_topk"] == "dense":
+                assert recall == layers == "n/a"
+            elif r["mode"] == "oracle":  # the mask is the true top-K: 1 by construction
+                assert (float(recall), layers) == (1.0, "1:1.0000 2:1.0000")
+            else:
+                assert [l.split(":")[0] for l in layers.split()] == ["1", "2"] and 0 < float(recall) <= 1
     dense_c4 = json.loads(open(table[0]["output_manifest"]).read())["perplexity"]["perplexity"]
     run_one_rank(["--model-name", str(converted), "--model-type", "opt", "--infer-data", str(c4),
                   "--output-path", str(tmp_path / "dense.jsonl")])

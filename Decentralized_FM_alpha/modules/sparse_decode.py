@@ -10,7 +10,7 @@ A batch computes the union of its rows' selections and then zeroes, in each row,
 every row gets exactly what the simulation gives it; the union grows with the batch and the saving shrinks.
 
 Where masks come from:
-  SimulationMasks  the runner's SparsityController (the simulation's own keep_heads / keep_neurons rule, so modes,
+  SimulationMasks  the runner's SparsityController (the simulation's own head_mask / neuron_mask rule, so modes,
                    budgets and dense layers are shared); modes that rank by the dense activations (oracle, gate)
                    cannot skip computing them and are refused
   PredictorMasks   low-rank predictors on the device, top-k of their scores (the bench)
@@ -70,8 +70,9 @@ class Masks(Protocol):
 
 
 class SimulationMasks:
-    """The masks the simulation would apply: what the controller's keep_heads / keep_neurons do to ones (the
-    predictors read the inputs the block records). Dense where the controller leaves its input untouched."""
+    """The masks the simulation would apply: the controller's own head_mask / neuron_mask rule (the predictors read
+    the inputs the block records), without counting on-policy recall (a decode step computes no dense activation to
+    count against). None where the controller leaves a layer's block dense."""
 
     def __init__(self, sparsity):
         if sparsity.plan.mode not in DECODABLE_MODES:
@@ -80,14 +81,18 @@ class SimulationMasks:
         self.sparsity = sparsity
 
     def heads(self, layer: int, att_x: torch.Tensor) -> Optional[Selection]:
-        ones = att_x.new_ones(att_x.shape[0], 1, self.sparsity.dims.num_heads, 1)  # (B, T, H, hd=1)
-        kept = self.sparsity.keep_heads(layer, ones)
-        return None if kept is ones else select_mask(kept[:, 0, :, 0] > 0, att_x.dtype)
+        if not self.sparsity.is_sparse("att", layer):
+            return None
+        shape = (att_x.shape[0], 1, self.sparsity.dims.num_heads)  # (B, T=1, H): random mode draws by this shape
+        mask = self.sparsity.head_mask(layer, lambda: att_x.new_ones(shape))
+        return select_mask(torch.broadcast_to(mask, shape)[:, 0], att_x.dtype)  # a static mask is (H,)
 
     def neurons(self, layer: int, mlp_x: torch.Tensor) -> Optional[Selection]:
-        ones = mlp_x.new_ones(mlp_x.shape[0], 1, self.sparsity.dims.ffn_dim)
-        kept = self.sparsity.keep_neurons(layer, ones)
-        return None if kept is ones else select_mask(kept[:, 0] > 0, mlp_x.dtype)
+        if not self.sparsity.is_sparse("mlp", layer):
+            return None
+        shape = (mlp_x.shape[0], 1, self.sparsity.dims.ffn_dim)
+        mask = self.sparsity.neuron_mask(layer, lambda: mlp_x.new_ones(shape))
+        return select_mask(torch.broadcast_to(mask, shape)[:, 0], mlp_x.dtype)
 
 
 class PredictorMasks:

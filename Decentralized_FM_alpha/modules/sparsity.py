@@ -17,6 +17,11 @@ the wiring asked for (--predictor-input) and a top-K label's K the count the run
 file and both values (--allow-predictor-mismatch runs it anyway; the manifest lists every mismatch).
 This is an accuracy simulation, as in the original: the masks are applied after the dense
 projections, and a skipped head still leaves its keys/values for later tokens.
+Because the simulation computes every activation before masking it, the controller also counts the on-policy
+Recall@K of each sparse layer: how many of the units its mask keeps are in the true top-K of the same forward pass
+(|activation| for the MLP, head output norms for attention, in query heads also with --gqa-groups), over the real
+(non-padded) tokens the pipeline marks. Oracle is 1 by construction (in query heads; with --gqa-groups the oracle
+keeps whole groups, which need not be the top-K heads).
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_l
 MODES = ("dense", "predictor", "oracle", "random", "static", "gate")
 FILE_MODES = ("predictor", "static")  # modes that read a file per sparse layer and block
 DEFAULT_DENSE_LAYERS = "0"
+RECALL_COUNTED = ("real tokens of the simulated forward passes (prompts, and generated tokens unless "
+                  "--sparse-decode kernels); true top-K of the same pass: |activation| (MLP), head output norms "
+                  "(attention, in query heads)")
 Budget = Union[int, float]
 
 
@@ -163,6 +171,9 @@ class SparsityController:
         self.loaded: list[dict] = []
         self.mismatches: list[str] = []
         self.remembered: dict[tuple[str, int], torch.Tensor] = {}
+        self.real_tokens: Optional[torch.Tensor] = None  # (B, T) bool of the forward pass in progress
+        # (block, layer) -> [hits, real tokens], device tensors: counting never waits for the device
+        self.recall_counts: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.kept = {"mlp": {l: budget_count(b, dims.ffn_dim, "MLP") for l, b in plan.mlp_budgets.items()},
                      "att": {l: kept_heads(b, dims, plan.gqa_groups) for l, b in plan.att_budgets.items()}}
         if plan.mode == "gate" and plan.mlp_budgets and gate_activation is None:
@@ -209,32 +220,86 @@ class SparsityController:
                 "gqa_groups": self.plan.gqa_groups, "dense_layers": list(self.plan.dense_layers),
                 "predictor_input": self.plan.predictor_input if self.plan.mode == "predictor" else None,
                 "allow_predictor_mismatch": self.plan.allow_mismatch, "predictor_mismatches": self.mismatches,
-                "predictors": self.loaded}
+                "predictors": self.loaded, "on_policy_recall": self.on_policy_recall()}
+
+    def on_policy_recall(self) -> dict:
+        """Per sparse layer of this rank: hits, real tokens, K and Recall@K = hits / (K x tokens) of the masks the run
+        applied, against the true top-K of the same forward pass; and the mean over layers per block."""
+        layers = []
+        for block, layer in sorted(self.recall_counts, key=lambda key: (key[0] != "mlp", key[1])):  # MLP first
+            k, (hits, tokens) = self.kept[block][layer], map(int, self.recall_counts[(block, layer)])
+            layers.append({"block": block, "layer": layer, "K": k, "hits": hits, "tokens": tokens,
+                           "recall": hits / (k * tokens) if tokens else None})
+        mean = {}
+        for block in ("mlp", "att"):
+            values = [r["recall"] for r in layers if r["block"] == block and r["recall"] is not None]
+            if values:
+                mean[block] = sum(values) / len(values)
+        return {"counted": RECALL_COUNTED, "layers": layers, "mean": mean}
 
     # -- called by the blocks
     def observe(self, layer: int, kind: str, value: Callable[[], torch.Tensor]) -> None:
         if (kind, layer) in self.needed:
             self.remembered[(kind, layer)] = value()
 
+    def mark_real_tokens(self, valid: torch.Tensor) -> None:
+        """The pipeline's (B, T) mask of real (non-padded) positions for the forward pass that follows."""
+        self.real_tokens = valid
+
+    def is_sparse(self, block: str, layer: int) -> bool:
+        budgets = self.plan.mlp_budgets if block == "mlp" else self.plan.att_budgets
+        return layer in budgets and self.plan.mode != "dense"
+
     def keep_neurons(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        if layer not in self.plan.mlp_budgets or self.plan.mode == "dense":
+        if not self.is_sparse("mlp", layer):
             return a
-        scores = self.scores("mlp", layer, lambda: a.abs())
-        return a * top_k_mask(scores, self.kept["mlp"][layer]).to(a.dtype)
+        true_scores = a.abs()
+        mask = self.neuron_mask(layer, lambda: true_scores)
+        self.count_recall("mlp", layer, mask, true_scores)
+        return a * mask.to(a.dtype)
 
     def keep_heads(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
         """heads: (B, T, H, hd) per-query-head attention outputs."""
-        if layer not in self.plan.att_budgets or self.plan.mode == "dense":
+        if not self.is_sparse("att", layer):
             return heads
+        true_scores = heads.float().norm(dim=-1)  # (B, T, H)
+        mask = self.head_mask(layer, lambda: true_scores)
+        self.count_recall("att", layer, mask, true_scores)
+        return heads * mask[..., None].to(heads.dtype)
+
+    def neuron_mask(self, layer: int, true_scores: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The kept neurons of a sparse layer: (B, T, ffn) bool, or (ffn,) for a static ranking.
+        `true_scores` gives |activation| (B, T, ffn) where the mode needs it (oracle; random takes its shape)."""
+        return top_k_mask(self.scores("mlp", layer, true_scores), self.kept["mlp"][layer])
+
+    def head_mask(self, layer: int, true_scores: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The kept query heads of a sparse layer: (B, T, H) bool, or (H,) for a static ranking; with gqa_groups
+        whole key/value groups. `true_scores` gives the head output norms (B, T, H) where the mode needs them."""
         k = self.kept["att"][layer]
-        scores = self.scores("att", layer, lambda: heads.float().norm(dim=-1))  # (B, T, H)
+        scores = self.scores("att", layer, true_scores)
         if self.plan.gqa_groups:
             group = self.dims.num_heads // self.dims.num_kv_heads
             grouped = scores.unflatten(-1, (-1, group)).sum(-1)  # (B, T, kv groups)
-            mask = top_k_mask(grouped, k // group).repeat_interleave(group, dim=-1)
-        else:
-            mask = top_k_mask(scores, k)
-        return heads * mask[..., None].to(heads.dtype)
+            return top_k_mask(grouped, k // group).repeat_interleave(group, dim=-1)
+        return top_k_mask(scores, k)
+
+    def count_recall(self, block: str, layer: int, mask: torch.Tensor, true_scores: torch.Tensor) -> None:
+        """Add the mask's hits in the true top-K of `true_scores` (B, T, width) over the real tokens."""
+        true_top = top_k_mask(true_scores, self.kept[block][layer])
+        real = self.real_positions(true_scores.shape[:2])
+        hits = ((mask & true_top).sum(-1) * real).sum()
+        counts = self.recall_counts.setdefault((block, layer), [hits.new_zeros(()), hits.new_zeros(())])
+        counts[0] += hits
+        counts[1] += real.sum()
+
+    def real_positions(self, shape: torch.Size) -> torch.Tensor:
+        """The marked real positions, or every position when nothing was marked (a block run outside the pipeline)."""
+        if self.real_tokens is None:
+            return torch.ones(shape, dtype=torch.bool, device=self.device)
+        if tuple(self.real_tokens.shape) != tuple(shape):
+            raise ValueError(f"real-token mask of shape {tuple(self.real_tokens.shape)} for activations of "
+                             f"{tuple(shape)} tokens: the pipeline must mark each forward's positions")
+        return self.real_tokens
 
     def scores(self, block: str, layer: int, true_scores: Callable[[], torch.Tensor]) -> torch.Tensor:
         mode = self.plan.mode

@@ -167,6 +167,13 @@ class DistInferenceMaskTokenPipeSync:
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return bias.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
+    def mark_real_tokens(self, valid: torch.Tensor) -> None:
+        """Tell a sparse model's controller (one, shared by every block) which positions of the coming forward are
+        real tokens: it counts on-policy Recall@K over those only, never over padding."""
+        controller = getattr(self.blocks[0], "sparsity", None)
+        if controller is not None:
+            controller.mark_real_tokens(valid)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, valid: torch.Tensor, past: Optional[list] = None,
                 keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[Optional[torch.Tensor], list]:
@@ -182,6 +189,7 @@ class DistInferenceMaskTokenPipeSync:
             x = torch.empty(b, t, self.hidden_size, dtype=self.dtype, device=self.device)
             self.comm.recv(x, self.rank - 1)
         bias = self.attention_bias(valid, past_length)
+        self.mark_real_tokens(valid)
         presents = []
         for i, block in enumerate(self.blocks):
             x, present = block(x, bias, None if past is None else past[i])

@@ -166,7 +166,7 @@ def where_and_why(inputs: Inputs) -> tuple[list[str], list[str]]:
     where = layer_sweep_lines(inputs.layer_sweeps) or [
         "not run: no one-layer-at-a-time sweep among the inputs (scripts/study/layer_sweep.py), so the cost per layer "
         "and how much of it compounds are not measured."]
-    why = on_policy_lines(inputs.sweeps) or [
+    why = on_policy_lines(inputs.sweeps, predictor_layer_recall(inputs.predictors)) or [
         "not run: no sweep recorded on-policy recall (the mask applied against the same run's true top-K), so recall "
         "on the sparse model's own states is not measured."]
     why += structured_lines([r for _, r in inputs.results["recall_summary"]]) or [

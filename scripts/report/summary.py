@@ -177,15 +177,25 @@ def read_manifest(path: str | Path) -> dict:
 
 def perplexity_ratio_cell(run: dict, base: dict, sources: list[str]) -> Cell:
     """perplexity(run) / perplexity(base) on the same requests: exp(-(S_run - S_base) / T), requests paired."""
-    a, b = run["perplexity"]["per_request"], base["perplexity"]["per_request"]
-    if a["tokens"] != b["tokens"]:
-        raise ValueError(f"{run['output_path']} and {base['output_path']} score different tokens: not comparable")
-    columns = {"run": a["logprob_sums"], "base": b["logprob_sums"], "tokens": a["tokens"]}
-    method = METHOD.replace("documents", "requests")
-    if "articles" in a:  # WikiText-2 windows: resample whole articles (a cluster bootstrap)
-        columns, method = cluster_sums(columns, a["articles"]), METHOD.replace("documents", "articles (WikiText-2)")
+    columns, method = paired_request_columns({"run": run, "base": base})
     return Cell(bootstrap(columns, lambda s: np.exp(-(s["run"] - s["base"]) / s["tokens"]), method=method),
                 chance=None, sources=sources)
+
+
+def paired_request_columns(runs: dict[str, dict]) -> tuple[dict[str, Sequence[float]], str]:
+    """Run manifests scored on the same requests as bootstrap columns: each run's per-request log-prob sums under its
+    name, the scored tokens under "tokens", and the resampling it implies (whole WikiText-2 articles where the
+    requests name one: a cluster bootstrap)."""
+    (_, first), *others = runs.items()
+    reference = first["perplexity"]["per_request"]
+    for name, run in others:
+        if run["perplexity"]["per_request"]["tokens"] != reference["tokens"]:
+            raise ValueError(f"{run['output_path']} and {first['output_path']} score different tokens: not comparable")
+    columns = {name: run["perplexity"]["per_request"]["logprob_sums"] for name, run in runs.items()}
+    columns["tokens"] = reference["tokens"]
+    if "articles" in reference:
+        return cluster_sums(columns, reference["articles"]), METHOD.replace("documents", "articles (WikiText-2)")
+    return columns, METHOD.replace("documents", "requests")
 
 
 DRIFT_PAIRINGS = ("same-token", "cross-token", "centred")

@@ -1,77 +1,91 @@
 """The first screen's where and why lines, from the inputs that answer them when the report is given them:
 
-  where  a one-layer-at-a-time sweep (layer_sweep.csv: model, dataset, block, mode, budget, layer, log_increase; the
-         layer "all" is the run with every layer sparse): the layers that cost most, and the sum of single-layer
-         log-perplexity increases against the all-layers increase (how much compounds);
-  why    on-policy recall (a sweep run's manifest `sparsity.on_policy_recall`: per block and layer the hits of the mask
-         applied against the same run's true top-K) and the predictor shaped like SwiGLU (recall_summary.py records
-         whose ranking starts with "structured"), each beside DejaVu's lookahead predictor.
+  where  a one-layer-at-a-time sweep (scripts/study/layer_sweep.py: layer_sweep.csv, one row per dataset, block, mode
+         and layer with its log-perplexity increase, and layer_sweep_summary.csv beside it with the sum over layers
+         against the all-layers increase): the layers that cost most, and how much compounds;
+  why    on-policy recall (sparse_sweep.py's columns {mlp,att}_on_policy_recall_layers: the Recall@K of the mask each
+         run applied against the true top-K of its own activations, per sparse layer) beside the same predictors'
+         held-out Recall@K on the dense model's states (the per-budget predictors' summary CSVs), and the predictor
+         shaped like SwiGLU (recall_summary.py records whose ranking starts with "structured") beside DejaVu's.
 Every sentence only reads numbers; what a line leaves out is named.
 """
 from __future__ import annotations
 
-import json
+import csv
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 TOP_LAYERS = 3
+HEADLINE_DATASET = "c4"
+
+
+def summary_rows(layer_sweep_csv: Path) -> list[dict]:
+    """layer_sweep_summary.csv beside a layer_sweep.csv (none when absent)."""
+    path = layer_sweep_csv.with_name("layer_sweep_summary.csv")
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def layer_sweep_lines(layer_sweeps: Sequence[tuple[Path, list[dict]]]) -> list[str]:
-    """Per model, block and mode predictor (else the first mode): the costliest layers and the compounding ratio."""
+    """Per model and block, for the predictor (else the first mode): the costliest single sparse layers, the sum of
+    the single-layer log-perplexity increases and the all-layers increase with their ratio."""
     lines = []
-    rows = [r for _, rs in layer_sweeps for r in rs]
-    for model, block in dict.fromkeys((r["model"], r["block"]) for r in rows):
-        chosen = [r for r in rows if (r["model"], r["block"]) == (model, block)]
-        mode = "predictor" if any(r["mode"] == "predictor" for r in chosen) else chosen[0]["mode"]
-        singles = sorted(((int(r["layer"]), float(r["log_increase"])) for r in chosen
-                          if r["mode"] == mode and r["layer"] != "all"), key=lambda p: -p[1])
-        every = [float(r["log_increase"]) for r in chosen if r["mode"] == mode and r["layer"] == "all"]
-        if not singles:
-            continue
-        total = sum(v for _, v in singles)
-        top = ", ".join(f"{layer} ({v:.3f})" for layer, v in singles[:TOP_LAYERS])
-        text = (f"{model}, {block} at {chosen[0].get('budget', '?')}, {mode}: the costliest single sparse layers are "
-                f"{top} in log perplexity; their sum over {len(singles)} layers is {total:.3f}")
-        if every:
-            text += (f" against {every[0]:.3f} with every layer sparse"
-                     + (f" ({every[0] / total:.2f}x the sum: {'compounding' if every[0] > total else 'sub-additive'})"
-                        if total > 0 else ""))
-        lines.append(text + ".")
+    for path, rows in layer_sweeps:
+        rows = [r for r in rows if r.get("dataset", HEADLINE_DATASET) == HEADLINE_DATASET]
+        totals = {(r["block"], r["mode"]): r for r in summary_rows(path)
+                  if r.get("dataset", HEADLINE_DATASET) == HEADLINE_DATASET}
+        for model, block in dict.fromkeys((r["model"], r["block"]) for r in rows):
+            chosen = [r for r in rows if (r["model"], r["block"]) == (model, block)]
+            mode = "predictor" if any(r["mode"] == "predictor" for r in chosen) else chosen[0]["mode"]
+            singles = sorted(((int(r["layer"]), float(r["log_increase"])) for r in chosen if r["mode"] == mode),
+                             key=lambda p: -p[1])
+            top = ", ".join(f"{layer} ({v:.3f})" for layer, v in singles[:TOP_LAYERS])
+            text = (f"{model}, {block} at {chosen[0]['budget']}, {mode}: the costliest single sparse layers are {top} "
+                    f"in log perplexity over dense")
+            total = totals.get((block, mode))
+            if total:
+                text += (f"; their sum over {total['layers']} layers {float(total['sum_single_log_increase']):.3f} "
+                         f"against {float(total['all_layers_log_increase']):.3f} with every layer sparse "
+                         f"(ratio {float(total['compounding']):.2f})")
+            lines.append(text + ".")
     return lines
 
 
-def on_policy_records(sweeps: Sequence[tuple[Path, list[dict]]]) -> list[tuple[dict, dict]]:
-    """(sweep row, its manifest's on_policy_recall) of every run that recorded one."""
-    found = []
-    for csv_path, rows in sweeps:
-        for row in rows:
-            manifest = csv_path.parent / row.get("output_manifest", "")
-            if row.get("output_manifest") and manifest.is_file():
-                recall = json.loads(manifest.read_text()).get("sparsity", {}).get("on_policy_recall")
-                if recall:
-                    found.append((row, recall))
-    return found
+def layer_values(text: str) -> dict[int, float]:
+    """'1:0.8125 2:0.7031' -> {1: 0.8125, 2: 0.7031}."""
+    return {int(layer): float(value) for layer, value in (pair.split(":") for pair in text.split())} if text else {}
 
 
-def on_policy_lines(sweeps: Sequence[tuple[Path, list[dict]]]) -> list[str]:
-    """Per model and block, the predictor's on-policy Recall@K over its sparse layers, first and last half of them."""
+def on_policy_lines(sweeps: Sequence[tuple[Path, list[dict]]],
+                    held_out: dict[tuple[str, str, float], list[tuple[int, float]]]) -> list[str]:
+    """Per model, block and budget of the predictor's rows of that block alone: the mean on-policy Recall@K over the
+    sparse layers, in the first and the second half of them, beside the same predictors' held-out Recall@K on the
+    dense model's states over the same layers (when the per-budget predictors were given)."""
     lines = []
-    for row, recall in on_policy_records(sweeps):
-        if row["mode"] != "predictor" or row.get("dataset", "c4") != "c4":
-            continue
-        for block, layers in recall.items():
-            values = [(int(layer), v["hits"] / (v["K"] * v["tokens"])) for layer, v in layers.items() if v["tokens"]]
-            if not values:
+    for _, rows in sweeps:
+        for row in rows:
+            block = row.get("block")
+            if (row["mode"], row.get("dataset")) != ("predictor", HEADLINE_DATASET) or block not in ("mlp", "att"):
                 continue
-            values.sort()
-            half = len(values) // 2 or 1
-            mean = lambda part: sum(v for _, v in part) / len(part)  # noqa: E731
-            lines.append(f"{row['model']}, {block} ({row['block']} sparse at mlp {row.get('mlp_topk')}, att "
-                         f"{row.get('att_topk')}): on-policy Recall@K of the applied mask {mean(values):.3f} over "
-                         f"{len(values)} layers, {mean(values[:half]):.3f} in the first half and "
-                         f"{mean(values[half:]):.3f} in the second.")
+            recall = layer_values(row.get(f"{block}_on_policy_recall_layers", ""))
+            if not recall:
+                continue
+            layers = sorted(recall)
+            half = max(1, len(layers) // 2)
+            mean = lambda chosen: sum(recall[l] for l in chosen) / len(chosen)  # noqa: E731
+            budget = float(row[f"{block}_topk"])
+            text = (f"{row['model']}, {'MLP' if block == 'mlp' else 'attention'} at {budget:g}, predictor: on-policy "
+                    f"Recall@K of the applied masks {mean(layers):.3f} over {len(layers)} sparse layers "
+                    f"({mean(layers[:half]):.3f} in the first half, {mean(layers[half:] or layers):.3f} in the second)")
+            dense_states = dict(held_out.get((row["model"], block, budget), []))
+            common = [l for l in layers if l in dense_states]
+            if common:
+                text += (f"; held out on the dense model's states the same predictors score "
+                         f"{sum(dense_states[l] for l in common) / len(common):.3f} over those layers")
+            lines.append(text + ".")
     return lines
 
 

@@ -16,7 +16,9 @@ the group rows. The runner refuses a predictor trained for another K or input (-
 
 Writes <out-dir>/sweep.csv and sweep.md, one row per (dataset, setting): model, dataset, mode, block, mlp_topk,
 att_topk, mlp_kept, att_kept, att_unit, predictor_input, mlp_trained_k, att_trained_k, dense_layers, perplexity,
-tokens, output_manifest. A setting whose output manifest already holds a perplexity is not run again.
+tokens, the on-policy Recall@K of each sparse block (mean over its sparse layers, and per layer as `layer:recall`:
+the applied masks against the true top-K of the same run, over real tokens; the runner's manifest holds the counts),
+output_manifest. A setting whose output manifest already holds a perplexity is not run again.
 
   python scripts/study/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \\
       --predictor-dir data/llama-3.2-3b_sparse_predictors/b{k} --data c4=Decentralized_FM_alpha/c4_val/c4_valid.jsonl \\
@@ -42,6 +44,7 @@ from sparse_predictor.trainer.labels import k_name  # noqa: E402
 
 COLUMNS = ("model", "dataset", "mode", "block", "mlp_topk", "att_topk", "mlp_kept", "att_kept", "att_unit",
            "predictor_input", "mlp_trained_k", "att_trained_k", "dense_layers", "perplexity", "tokens",
+           "mlp_on_policy_recall", "att_on_policy_recall", "mlp_on_policy_recall_layers", "att_on_policy_recall_layers",
            "output_manifest")
 BLOCKS = ("mlp", "att", "both")
 ATT_UNITS = ("heads", "groups")
@@ -52,18 +55,21 @@ NOT_APPLICABLE = "n/a"
 
 @dataclass(frozen=True)
 class Setting:
-    """One row's model: the mode, which blocks are sparse and at what budget (as written), heads or groups."""
+    """One row's model: the mode, which blocks are sparse and at what budget (as written), heads or groups, and in
+    which layers (the runner's --sparse-layers; None: every layer outside --dense-layers)."""
     mode: str
     block: str  # none (the dense baseline), mlp, att or both
     mlp: str | None = None
     att: str | None = None
     unit: str = "heads"
+    layers: str | None = None
 
     @property
     def name(self) -> str:
-        """The setting in file and folder names, e.g. oracle_mlp0.25_att0.25 or static_att0.5_groups."""
+        """The setting in file and folder names, e.g. oracle_mlp0.25_att0.25, static_att0.5_groups or
+        predictor_mlp0.5_layers3."""
         return (self.mode + (f"_mlp{self.mlp}" if self.mlp else "") + (f"_att{self.att}" if self.att else "")
-                + ("_groups" if self.unit == "groups" else ""))
+                + ("_groups" if self.unit == "groups" else "") + (f"_layers{self.layers}" if self.layers else ""))
 
 
 DENSE = Setting("dense", "none")
@@ -133,6 +139,7 @@ def setting_argv(args: argparse.Namespace, setting: Setting) -> list[str]:
     argv += ["--model-type", f"{args.family}-ml-att-sparse", "--sparse-mode", setting.mode,
              "--dense-layers", args.dense_layers, "--predictor-input", args.predictor_input]
     argv += (["--mlp-topk", setting.mlp] if setting.mlp else []) + (["--att-topk", setting.att] if setting.att else [])
+    argv += ["--sparse-layers", setting.layers] if setting.layers else []
     if setting.mode in FILE_MODES:
         template = args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
         argv += ["--predictor-dir", predictor_dir(template, setting)]
@@ -166,8 +173,11 @@ class Runner:
 
 
 def describe_row(args: argparse.Namespace, dataset: str, setting: Setting, manifest_path: Path) -> dict:
+    """A setting's table row from its run manifest (the full on-policy counts stay under the row's
+    `on_policy_recall`, which the manifest keeps and the CSV leaves out)."""
     manifest = json.loads(manifest_path.read_text())
     sparsity = manifest.get("sparsity", {})
+    recall = sparsity.get("on_policy_recall", {})  # absent for a dense run (and runs made before it was counted)
 
     def one(values) -> str:
         values = sorted(set(values))
@@ -185,7 +195,16 @@ def describe_row(args: argparse.Namespace, dataset: str, setting: Setting, manif
             "dense_layers": " ".join(map(str, sparsity.get("dense_layers", []))) or
                             ("none" if sparsity else NOT_APPLICABLE),
             "perplexity": manifest["perplexity"]["perplexity"], "tokens": manifest["perplexity"]["tokens"],
-            "output_manifest": str(manifest_path)}
+            **{f"{block}_on_policy_recall": recall.get("mean", {}).get(block, NOT_APPLICABLE) for block in ("mlp", "att")},
+            **{f"{block}_on_policy_recall_layers": layer_recalls(recall, block) for block in ("mlp", "att")},
+            "on_policy_recall": recall.get("layers", []), "output_manifest": str(manifest_path)}
+
+
+def layer_recalls(recall: dict, block: str) -> str:
+    """A block's per-layer on-policy Recall@K as `layer:recall` pairs, e.g. '1:0.8125 2:0.7031'."""
+    pairs = [f"{r['layer']}:{r['recall']:.4f}" for r in recall.get("layers", [])
+             if r["block"] == block and r["recall"] is not None]
+    return " ".join(pairs) or NOT_APPLICABLE
 
 
 def run_setting(runner: Runner, args: argparse.Namespace, dataset: str, requests: Path, setting: Setting) -> dict:
@@ -196,12 +215,24 @@ def run_setting(runner: Runner, args: argparse.Namespace, dataset: str, requests
     return describe_row(args, dataset, setting, manifest_path)
 
 
+def run_settings(args: argparse.Namespace, plan: list[tuple[str, Path, Setting]], description: str) -> dict:
+    """(dataset, request file, setting) -> its row, each run or read back when finished, under one progress bar."""
+    runner, rows = Runner(), {}
+    try:  # dense runs first, then the sparse ones: each model is loaded once
+        for item in tqdm(sorted(plan, key=lambda item: item[2].mode != "dense"), desc=description, unit="run"):
+            rows[item] = run_setting(runner, args, *item)
+    finally:
+        runner.close()
+    return rows
+
+
 def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
     write_csv_atomic(csv_path, rows, COLUMNS)
-    shown = [c for c in COLUMNS if c not in ("output_manifest", "model")]
+    shown = [c for c in COLUMNS if c not in ("output_manifest", "model", "mlp_on_policy_recall_layers",
+                                             "att_on_policy_recall_layers")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if c == "perplexity" else str(r[c]) for c in shown) + " |"
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in shown) + " |"
               for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -221,11 +252,18 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--att-units", nargs="+", choices=ATT_UNITS, default=["heads"],
                    help="attention rows in query heads and/or whole key/value groups (Llama with GQA; groups rows "
                         "read --group-predictor-dir); default heads")
+    p.add_argument("--group-predictor-dir", default=None,
+                   help="the same as --predictor-dir for the group rows (predictors trained with main_att*.py "
+                        "--gqa-groups)")
+    add_wiring_arguments(p)
+
+
+def add_wiring_arguments(p: argparse.ArgumentParser) -> None:
+    """Where predictor and static files come from and what they must fit, the dense layers, dtype and device: the
+    flags this sweep, scripts/study/task_sweep.py and scripts/study/layer_sweep.py share."""
     p.add_argument("--predictor-dir", default=None,
                    help="predictor and static files (modes predictor, static); {k} is replaced by each block's budget "
                         "as written, for per-budget predictors (e.g. predictors/b{k})")
-    p.add_argument("--group-predictor-dir", default=None,
-                   help="the same for the group rows (predictors trained with main_att*.py --gqa-groups)")
     p.add_argument("--predictor-input", default="lookahead",
                    help="the input wiring the predictors must have been trained on (default lookahead, DejaVu's)")
     p.add_argument("--allow-predictor-mismatch", action="store_true",
@@ -247,18 +285,23 @@ def check_sweep_arguments(args: argparse.Namespace, family: str) -> None:
         raise SystemExit(f"--att-units groups: a {family} model has no key/value groups")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, the request files and how the runner scores them: this sweep's and layer_sweep.py's."""
     p.add_argument("--model-name", required=True, help="converted checkpoint directory")
     p.add_argument("--family", choices=("opt", "llama"), required=True, help="model family")
     p.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
                    help="a request file to score (repeat): e.g. c4=c4_valid.jsonl wikitext2=wikitext2.jsonl")
-    add_sweep_arguments(p)
     p.add_argument("--max-seq-len", type=int, default=None, help="passed to the runner")
     p.add_argument("--num-iters", type=int, default=None, help="score only the first N requests of each file")
     p.add_argument("--batch", type=int, default=8, help="--token-micro-batch-size of the runner (default 8)")
     p.add_argument("--seed", type=int, default=42, help="seed of the random mode (default 42)")
     p.add_argument("--out-dir", type=Path, required=True, help="outputs, their manifests and the tables")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
+    add_sweep_arguments(p)
     args = p.parse_args(argv)
     check_sweep_arguments(args, args.family)
     return args
@@ -271,12 +314,7 @@ def main(argv=None) -> list[dict]:
     settings = plan_settings(args.modes, args.mlp_topk, args.att_topk, args.blocks, args.att_units,
                              gated=args.family == "llama")
     plan = [(name, path, s) for name, path in data.items() for s in settings]
-    runner, rows = Runner(), {}
-    try:  # dense runs first, then the sparse ones: each model is loaded once
-        for item in tqdm(sorted(plan, key=lambda item: item[2].mode != "dense"), desc="sweep settings", unit="run"):
-            rows[item] = run_setting(runner, args, *item)
-    finally:
-        runner.close()
+    rows = run_settings(args, plan, "sweep settings")
     rows = [rows[item] for item in plan]
     csv_path, md_path = write_tables(rows, args.out_dir)
     write_json_atomic(args.out_dir / "sweep.manifest.json",
