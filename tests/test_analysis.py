@@ -385,5 +385,7 @@ def test_task_matrix_has_one_column_per_task_and_the_unweighted_mean_with_its_st
     dense = next(line for line in lines if line.startswith("| dense")).split("|")
     assert dense[-3].strip() == "0.600 ± 0.025"  # headline: (0.5 + 0.7) / 2, sqrt(0.03^2 + 0.04^2) / 2
     assert dense[-2].strip() == "0.580 ± 0.019"  # all three: 1.74 / 3, sqrt(0.03^2 + 0.04^2 + 0.03^2) / 3
+    at_chance = task_matrix([row("dense", "dejavu_rte", 0.5, 0.03), row("oracle", "dejavu_rte", 0.4, 0.03, "0.5")], {})
+    assert "| dense | dense | 0.500 ± 0.030 | n/a (no task) | 0.500 ± 0.030 |" in at_chance  # nothing above chance
     oracle = next(line for line in lines if line.startswith("| oracle"))
     assert "0.400 ± 0.030" in oracle and "not run" in oracle and "n/a (1 of 2 tasks)" in oracle

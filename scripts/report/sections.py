@@ -332,6 +332,8 @@ def task_matrix(rows: list[dict], dims: dict[str, dict]) -> list[str]:
 
 
 def mean_text(rows: list[dict | None]) -> str:
+    if not rows:
+        return "n/a (no task)"
     found = [r for r in rows if r is not None and number(r["acc"]) is not None]
     if len(found) < len(rows):
         return f"n/a ({len(found)} of {len(rows)} tasks)"
