@@ -97,9 +97,10 @@ def read_mlp_weights(model_dir: str | Path, layer: int, dims: ModelDims) -> MlpW
                       required(state, OPT_KEYS["bias"], (ffn,), path) if biased else torch.zeros(ffn), str(path))
 
 
-def resolve_rank(spec: str, form: str, d: int, ffn: int, D: int) -> int:
+def resolve_rank(spec: str, form: str, d: int, ffn: int, D: int, clamp: bool = False) -> int:
     """'full' = min(d, ffn); 'equal' = the factors' weights of DejaVu's predictor at width D (r = D/2 for the two
-    factor pairs of swiglu, r = D for relu's one); or an integer from 1 to min(d, ffn)."""
+    factor pairs of swiglu, r = D for relu's one); or an integer from 1 to min(d, ffn). A rank above the full rank is
+    an error, or with `clamp` the full rank (the exact projections: no more rank exists)."""
     full = min(d, ffn)
     if spec == "full":
         return full
@@ -112,6 +113,8 @@ def resolve_rank(spec: str, form: str, d: int, ffn: int, D: int) -> int:
         rank = int(spec)
     else:
         raise ValueError(f"--rank takes positive integers, 'full' or 'equal', got {spec!r}")
+    if rank > full and clamp:
+        return full
     if rank > full:
         raise ValueError(f"--rank {spec} = {rank} exceeds the full rank min(d, ffn) = {full}")
     return rank

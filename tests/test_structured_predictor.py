@@ -13,6 +13,7 @@ from Decentralized_FM_alpha.modules.sparsity import SparsityController, Sparsity
 from Decentralized_FM_alpha.modules.structured_predictor import StructuredPredictor
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.selection import fraction_count
+from scripts.analysis import recall_summary
 from sparse_predictor import structured, train_structured
 from sparse_predictor.trainer.metrics import ranking_statistics
 from tests.analysis_fixtures import write_collection
@@ -179,3 +180,33 @@ def test_a_structured_file_with_a_wrong_key_or_a_missing_file_is_an_error(tiny_l
     (broken / "structured_mlp_layer2.pt").unlink()
     with pytest.raises(FileNotFoundError, match="structured_mlp_layer2.pt"):
         controller(dims, broken, 0.5)
+
+
+def test_recall_summary_scores_structured_predictors_and_the_decomposition_on_every_layer(tiny_llama, tmp_path):
+    _, converted, dims, collection = tiny_llama
+    out = tmp_path / "summary"
+    recall_summary.main(["--data-dir", str(collection), "--out-dir", str(out), "--model-dir", str(converted),
+                         "--fractions", "0.25,0.5", "--distance-fraction", "0.25", "--epochs", "2", "--D", "16",
+                         "--batch_size", "256", "--capacity-layers", "", "--folds", "0",
+                         "--structured-ranks", "4,equal,full", "--structured-trained"])
+    payload = json.loads((out / "recall_summary.json").read_text())
+    records = [r for r in payload["records"] if r.get("ranking", "").startswith(("structured", "exact", "linear"))]
+    names = {r["ranking"] for r in records}
+    assert {"structured svd rank 4 (4)", "structured svd rank 8 (equal)", "structured svd rank 32 (full)",
+            "structured svd+trained rank 4 (4)", "exact MLP form (own weights)",
+            "linear predictor (full rank)"} <= names
+    for layer in range(dims.num_layers):  # every layer, both inputs, with the per-document sums of intervals
+        mine = [r for r in records if r["layer"] == layer]
+        assert {(r["input"], r["k"]) for r in mine} == {(i, k) for i in ("lookahead", "same") for k in (0.25, 0.5)}
+        assert all(sum(r["per_document"]["topk_hits"]) == round(r["Recall@K"] * r["K"] * r["rows_test"]) for r in mine)
+    rows = payload["structured_decomposition"]
+    assert [row["layer"] for row in rows] == list(range(dims.num_layers))
+    for row in rows:
+        assert row["cells"]["same"]["exact"] > 0.99  # the oracle up to the float16 rows' ties
+        assert row["cells"]["lookahead"]["exact"] < row["cells"]["same"]["exact"]
+        assert row["lost"]["total (lookahead, linear)"] == pytest.approx(1 - row["cells"]["lookahead"]["linear"])
+        exact = [r for r in records if (r["layer"], r["input"], r["k"], r["ranking"]) ==
+                 (row["layer"], "same", 0.25, "exact MLP form (own weights)")]
+        full = [r for r in records if (r["layer"], r["input"], r["k"], r["ranking"]) ==
+                (row["layer"], "same", 0.25, "structured svd rank 32 (full)")]
+        assert full[0]["Recall@K"] == pytest.approx(exact[0]["Recall@K"], abs=0.01)
