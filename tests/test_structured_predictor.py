@@ -8,16 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from Decentralized_FM_alpha.modules.sparsity import SparsityController, SparsityPlan
-from Decentralized_FM_alpha.modules.structured_predictor import StructuredPredictor
+from Decentralized_FM_alpha.modules.structured_predictor import StructuredPredictor, load_structured
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.selection import fraction_count
 from scripts.analysis import recall_summary
+from scripts.study import sparse_sweep
 from sparse_predictor import structured, train_structured
 from sparse_predictor.trainer.metrics import ranking_statistics
 from tests.analysis_fixtures import write_collection
 from tests.helpers_models import make_llama, make_opt
+from tests.runner_helpers import c4_texts, read_results, write_requests
+from tests.test_sparse_inference import TOL, hf_masked_logprobs, max_error
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -210,3 +214,34 @@ def test_recall_summary_scores_structured_predictors_and_the_decomposition_on_ev
         full = [r for r in records if (r["layer"], r["input"], r["k"], r["ranking"]) ==
                 (row["layer"], "same", 0.25, "structured svd rank 32 (full)")]
         assert full[0]["Recall@K"] == pytest.approx(exact[0]["Recall@K"], abs=0.01)
+
+
+def test_sweep_runs_structured_as_its_own_mode_with_the_masks_it_ranks(tiny_llama, structured_dir, tmp_path):
+    model, converted, dims, _ = tiny_llama
+    prompts = c4_texts(2, max_chars=200)
+    requests = write_requests(tmp_path / "c4.jsonl", prompts)
+    out = tmp_path / "sweep"
+    rows = sparse_sweep.main(["--model-name", str(converted), "--family", "llama", "--data", f"c4={requests}",
+                              "--modes", "structured", "oracle", "--mlp-topk", "0.5", "--att-topk", "0.5",
+                              "--structured-dir", str(structured_dir), "--dense-layers", "none", "--out-dir", str(out)])
+    assert [(r["mode"], r["block"]) for r in rows] == [("dense", "none"), ("structured", "mlp"), ("oracle", "mlp"),
+                                                       ("oracle", "att"), ("oracle", "both")]
+    row = rows[1]
+    assert (row["mlp_trained_k"], row["mlp_kept"], row["predictor_input"]) == ("0.5", "40", "lookahead")
+    ffn, d = dims.ffn_dim, dims.hidden_size
+    assert row["extra_work"]["mlp"]["per_layer"] == {"weights": 2 * 4 * (d + ffn), "flops": 4 * 4 * (d + ffn),
+                                                     "weight_bytes": 4 * 2 * 4 * (d + ffn)}  # fp32 weights
+    assert rows[2]["extra_work"]["mlp"]["per_layer"]["weights"] == 3 * d * ffn  # the oracle: the dense MLP
+    predictors = {layer: load_structured(structured_dir / f"structured_mlp_layer{layer}.pt",
+                                         json.loads((structured_dir / f"structured_mlp_layer{layer}.json").read_text()),
+                                         d, ffn) for layer in range(dims.num_layers)}
+
+    def by_structured(block, layer, true_scores, seen):
+        with torch.no_grad():
+            return predictors[layer](seen[("att_x", layer)])[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    results = read_results(Path(row["output_manifest"].removesuffix(".manifest.json")))
+    error = max_error(results, prompts, lambda p: hf_masked_logprobs(model, "llama", tokenizer(p)["input_ids"],
+                                                                     mlp_k=ffn // 2, scorer=by_structured))
+    assert error <= TOL
