@@ -128,25 +128,33 @@ def rank_list(text: str) -> list[str]:
     return ranks
 
 
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (out, d) ~ B A with B = U_r S_r (out, r), A = V_r^T (r, d): the truncated SVD, computed in float64 so that
-    at full rank B A equals W to float32 rounding."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # projection name -> (U S, V^T), every rank
 
 
-def svd_predictor(weights: MlpWeights, rank: int, predictors: int = 1) -> StructuredPredictor:
-    """`predictors` copies of the layer's rank-`rank` SVD predictor (offsets 0)."""
+def svd_factors(weights: MlpWeights) -> Factors:
+    """Each projection W (out, d) = (U S) V^T, computed in float64 so that at full rank B A equals W to float32
+    rounding; the rank-r truncation (the best rank-r approximation) is the first r columns of U S and rows of V^T."""
+    factors = {}
+    for name, w in weights.projections.items():
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        factors[name] = ((u * s).float(), vh.float())
+    return factors
+
+
+def svd_predictor(weights: MlpWeights, rank: int, predictors: int = 1,
+                  factors: Factors | None = None) -> StructuredPredictor:
+    """`predictors` copies of the layer's rank-`rank` SVD predictor (offsets 0); `factors` = svd_factors(weights) when
+    already computed (several ranks of one layer share one SVD)."""
+    factors = svd_factors(weights) if factors is None else factors
     ffn, d = next(iter(weights.projections.values())).shape
     model = StructuredPredictor(weights.form, d, ffn, rank, predictors, weights.activation, weights.eps)
     with torch.no_grad():
         model.norm_weight.copy_(weights.norm_weight)
         if weights.norm_bias is not None:
             model.norm_bias.copy_(weights.norm_bias)
-        for name, w in weights.projections.items():
-            b, a = svd_factors(w, rank)
-            getattr(model, f"{name}_a").copy_(a.expand(predictors, -1, -1))
-            getattr(model, f"{name}_b").copy_(b.expand(predictors, -1, -1))
+        for name, (b, a) in factors.items():
+            getattr(model, f"{name}_a").copy_(a[:rank].expand(predictors, -1, -1))
+            getattr(model, f"{name}_b").copy_(b[:, :rank].expand(predictors, -1, -1))
         if weights.bias is not None:
             model.fc1_bias.copy_(weights.bias.expand(predictors, -1))
     return model
@@ -181,11 +189,11 @@ def calibrate_offsets(model: StructuredPredictor, data: LayerData, labels_of: Se
 
 
 def train_structured(data: LayerData, weights: MlpWeights, rank: int, variant: str, cfg: TrainConfig,
-                     log: Callable[[str], None] = print) -> list[TrainResult]:
+                     log: Callable[[str], None] = print, factors: Factors | None = None) -> list[TrainResult]:
     """One structured predictor per label of the layer (stacked), from the rank-`rank` SVD start: scored as it is
     (variant svd) or trained with the trainer's loop (svd+trained); the results are train_stacked's."""
     specs = [(label, cfg.seed) for label in range(len(data.labels))]
-    model = svd_predictor(weights, rank, len(specs))
+    model = svd_predictor(weights, rank, len(specs), factors)
     calibrate_offsets(model, data, [label for label, _ in specs], cfg.seed)
     epochs = cfg.epochs if variant == VARIANTS["trained"] else 0  # 0: the held-out split scores the start only
     return train_stacked(data, BLOCK, replace(cfg, D=rank, epochs=epochs), specs, log, model=model)

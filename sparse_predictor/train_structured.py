@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for layer in layers:
         provenance = base_manifest(args=vars(args))
         weights = structured.read_mlp_weights(args.model_dir, layer, store.dims)
+        factors = structured.svd_factors(weights)  # one SVD per projection, every rank
         start = time.perf_counter()
         data = load_layer(store, "mlp", layer, args.input, labels, device, cfg.batch_size, max_bytes,
                           split_config(args))
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         for spec, dirs in folders.items():
             rank = structured.resolve_rank(spec, weights.form, d, ffn, args.D)
             started = time.perf_counter()
-            results = structured.train_structured(data, weights, rank, variant, cfg, log=lambda _: None)
+            results = structured.train_structured(data, weights, rank, variant, cfg, log=lambda _: None,
+                                                  factors=factors)
             timings = {"load_s": load_s, "train_and_eval_s": time.perf_counter() - started}
             for result in results:
                 record = layer_record(args, "mlp", layer, source, data, recorded, result, timings, provenance)

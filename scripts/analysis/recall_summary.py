@@ -17,7 +17,10 @@ documents, trainer/static.py), a seeded random K-subset per token, the oracle (t
 mlp_gate collected the gate: top-K by |SiLU(g)| (CATS-style, the sparse mode `gate`), by |g| and by g, and the share
 of the true top-K that sign(g) > 0 covers; OPT has no gate, so its gate records say n/a with the reason. Every record
 keeps its held-out per-document sums, so that report.py can bootstrap intervals over documents; uniform chance
-(K / units) is recorded beside the metrics.
+(K / units) is recorded beside the metrics. With the collected model's converted checkpoint (--model-dir, or the
+manifest's model_name), structured MLP predictors (the MLP's own form at the ranks of --structured-ranks, from the SVD
+of the layer's weights; trained too with --structured-trained) and the exact MLP form are scored from both inputs,
+with the per-layer 2x2 decomposition of lost recall (input x linear predictor / exact form; structured_recall.py).
 
     python scripts/analysis/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
 Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each

@@ -90,13 +90,14 @@ def record(model: str, layer: int, input_name: str, ranking: str, definition: st
 
 
 def untrained_records(store: ActivationStore, model: str, layer: int, fractions: list[float], is_test: np.ndarray,
-                      weights: structured.MlpWeights, ranks: dict[int, list[str]], device: torch.device) -> list[dict]:
+                      weights: structured.MlpWeights, factors: structured.Factors, ranks: dict[int, list[str]],
+                      device: torch.device) -> list[dict]:
     """The svd predictors at every rank and the exact form, from both inputs, scored in one pass over the rows."""
     ffn = store.dims.ffn_dim
     labels = [make_label_spec("mlp", "topk", f, None, ffn) for f in fractions]
     predictors: dict[str, tuple[torch.nn.Module, str, dict]] = {}
     for rank, specs in ranks.items():
-        svd = structured.svd_predictor(weights, rank).to(device)
+        svd = structured.svd_predictor(weights, rank, factors=factors).to(device)
         info = {"structured": {"variant": "svd", "rank": rank, "rank_specs": specs,
                                "factor_parameters": svd.factor_parameters()}}
         predictors[ranking_name("svd", rank, specs)] = (svd, DEFINITIONS["structured svd"], info)
@@ -118,7 +119,8 @@ def ranker_of(predictor: torch.nn.Module, kind: str) -> Callable:
     return lambda values, label_scores: predictor(values[kind])[0]
 
 
-def trained_records(store: ActivationStore, model: str, layer: int, fractions: list[float], weights, ranks,
+def trained_records(store: ActivationStore, model: str, layer: int, fractions: list[float],
+                    weights: structured.MlpWeights, factors: structured.Factors, ranks: dict[int, list[str]],
                     cfg: TrainConfig, device: torch.device, max_bytes: int | None, split: SplitConfig,
                     is_test: np.ndarray) -> list[dict]:
     """svd+trained at every rank from both inputs, every K trained together (stacked)."""
@@ -129,7 +131,7 @@ def trained_records(store: ActivationStore, model: str, layer: int, fractions: l
         data = load_layer(store, "mlp", layer, flag, labels, device, cfg.batch_size, max_bytes, split)
         for rank, specs in ranks.items():
             for result in structured.train_structured(data, weights, rank, structured.VARIANTS["trained"], cfg,
-                                                      log=lambda _: None):
+                                                      log=lambda _: None, factors=factors):
                 stats = {key: result.metrics[key] for key in ("K", "Recall@K", "Captured Mass")}
                 stats["per_document"] = result.per_document
                 info = {"structured": {"variant": "svd+trained", "rank": rank, "rank_specs": specs},
@@ -182,11 +184,12 @@ def structured_results(store: ActivationStore, model: str, layer: int, args: arg
     cfg: the MLP predictors' training (the linear cells); the structured ones train at --lr or their own default."""
     weights = structured.read_mlp_weights(model_dir, layer, store.dims)
     ranks = resolved_ranks(args.structured_ranks, weights, store.dims.hidden_size, store.dims.ffn_dim, args.D)
-    records = untrained_records(store, model, layer, args.fractions, is_test, weights, ranks, device)
+    factors = structured.svd_factors(weights)  # one SVD per projection, every rank
+    records = untrained_records(store, model, layer, args.fractions, is_test, weights, factors, ranks, device)
     if args.structured_trained:
         tuned = replace(cfg, lr=args.lr or structured.DEFAULT_LR)
-        records += trained_records(store, model, layer, args.fractions, weights, ranks, tuned, device, max_bytes,
-                                   split, is_test)
+        records += trained_records(store, model, layer, args.fractions, weights, factors, ranks, tuned, device,
+                                   max_bytes, split, is_test)
     k = args.distance_fraction
     exact = {r["input"]: r for r in records if r["ranking"] == EXACT and r["k"] == k}
     linear, new = linear_full_rank(store, model, layer, k, predictor_records, cfg, device, max_bytes, split, is_test)
