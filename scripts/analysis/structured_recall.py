@@ -80,7 +80,8 @@ def ranking_name(variant: str, rank: int, specs: list[str]) -> str:
 
 
 def record(model: str, layer: int, input_name: str, ranking: str, definition: str, k: float, stats: dict,
-           ffn: int, store: ActivationStore, is_test: np.ndarray, extra: dict) -> dict:
+           ffn: int, is_test: np.ndarray, extra: dict) -> dict:
+    """A structured-family record with the baselines' keys (Recall@K, Captured Mass, per-document sums)."""
     spec = resolve_input("mlp", INPUTS[input_name], layer)
     return {"model": model, "block": "mlp", "layer": layer, "input": input_name, "input_flag": INPUTS[input_name],
             "input_kind": spec.kind, "input_layer": spec.layer, "ranking": ranking, "label": "topk", "k": k,
@@ -110,7 +111,7 @@ def untrained_records(store: ActivationStore, model: str, layer: int, fractions:
             rankers[key] = [ranker_of(predictor, kind)] * len(labels)
             meta[key] = (name, input_name, definition, info)
     stats = score_rankers(store, layer, labels, is_test, rankers, ["att_x", "mlp_x"], device)
-    return [record(model, layer, meta[key][1], meta[key][0], meta[key][2], fractions[i], st, ffn, store, is_test,
+    return [record(model, layer, meta[key][1], meta[key][0], meta[key][2], fractions[i], st, ffn, is_test,
                    meta[key][3]) for (key, i), st in stats.items()]
 
 
@@ -138,7 +139,7 @@ def trained_records(store: ActivationStore, model: str, layer: int, fractions: l
                         "best_epoch": result.best_epoch, "rows_train": data.rows_train}
                 records.append(record(model, layer, input_name, ranking_name("svd+trained", rank, specs),
                                       DEFINITIONS["structured svd+trained"], fractions[result.label_index], stats,
-                                      ffn, store, is_test, info))
+                                      ffn, is_test, info))
         del data
     return records
 
@@ -159,7 +160,7 @@ def linear_full_rank(store: ActivationStore, model: str, layer: int, k: float, p
         result, = train_stacked(data, "mlp", replace(cfg, D=full), [(0, cfg.seed)], log=lambda _: None)
         stats = {key: result.metrics[key] for key in ("K", "Recall@K", "Captured Mass")}
         stats["per_document"] = result.per_document
-        found[name] = record(model, layer, name, LINEAR_FULL, DEFINITIONS[LINEAR_FULL], k, stats, ffn, store, is_test,
+        found[name] = record(model, layer, name, LINEAR_FULL, DEFINITIONS[LINEAR_FULL], k, stats, ffn, is_test,
                              {"D": full, "seed": cfg.seed, "best_epoch": result.best_epoch})
         new.append(found[name])
         del data
