@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what ranks neurons/heads: trained predictors (default), oracle = true |activation|, "
                              "random, static (the units most often in the training top-K, the same for every token: "
                              "static_{block}_layer{L}.json in --predictor-dir), gate (MLP only, Llama: top-K of "
-                             "|SiLU(g)| with the exact gate), or dense")
+                             "|SiLU(g)| with the exact gate), structured (MLP only: the MLP's own form at low rank, "
+                             "structured_mlp_layer{L}.pt in --predictor-dir), or dense")
     sparse.add_argument("--predictor-dir", default=None,
                         help="directory of mlp_layer{L}.pt / att_layer{L}.pt and their JSONs (alias: $SPRARSE_PATH)")
     sparse.add_argument("--mlp-topk", default=None,

@@ -109,7 +109,7 @@ def runner_argv(pretrained: str, sparse_mode: Optional[str] = None, gqa_groups: 
         argv += ["--allow-predictor-mismatch"] if allow_predictor_mismatch else []
     elif gqa_groups or allow_predictor_mismatch or any(k in flags for k in SPARSITY_FLAGS):
         raise ValueError("dejavu model: sparsity arguments without sparse_mode (dense, oracle, predictor, random, "
-                         "static or gate)")
+                         "static, gate or structured)")
     for key, value in flags.items():
         if value is not None:
             value = DTYPE_NAMES.get(str(value), value) if key == "dtype" else value

@@ -47,6 +47,8 @@ from scripts.study.plan import (FLOAT16, check_disk, collection_bytes, free_disk
                                 model_facts, plan_model)
 from scripts.study.sparse_sweep import BLOCKS as SWEEP_BLOCKS, SPARSE_MODES, budget_name, plan_settings  # noqa: E402
 
+STUDY_MODES = tuple(m for m in SPARSE_MODES if m != "structured")  # the study trains no structured predictors
+
 STAGES = ("convert", "requests", "collect", "predictors", "sweep", "tasks", "analysis", "summary", "report")
 STUDY_MANIFEST = "study_manifest.json"
 ONLINE_TMPFS = Path("/dev/shm/dejavu-online")
@@ -623,11 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention budgets: fractions of each model's query heads, turned into counts by the one count "
                         "rule (predictors trained at each), or counts; paired with --mlp-budgets in the 'both' rows "
                         "(default: the MLP fractions)")
-    p.add_argument("--modes", nargs="+", choices=SPARSE_MODES, default=list(SPARSE_MODES),
+    p.add_argument("--modes", nargs="+", choices=STUDY_MODES, default=list(STUDY_MODES),
                    help="sparse modes of the sweep and the tasks (default all: %(default)s; gate runs on gated MLPs)")
     p.add_argument("--blocks", nargs="+", choices=SWEEP_BLOCKS, default=list(SWEEP_BLOCKS),
                    help="sweep rows: mlp only, att only, both paired (default all)")
-    p.add_argument("--task-modes", nargs="+", choices=SPARSE_MODES, default=None,
+    p.add_argument("--task-modes", nargs="+", choices=STUDY_MODES, default=None,
                    help="modes of the tasks stage (default: --modes)")
     p.add_argument("--task-blocks", nargs="+", choices=SWEEP_BLOCKS, default=None,
                    help="rows of the tasks stage (default: --blocks)")

@@ -76,3 +76,20 @@ def test_on_policy_recall_is_set_beside_the_same_predictors_recall_on_the_dense_
     assert line == ("m, MLP at 0.5, predictor: on-policy Recall@K of the applied masks 0.575 over 4 sparse layers "
                     "(0.700 in the first half, 0.450 in the second); held out on the dense model's states the same "
                     "predictors score 0.750 over those layers.")
+
+
+def test_the_structured_predictor_and_the_two_by_two_are_read_into_why_lines():
+    from scripts.report.why import decomposition_lines, structured_lines
+    records = [{"block": "mlp", "layer": layer, "k": 0.25, "input": "lookahead", "label": "topk", "Recall@K": value}
+               for layer, value in ((1, 0.5), (2, 0.7))]
+    records += [{**r, "ranking": "structured svd rank 8 (k 0.25)", "Recall@K": r["Recall@K"] + 0.1} for r in records]
+    records += [{**records[0], "ranking": "structured svd rank 8 (k 0.25)", "input": "same", "Recall@K": 0.99}]
+    cells = lambda a, b, c, d: {"lookahead": {"linear": a, "exact": b}, "same": {"linear": c, "exact": d}}  # noqa: E731
+    payload = {"source": {"model": "m"}, "records": records,
+               "structured_decomposition": [{"layer": 1, "k": 0.25, "cells": cells(0.5, 0.6, 0.7, 1.0)},
+                                            {"layer": 2, "k": 0.25, "cells": cells(0.7, 0.8, 0.9, 1.0)}]}
+    assert structured_lines([payload]) == ["m, MLP, K = 0.25: structured svd rank 8 (k 0.25) Recall@K 0.700 against "
+                                           "DejaVu's lookahead predictor's 0.600 (mean over 2 layers)."]
+    [line] = decomposition_lines([payload])
+    assert ("lookahead input with DejaVu's linear predictor 0.600, with the exact MLP form 0.700; same-layer input "
+            "with the linear predictor 0.800, with the exact form 1.000 (the oracle)") in line

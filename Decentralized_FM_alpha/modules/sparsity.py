@@ -11,6 +11,9 @@ token; the others contribute zero. What ranks them is the mode:
              (static_{block}_layer{L}.json of sparse_predictor/static_topk.py): the input-independent baseline
   gate       MLP only, gated MLPs (Llama): the top-K of |act(g)| with g the exact gate pre-activation (CATS-style,
              no predictor; it would save the up and down projections, not the gate)
+  structured MLP only: the layer's structured predictor (structured_mlp_layer{L}.pt of
+             sparse_predictor/train_structured.py: the MLP's own form at low rank, modules/structured_predictor.py),
+             fed exactly the input it was trained on, checked like `predictor`
 Layers in the plan's dense set (--dense-layers, layer 0 by default: no earlier input exists for its lookahead)
 stay dense in every mode. A predictor or static file must have been made for the run: its recorded input must be
 the wiring asked for (--predictor-input) and a top-K label's K the count the run keeps, else loading fails naming the
@@ -35,12 +38,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from Decentralized_FM_alpha.modules.structured_predictor import UnitRanker, load_structured
 from Decentralized_FM_alpha.utils.activation_store import ModelDims
 from Decentralized_FM_alpha.utils.manifest import file_sha256
 from Decentralized_FM_alpha.utils.selection import fraction_count, parse_layer_list, static_scores
 
-MODES = ("dense", "predictor", "oracle", "random", "static", "gate")
-FILE_MODES = ("predictor", "static")  # modes that read a file per sparse layer and block
+MODES = ("dense", "predictor", "oracle", "random", "static", "gate", "structured")
+FILE_MODES = ("predictor", "static", "structured")  # modes that read a file per sparse layer and block
+MLP_ONLY_MODES = ("gate", "structured")  # rank MLP neurons only
 DEFAULT_DENSE_LAYERS = "0"
 RECALL_COUNTED = ("real tokens of the simulated forward passes (prompts, and generated tokens unless "
                   "--sparse-decode kernels); true top-K of the same pass: |activation| (MLP), head output norms "
@@ -87,9 +92,9 @@ class SparsityPlan:
             raise ValueError(f"--sparse-mode must be one of {MODES}, got {self.mode!r}")
         if self.mode in FILE_MODES and (self.mlp_budgets or self.att_budgets) and self.predictor_dir is None:
             raise ValueError(f"--sparse-mode {self.mode} needs --predictor-dir")
-        if self.mode == "gate" and self.att_budgets:
-            raise ValueError("--sparse-mode gate ranks MLP neurons only: give no attention budget (run attention "
-                             "budgets with another mode)")
+        if self.mode in MLP_ONLY_MODES and self.att_budgets:
+            raise ValueError(f"--sparse-mode {self.mode} ranks MLP neurons only: give no attention budget (run "
+                             f"attention budgets with another mode)")
         if self.predictor_input not in ("lookahead", "same") and not re.fullmatch(r"from:\d+", self.predictor_input):
             raise ValueError(f"--predictor-input must be lookahead, same or from:J, got {self.predictor_input!r}")
 
@@ -138,6 +143,20 @@ def load_predictor(path: Path, layer: int, d: int, out: int, block: str, device:
     source = PredictorInput(meta["input_kind"], int(meta["input_layer"]))
     if source.kind not in ("att_x", "mlp_x") or source.layer > layer:
         raise ValueError(f"{meta_path}: input {source} cannot feed layer {layer}")
+    return predictor.to(device).eval(), source, meta
+
+
+def load_structured_file(path: Path, layer: int, d: int, ffn: int, device: torch.device):
+    """A structured predictor (structured_mlp_layer{L}.pt and its JSON), strictly, as the runner calls a predictor;
+    the input it was trained on and its JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing structured predictor file for mlp layer {layer}: {path}")
+    meta = read_meta(path.with_suffix(".json"), "mlp", layer)
+    predictor = UnitRanker(load_structured(path, meta, d, ffn))
+    source = PredictorInput(meta["input_kind"], int(meta["input_layer"]))
+    if (source.kind, source.layer) not in (("att_x", layer), ("mlp_x", layer)):
+        raise ValueError(f"{path.with_suffix('.json')}: input {source} is neither layer {layer}'s lookahead (att_x) "
+                         f"nor its MLP input (mlp_x)")
     return predictor.to(device).eval(), source, meta
 
 
@@ -205,6 +224,11 @@ class SparsityController:
                     predictor, source, meta = load_predictor(path, layer, d, out, block, self.device)
                     self.predictors[(block, layer)] = (predictor, source)
                     wiring = self.plan.predictor_input
+                elif self.plan.mode == "structured":  # MLP only (SparsityPlan); ranks like a predictor
+                    path = self.plan.predictor_dir / f"structured_{block}_layer{layer}.pt"
+                    predictor, source, meta = load_structured_file(path, layer, d, out, self.device)
+                    self.predictors[(block, layer)] = (predictor, source)
+                    wiring = self.plan.predictor_input
                 else:
                     path = self.plan.predictor_dir / f"static_{block}_layer{layer}.json"
                     self.static_scores[(block, layer)], meta = load_static(path, layer, out, block, self.device)
@@ -218,7 +242,7 @@ class SparsityController:
                 "mlp_kept": self.kept["mlp"], "att_kept": self.kept["att"],
                 "att_unit": "groups" if self.plan.gqa_groups else "heads",
                 "gqa_groups": self.plan.gqa_groups, "dense_layers": list(self.plan.dense_layers),
-                "predictor_input": self.plan.predictor_input if self.plan.mode == "predictor" else None,
+                "predictor_input": self.plan.predictor_input if self.plan.mode in ("predictor", "structured") else None,
                 "allow_predictor_mismatch": self.plan.allow_mismatch, "predictor_mismatches": self.mismatches,
                 "predictors": self.loaded, "on_policy_recall": self.on_policy_recall()}
 

@@ -228,6 +228,7 @@ SERIES_STYLES = {
     "random": {"color": "#7f7f7f", "linestyle": ":", "marker": "x"},
     "static": {"color": "#ff7f0e", "linestyle": "-.", "marker": "^"},
     "gate": {"color": "#9467bd", "linestyle": (0, (5, 1, 1, 1)), "marker": "D"},
+    "structured": {"color": "#bcbd22", "linestyle": (0, (3, 1)), "marker": "*"},
     "same-layer": {"color": "#17becf", "linestyle": "--", "marker": "v"},
     "earlier input": {"color": "#8c564b", "linestyle": (0, (3, 1, 1, 1, 1, 1)), "marker": "<"},
     "nonlinear predictor": {"color": "#e377c2", "linestyle": (0, (5, 2)), "marker": "P"},

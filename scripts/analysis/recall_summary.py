@@ -17,7 +17,10 @@ documents, trainer/static.py), a seeded random K-subset per token, the oracle (t
 mlp_gate collected the gate: top-K by |SiLU(g)| (CATS-style, the sparse mode `gate`), by |g| and by g, and the share
 of the true top-K that sign(g) > 0 covers; OPT has no gate, so its gate records say n/a with the reason. Every record
 keeps its held-out per-document sums, so that report.py can bootstrap intervals over documents; uniform chance
-(K / units) is recorded beside the metrics.
+(K / units) is recorded beside the metrics. With the collected model's converted checkpoint (--model-dir, or the
+manifest's model_name), structured MLP predictors (the MLP's own form at the ranks of --structured-ranks, from the SVD
+of the layer's weights; trained too with --structured-trained) and the exact MLP form are scored from both inputs,
+with the per-layer 2x2 decomposition of lost recall (input x linear predictor / exact form; structured_recall.py).
 
     python scripts/analysis/recall_summary.py --data-dir data/llama-3.2-3b_c4 --out-dir out/summary/llama-3.2-3b --seeds 3
 Writes <out-dir>/recall_summary.json (records with per-document counts, provenance) and recall_summary.csv; each
@@ -41,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from Decentralized_FM_alpha.utils.activation_store import ActivationStore  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import COUNT_RULE, fraction_count, parse_layer_list  # noqa: E402
-from scripts.analysis import capacity  # noqa: E402
+from scripts.analysis import capacity, structured_recall  # noqa: E402
 from scripts.analysis.common import (collection_source, device_from_args,  # noqa: E402
                                      layer_partial, open_collection, parse_fractions,
                                      stored_partial, write_csv_atomic, write_results)
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{b} {lr:g}" for b, lr in BLOCK_LR.items()) + ")")
     p.set_defaults(selection="last")  # no choice made on the held-out split that the summary reports
     capacity.add_arguments(p)
+    structured_recall.add_arguments(p)
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes, each training a share of the layers (on a GPU they share it: small "
                         "predictors leave it mostly idle); results do not depend on it (default %(default)s)")
@@ -267,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def layer_results(store: ActivationStore, source: dict, layer: int, args: argparse.Namespace, device: torch.device,
                   max_bytes: int | None, is_test: np.ndarray, documents: np.ndarray, split, curves: bool,
-                  folds: bool) -> dict:
-    """Everything the summary trains and scores for one layer: predictors and baselines ("records"), the capacity
-    and data curves ("capacity") and the fold predictors ("folds") where the layer is in their subsets."""
+                  folds: bool, model_dir: Path | None) -> dict:
+    """Everything the summary trains and scores for one layer: predictors, baselines and (with a converted checkpoint,
+    `model_dir`) structured MLP predictors ("records") with the layer's decomposition row, the capacity and data
+    curves ("capacity") and the fold predictors ("folds") where the layer is in their subsets."""
     model, family = source["model"], source["family"]
     seconds: dict[str, float] = {}
 
@@ -285,8 +290,13 @@ def layer_results(store: ActivationStore, source: dict, layer: int, args: argpar
     if gate_unavailable(family, store) is None:
         records += timed("gate coverage", lambda: gate_coverage_records(store, model, layer, args.fractions, is_test,
                                                                         documents, device))
+    found = {"records": [], "decomposition": None} if model_dir is None else timed(
+        "structured", lambda: structured_recall.structured_results(store, model, layer, args, model_dir,
+                                                                   block_config(args, "mlp"), records, is_test, split,
+                                                                   device, max_bytes))
+    records += found["records"]
     config = lambda block: block_config(args, block)  # noqa: E731
-    return {"records": records,
+    return {"records": records, "decomposition": found["decomposition"],
             "capacity": timed("capacity", lambda: capacity.capacity_records(
                 store, model, layer, args, config, device, max_bytes, split)) if curves else [],
             "folds": timed("folds", lambda: capacity.fold_records(
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None) -> Path:
     layers = parse_layer_list(args.layers, store.num_layers)
     device, max_bytes = device_from_args(args)
     _, arch_note = architecture_label(source["family"], store)
+    model_dir, model_dir_note = structured_recall.model_dir_of(args, store)
     split = split_config(args)
     documents = store.document_ids()
     is_test = document_split(documents, split.test_fraction, split.test_docs)
@@ -335,12 +346,13 @@ def main(argv: list[str] | None = None) -> Path:
                       key=lambda layer: layer not in heavy)
         if len(todo) > 1:
             run_workers(sys.argv[1:] if argv is None else list(argv), todo, args.jobs)
-    curves, folds, layer_seconds = [], [], {}
+    curves, folds, layer_seconds, decomposition = [], [], {}, []
     for layer in tqdm(layers, desc=f"{source['model']} summary predictors", unit="layer"):
         found = layer_partial(partial, settings, layer, lambda l: layer_results(
             store, source, l, args, device, max_bytes, is_test, documents, split, l in capacity_layers,
-            l in fold_layers))
+            l in fold_layers, model_dir))
         records += found["records"]
+        decomposition += [found["decomposition"]] if found.get("decomposition") else []
         curves += found["capacity"]
         folds += found["folds"]
         layer_seconds[layer] = found.get("seconds")
@@ -356,6 +368,10 @@ def main(argv: list[str] | None = None) -> Path:
                "baselines": BASELINE_DEFINITIONS,
                "capacity": curves, "capacity_layers": capacity_layers, "folds": folds, "fold_layers": fold_layers,
                "fold_spread": capacity.fold_spread(folds, records),
+               "structured": {"model_dir": str(model_dir) if model_dir else None, "model_dir_from": model_dir_note,
+                              "ranks": args.structured_ranks, "trained": args.structured_trained,
+                              "definitions": structured_recall.DEFINITIONS},
+               "structured_decomposition": decomposition,
                "seconds": time.perf_counter() - started,
                "layer_seconds": layer_seconds}  # per layer and part, as first computed (a resumed layer: its run)
     json_path, csv_path = write_results(args.out_dir, "recall_summary", payload, records, CSV_COLUMNS, provenance)

@@ -49,7 +49,8 @@ from scripts.report.inputs import Inputs, Sources, all_models, discover, model_d
 from scripts.report.layers import (baseline_layer_recall, layer_recall_table, model_layers,  # noqa: E402
                                    predictor_layer_recall)
 from scripts.report.plots import plot_predictors, plot_results  # noqa: E402
-from scripts.report.why import layer_sweep_lines, on_policy_lines, structured_lines  # noqa: E402
+from scripts.report.why import (decomposition_lines, layer_sweep_lines, on_policy_lines,  # noqa: E402
+                                structured_lines)
 from scripts.report.summary import headline_dataset  # noqa: E402
 from scripts.report.sections import (collections_section, drift_section, figure_lines,  # noqa: E402
                                      label_sweep_section, lookahead_section, perplexity_section,
@@ -169,7 +170,8 @@ def where_and_why(inputs: Inputs) -> tuple[list[str], list[str]]:
     why = on_policy_lines(inputs.sweeps, predictor_layer_recall(inputs.predictors)) or [
         "not run: no sweep recorded on-policy recall (the mask applied against the same run's true top-K), so recall "
         "on the sparse model's own states is not measured."]
-    why += structured_lines([r for _, r in inputs.results["recall_summary"]]) or [
+    payloads = [r for _, r in inputs.results["recall_summary"]]
+    why += structured_lines(payloads) + decomposition_lines(payloads) or [
         "not run: no predictor shaped like SwiGLU (structured) among the inputs, so the function-class question is "
         "not measured."]
     return where, why

@@ -99,7 +99,7 @@ def structured_lines(recall_payloads: Sequence[dict]) -> list[str]:
         for r in payload["records"]:
             if r.get("block") != "mlp" or r.get("Recall@K") is None:
                 continue
-            if str(r.get("ranking", "")).startswith("structured"):
+            if str(r.get("ranking", "")).startswith("structured") and r.get("input") == "lookahead":
                 by[(r["ranking"], r["k"])][r["layer"]] = r["Recall@K"]
             elif "ranking" not in r and r.get("input") == "lookahead" and r.get("label") == "topk":
                 predictor[r["k"]][r["layer"]] = r["Recall@K"]
@@ -110,4 +110,20 @@ def structured_lines(recall_payloads: Sequence[dict]) -> list[str]:
                 theirs = sum(predictor[k][l] for l in common) / len(common)
                 lines.append(f"{model}, MLP, K = {k:g}: {ranking} Recall@K {ours:.3f} against DejaVu's lookahead "
                              f"predictor's {theirs:.3f} (mean over {len(common)} layers).")
+    return lines
+
+
+def decomposition_lines(recall_payloads: Sequence[dict]) -> list[str]:
+    """Per model: the 2 x 2 of recall_summary.py's structured_decomposition (input: lookahead or same-layer; function:
+    DejaVu's linear predictor or the layer's exact SwiGLU form) as means over its layers."""
+    lines = []
+    for payload in recall_payloads:
+        rows = payload.get("structured_decomposition") or []
+        if not rows:
+            continue
+        mean = lambda name, form: sum(r["cells"][name][form] for r in rows) / len(rows)  # noqa: E731
+        lines.append(f"{payload['source']['model']}, MLP, K = {rows[0]['k']:g}, Recall@K mean over {len(rows)} "
+                     f"layers: lookahead input with DejaVu's linear predictor {mean('lookahead', 'linear'):.3f}, with "
+                     f"the exact MLP form {mean('lookahead', 'exact'):.3f}; same-layer input with the linear predictor "
+                     f"{mean('same', 'linear'):.3f}, with the exact form {mean('same', 'exact'):.3f} (the oracle).")
     return lines

@@ -6,7 +6,8 @@ is loaded once and each setting gets its own sparsity controller). Settings deco
   mlp   MLP budget only, attention dense        att   attention budget only, MLP dense
   both  the i-th MLP budget with the i-th attention budget
 for every mode (oracle, predictor, random, static, gate: gate ranks MLP neurons only and needs a gated MLP, so it
-runs on `mlp` rows of Llama-family models), and with `--att-units groups` the `att` rows again in whole key/value
+runs on `mlp` rows of Llama-family models; structured, the MLP's own form at low rank, on `mlp` rows, read like
+`predictor` from --predictor-dir's structured_mlp_layer{L} files), and with `--att-units groups` the `att` rows again in whole key/value
 groups (Llama with GQA). Budgets are counts or fractions (< 1) of each block's units, turned into counts
 by the one count rule. Layers of --dense-layers (layer 0 by default) stay dense in every mode.
 
@@ -19,6 +20,9 @@ att_topk, mlp_kept, att_kept, att_unit, predictor_input, mlp_trained_k, att_trai
 tokens, the on-policy Recall@K of each sparse block (mean over its sparse layers, and per layer as `layer:recall`:
 the applied masks against the true top-K of the same run, over real tokens; the runner's manifest holds the counts),
 output_manifest. A setting whose output manifest already holds a perplexity is not run again.
+sweep.manifest.json's rows add `extra_work`: what ranking the units costs per token and sparse layer in the setting's
+mode (weights read, FLOPs, bytes at --dtype; Decentralized_FM_alpha/utils/mode_cost.py), per block, so that modes can
+be compared at equal cost.
 
   python scripts/study/sparse_sweep.py --model-name pretrained_models/llama-3.2-3b --family llama \\
       --predictor-dir data/llama-3.2-3b_sparse_predictors/b{k} --data c4=Decentralized_FM_alpha/c4_val/c4_valid.jsonl \\
@@ -37,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tqdm import tqdm  # noqa: E402
 
 from Decentralized_FM_alpha import dist_inference_runner  # noqa: E402
-from Decentralized_FM_alpha.modules.sparsity import DEFAULT_DENSE_LAYERS, MODES, parse_budget  # noqa: E402
+from Decentralized_FM_alpha.modules.sparsity import (DEFAULT_DENSE_LAYERS, FILE_MODES, MLP_ONLY_MODES,  # noqa: E402
+                                                     MODES, parse_budget)
+from Decentralized_FM_alpha.utils import mode_cost  # noqa: E402
 from Decentralized_FM_alpha.utils.manifest import base_manifest, weights_provenance, write_json_atomic  # noqa: E402
 from scripts.analysis.common import write_csv_atomic  # noqa: E402
 from sparse_predictor.trainer.labels import k_name  # noqa: E402
@@ -49,7 +55,7 @@ COLUMNS = ("model", "dataset", "mode", "block", "mlp_topk", "att_topk", "mlp_kep
 BLOCKS = ("mlp", "att", "both")
 ATT_UNITS = ("heads", "groups")
 SPARSE_MODES = tuple(m for m in MODES if m != "dense")
-FILE_MODES = ("predictor", "static")  # read a predictor or static file per layer from --predictor-dir
+ATT_FILE_MODES = tuple(m for m in FILE_MODES if m not in MLP_ONLY_MODES)  # read attention files too
 NOT_APPLICABLE = "n/a"
 
 
@@ -86,8 +92,8 @@ def plan_settings(modes: list[str], mlp: list[str], att: list[str], blocks: list
     settings = [DENSE]
     for mode in modes:
         for block in blocks:
-            if mode == "gate" and (block != "mlp" or not gated):
-                continue  # gate ranks MLP neurons of a gated MLP only
+            if mode in MLP_ONLY_MODES and block != "mlp" or mode == "gate" and not gated:
+                continue  # gate and structured rank MLP neurons only; gate needs a gated MLP
             for unit in (units if block == "att" else ["heads"]):  # group rows: attention alone
                 if block == "mlp":
                     settings += [Setting(mode, block, mlp=b) for b in mlp]
@@ -108,6 +114,14 @@ def predictor_dir(template: str | None, setting: Setting) -> str | None:
         raise SystemExit(f"--predictor-dir {template}: the paired row mlp {setting.mlp} / att {setting.att} would read "
                          f"two folders; pair equal budgets, or give a folder without {{k}}")
     return template.format(k=budgets.pop())
+
+
+def file_dir_template(args: argparse.Namespace, setting: Setting) -> str | None:
+    """The folder template of a file mode's setting: --structured-dir for structured (default --predictor-dir),
+    --group-predictor-dir for group rows, else --predictor-dir."""
+    if setting.mode == "structured":
+        return args.structured_dir or args.predictor_dir
+    return args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
 
 
 def budget_name(budget: str) -> str:
@@ -141,8 +155,7 @@ def setting_argv(args: argparse.Namespace, setting: Setting) -> list[str]:
     argv += (["--mlp-topk", setting.mlp] if setting.mlp else []) + (["--att-topk", setting.att] if setting.att else [])
     argv += ["--sparse-layers", setting.layers] if setting.layers else []
     if setting.mode in FILE_MODES:
-        template = args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
-        argv += ["--predictor-dir", predictor_dir(template, setting)]
+        argv += ["--predictor-dir", predictor_dir(file_dir_template(args, setting), setting)]
     argv += ["--gqa-groups"] if setting.unit == "groups" else []
     argv += ["--allow-predictor-mismatch"] if args.allow_predictor_mismatch else []
     return argv
@@ -197,7 +210,8 @@ def describe_row(args: argparse.Namespace, dataset: str, setting: Setting, manif
             "perplexity": manifest["perplexity"]["perplexity"], "tokens": manifest["perplexity"]["tokens"],
             **{f"{block}_on_policy_recall": recall.get("mean", {}).get(block, NOT_APPLICABLE) for block in ("mlp", "att")},
             **{f"{block}_on_policy_recall_layers": layer_recalls(recall, block) for block in ("mlp", "att")},
-            "on_policy_recall": recall.get("layers", []), "output_manifest": str(manifest_path)}
+            "on_policy_recall": recall.get("layers", []), "output_manifest": str(manifest_path),
+            "extra_work": extra_work(args, sparsity)}
 
 
 def layer_recalls(recall: dict, block: str) -> str:
@@ -205,6 +219,33 @@ def layer_recalls(recall: dict, block: str) -> str:
     pairs = [f"{r['layer']}:{r['recall']:.4f}" for r in recall.get("layers", [])
              if r["block"] == block and r["recall"] is not None]
     return " ".join(pairs) or NOT_APPLICABLE
+
+
+
+def extra_work(args: argparse.Namespace, sparsity: dict) -> dict:
+    """Per sparse block, what ranking its units costs per token (mode_cost.py): per sparse layer (the mean over the
+    layers) and summed over them, from the shapes of the files the run loaded."""
+    shape = mode_cost.BlockShape.of_config(json.loads((Path(args.model_name) / "config.json").read_text()))
+    mode, out = sparsity.get("mode", "dense"), {}
+    for block in ("mlp", "att"):
+        layers = [int(layer) for layer in sparsity.get(f"{block}_kept", {})]
+        if not layers:
+            continue
+        files = {p["layer"]: p["path"] for p in sparsity.get("predictors", []) if p["block"] == block}
+        shapes = [predictor_shape(files.get(layer)) for layer in layers]
+        out[block] = {"sparse_layers": len(layers), "definition": mode_cost.DEFINITIONS[mode]}
+        if mode in FILE_MODES and mode != "static" and None in shapes:
+            out[block]["unknown"] = "a loaded predictor's JSON records no `predictor` shape"
+            continue
+        weights = [mode_cost.ranking_weights(mode, block, shape, s) for s in shapes]
+        out[block].update(per_layer=mode_cost.work(round(sum(weights) / len(weights)), args.dtype),
+                          all_layers=mode_cost.work(sum(weights), args.dtype))
+    return out
+
+
+def predictor_shape(path: str | None) -> dict | None:
+    """The `predictor` entry of a loaded predictor file's JSON (a static file has none)."""
+    return None if path is None else json.loads(Path(path).with_suffix(".json").read_text()).get("predictor")
 
 
 def run_setting(runner: Runner, args: argparse.Namespace, dataset: str, requests: Path, setting: Setting) -> dict:
@@ -264,6 +305,9 @@ def add_wiring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor-dir", default=None,
                    help="predictor and static files (modes predictor, static); {k} is replaced by each block's budget "
                         "as written, for per-budget predictors (e.g. predictors/b{k})")
+    p.add_argument("--structured-dir", default=None,
+                   help="structured_mlp_layer{L} files of mode structured (sparse_predictor/train_structured.py), {k} "
+                        "as in --predictor-dir (default: --predictor-dir)")
     p.add_argument("--predictor-input", default="lookahead",
                    help="the input wiring the predictors must have been trained on (default lookahead, DejaVu's)")
     p.add_argument("--allow-predictor-mismatch", action="store_true",
@@ -277,9 +321,10 @@ def add_wiring_arguments(p: argparse.ArgumentParser) -> None:
 def check_sweep_arguments(args: argparse.Namespace, family: str) -> None:
     if not args.mlp_topk and not args.att_topk:
         raise SystemExit("give at least one budget (--mlp-topk and/or --att-topk)")
-    if any(m in FILE_MODES for m in args.modes) and not args.predictor_dir:
-        raise SystemExit(f"modes {[m for m in args.modes if m in FILE_MODES]} need --predictor-dir")
-    if "groups" in args.att_units and any(m in FILE_MODES for m in args.modes) and not args.group_predictor_dir:
+    need_dir = [m for m in args.modes if m in FILE_MODES and not (m == "structured" and args.structured_dir)]
+    if need_dir and not args.predictor_dir:
+        raise SystemExit(f"modes {need_dir} need --predictor-dir (structured: or --structured-dir)")
+    if "groups" in args.att_units and any(m in ATT_FILE_MODES for m in args.modes) and not args.group_predictor_dir:
         raise SystemExit("--att-units groups with modes predictor/static needs --group-predictor-dir")
     if "groups" in args.att_units and family != "llama":
         raise SystemExit(f"--att-units groups: a {family} model has no key/value groups")

@@ -43,7 +43,7 @@ from Decentralized_FM_alpha.utils.model_source import family_of_checkpoint  # no
 from scripts.analysis.common import write_csv_atomic  # noqa: E402
 from scripts.assets.dejavu_tasks import verify_task_folder  # noqa: E402
 from scripts.study.sparse_sweep import (FILE_MODES, NOT_APPLICABLE, Setting, add_sweep_arguments,  # noqa: E402
-                                       check_sweep_arguments, plan_settings, predictor_dir)
+                                       check_sweep_arguments, file_dir_template, plan_settings, predictor_dir)
 
 DEJAVU_TASKS = "cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande"
 METRICS = ("acc", "acc_norm")
@@ -60,12 +60,11 @@ def model_args(args, setting: Setting) -> dict:
     if args.max_seq_len:
         found["max_seq_len"] = args.max_seq_len
     if setting.mode != "dense":
-        template = args.group_predictor_dir if setting.unit == "groups" else args.predictor_dir
         found.update(sparse_mode=setting.mode, gqa_groups=setting.unit == "groups", dense_layers=args.dense_layers,
                      predictor_input=args.predictor_input, allow_predictor_mismatch=args.allow_predictor_mismatch)
         found.update({k: v for k, v in (("mlp_topk", setting.mlp), ("att_topk", setting.att),
                                          ("sparse_layers", args.sparse_layers),
-                                         ("predictor_dir", predictor_dir(template, setting)
+                                         ("predictor_dir", predictor_dir(file_dir_template(args, setting), setting)
                                           if setting.mode in FILE_MODES else None))
                       if v is not None})
     return found

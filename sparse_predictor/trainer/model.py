@@ -123,6 +123,10 @@ class StackedPredictors(torch.nn.Module):
         self.activation = ACTIVATIONS[activation]() if activation else None
         self.second = len(singles[0]) - 1  # index of the second Linear in make_predictor's Sequential
 
+    def layer_weights(self) -> tuple[int, int]:
+        """Weights of the two layers of all stacked predictors (the work counters, utils/work.py)."""
+        return self.w1.numel(), self.w2.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x, self.w1.transpose(1, 2))  # (P, B, D)
         if self.activation is not None:
@@ -164,7 +168,7 @@ class TrainStep:
                  floor: float, graphs: bool, batch_size: int):
         self.model, self.optimizer, self.amp_dtype, self.floor = model, optimizer, amp_dtype, floor
         self.graphs, self.batch_size = graphs, batch_size
-        self.layer_weights = (model.w1.numel(), model.w2.numel())  # of all stacked predictors (work.py)
+        self.layer_weights = model.layer_weights()  # of all stacked predictors (work.py)
         self.captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def eager(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -222,18 +226,22 @@ class TrainStep:
 
 
 def train_stacked(data: LayerData, block: str, cfg: TrainConfig, specs: Sequence[tuple[int, int]],
-                  log: Callable[[str], None] = print) -> list[TrainResult]:
+                  log: Callable[[str], None] = print, model: torch.nn.Module | None = None) -> list[TrainResult]:
     """Train one predictor per (label index, seed) of `specs` on the layer's input, all in lockstep.
 
     Each predictor has its own initialisation, batch order (its seed's generator), optimizer state, held-out metrics
     and selection (--selection), exactly as if trained alone with that seed; streamed windows (rows that do not fit
-    on the device) come in the order of cfg.seed for all of them."""
+    on the device) come in the order of cfg.seed for all of them. `model`: other stacked predictors to train the
+    same way instead of DejaVu's (one per spec; with layer_weights, state_of and load_states as StackedPredictors,
+    e.g. modules/structured_predictor.py); cfg.epochs 0 scores them untrained."""
     device = data.test.x.device
     amp_dtype = matmul_dtype(device)
     floor = NEGATIVE_WEIGHT_FLOOR[block]
     labels_of, seeds = [l for l, _ in specs], [seed for _, seed in specs]
     P = len(specs)
-    model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds, cfg.activation).to(device)
+    if model is None:
+        model = StackedPredictors(data.x_file.width, cfg.D, data.out_width, seeds, cfg.activation)
+    model = model.to(device)
     graphs = cfg.cuda_graphs and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda",
                                   capturable=graphs)
