@@ -110,3 +110,14 @@ def test_group_masks_are_counted_in_heads_and_a_static_mask_on_every_real_token(
     (record,) = static.describe()["on_policy_recall"]["layers"]
     hits = top_k(activations.abs(), 3)[..., 9:].sum(-1)
     assert (record["hits"], record["tokens"]) == (int((hits * valid).sum()), 6)
+
+
+def test_a_kept_unit_tied_with_the_true_kth_score_is_a_hit_while_the_tie_leaves_room():
+    """ReLU's exact zeros: with one active neuron and K = 2, any zero completes the true top-K, so a mask keeping the
+    active neuron and any zero has recall 1; a mask missing the active neuron has 1 hit (a zero) of 2."""
+    sparsity = controller("oracle", mlp_budgets={1: 2})
+    scores = torch.tensor([[[0.0, 0.0, 3.0, 0.0]]])
+    sparsity.count_recall("mlp", 1, torch.tensor([[[False, False, True, True]]]), scores)
+    sparsity.count_recall("mlp", 1, torch.tensor([[[True, True, False, False]]]), scores)
+    (record,) = sparsity.describe()["on_policy_recall"]["layers"]
+    assert (record["hits"], record["tokens"]) == (2 + 1, 2)

@@ -308,10 +308,16 @@ class SparsityController:
         return top_k_mask(scores, k)
 
     def count_recall(self, block: str, layer: int, mask: torch.Tensor, true_scores: torch.Tensor) -> None:
-        """Add the mask's hits in the true top-K of `true_scores` (B, T, width) over the real tokens."""
-        true_top = top_k_mask(true_scores, self.kept[block][layer])
+        """Add the mask's hits in the true top-K of `true_scores` (B, T, width) over the real tokens. A kept unit tied
+        with the true K-th score counts while the tie leaves room (the trainer's Recall@K rule, metrics.true_top_k):
+        with ReLU's many exact zeros, which zeros a top-K picks is arbitrary and must not decide a hit."""
+        k = self.kept[block][layer]
+        scores = true_scores.float()
+        kth = scores.topk(k, dim=-1).values[..., -1:]  # (B, T, 1)
+        room = k - (scores > kth).sum(-1)
+        hits_per_token = (mask & (scores > kth)).sum(-1) + torch.minimum((mask & (scores == kth)).sum(-1), room)
         real = self.real_positions(true_scores.shape[:2])
-        hits = ((mask & true_top).sum(-1) * real).sum()
+        hits = (hits_per_token * real).sum()
         counts = self.recall_counts.setdefault((block, layer), [hits.new_zeros(()), hits.new_zeros(())])
         counts[0] += hits
         counts[1] += real.sum()
