@@ -72,10 +72,10 @@ def test_on_policy_recall_is_set_beside_the_same_predictors_recall_on_the_dense_
     row = {"model": "m", "mode": "predictor", "dataset": "c4", "block": "mlp", "mlp_topk": "0.5",
            "mlp_on_policy_recall_layers": "1:0.8000 2:0.6000 3:0.5000 4:0.4000"}
     held_out = {("m", "mlp", 0.5): [(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6), (5, 0.1)]}
-    [line] = on_policy_lines([(None, [row, {**row, "mode": "oracle"}])], held_out)
-    assert line == ("m, MLP at 0.5, predictor: on-policy Recall@K of the applied masks 0.575 over 4 sparse layers "
-                    "(0.700 in the first half, 0.450 in the second); held out on the dense model's states the same "
-                    "predictors score 0.750 over those layers.")
+    [line] = on_policy_lines([(None, [row, {**row, "mode": "oracle"}, {**row, "att_unit": "groups"}])], held_out)
+    assert line == ("m, predictor's Recall@K on the sparse model's own states (on-policy, mean over the sparse "
+                    "layers) vs held out on the dense model's states, same layers: MLP 0.5: 0.575 vs 0.750 (halves "
+                    "0.700, 0.450).")
 
 
 def test_the_structured_predictor_and_the_two_by_two_are_read_into_why_lines():
@@ -88,8 +88,8 @@ def test_the_structured_predictor_and_the_two_by_two_are_read_into_why_lines():
     payload = {"source": {"model": "m"}, "records": records,
                "structured_decomposition": [{"layer": 1, "k": 0.25, "cells": cells(0.5, 0.6, 0.7, 1.0)},
                                             {"layer": 2, "k": 0.25, "cells": cells(0.7, 0.8, 0.9, 1.0)}]}
-    assert structured_lines([payload]) == ["m, MLP, K = 0.25: structured svd rank 8 (k 0.25) Recall@K 0.700 against "
-                                           "DejaVu's lookahead predictor's 0.600 (mean over 2 layers)."]
+    assert structured_lines([payload]) == ["m, MLP at K = 0.25, Recall@K from the lookahead input (mean over 2 "
+                                           "layers): DejaVu's predictor 0.600; structured svd rank 8 0.700."]
     [line] = decomposition_lines([payload])
     assert ("lookahead input with DejaVu's linear predictor 0.600, with the exact MLP form 0.700; same-layer input "
             "with the linear predictor 0.800, with the exact form 1.000 (the oracle)") in line

@@ -1,4 +1,4 @@
-"""The report's baselines and controls (issue 19): every predictor number beside its floors, drift beside its
+"""The report's baselines and controls (issue 19): every predictor number beside its baselines, drift beside its
 cross-token floor, the capacity and data curves, and the spread over the training sample.
 
 Reads recall_summary.py payloads (records with per-document sums: predictors, and the rankings static, gate,
@@ -88,7 +88,7 @@ def ranking_tables(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
                 csv.add("rankings", model, "uniform chance Recall@K", chance, **keys)
         if recall_rows:
             names = [name for name, _ in RANKINGS]
-            lines += [f"**{BLOCK_TITLES[block]}: Recall@K of the lookahead predictor against its floors** "
+            lines += [f"**{BLOCK_TITLES[block]}: Recall@K of the lookahead predictor against its baselines** "
                       "(pooled over seeds and the layers named, the summary's set: those every input of the model "
                       "has, layer 0 left out; static = the K units most often in the "
                       "true top-K over the training documents, one set for every token; gate = top-K by |SiLU(g)|, "
@@ -199,7 +199,8 @@ def fold_table(recall: Sequence[tuple[str, dict]], csv: Csv) -> list[str]:
             spread = s["Recall@K"]
             rows.append([model, BLOCK_TITLES[s["block"]].split()[0], f"{s['k']:g}", layer_text(s["layers"]),
                          f"{spread['min']:.3f}-{spread['max']:.3f}", f"{spread['std']:.4f}", interval_text(interval),
-                         f"{min(per_seed):.3f}-{max(per_seed):.3f} ({len(per_seed)})" if per_seed else "n/a", source])
+                         f"{min(per_seed):.3f}-{max(per_seed):.3f} ({len(per_seed)})" if len(per_seed) >= 2 else
+                         "one seed: no spread", source])
             keys = {"block": s["block"], "k": s["k"], "layers": layer_text(s["layers"])}
             for fold, value in enumerate(s["Recall@K per fold"]):
                 csv.add("folds", model, f"fold {fold} Recall@K", value, **keys)

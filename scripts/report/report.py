@@ -1,25 +1,29 @@
-"""One markdown report, OPT vs Llama, from any set of result folders: tables, figures and where every number came from.
+"""One report, OPT vs Llama, from any set of result folders: the answer on its first screen, figures, appendices and
+where every number came from.
 
 Inputs (files, or folders searched recursively) are recognised by content:
   collection        a folder with manifest.json listing collected kinds (SPEC §6)
-  drift / lookahead / sparsity_stats / label_sweep
-                    the JSONs of scripts/analysis/drift.py, lookahead.py, sparsity_stats.py ("analysis" key)
+  drift / lookahead / sparsity_stats / label_sweep / recall_summary
+                    the JSONs of scripts/analysis/*.py ("analysis" key)
   predictors        {mlp,att}_layer{L}.json of the predictor trainer (SPEC §7), with {block}_summary.csv if present
+                    (the per-budget folders b{k}/: Recall@K over every layer)
   perplexity sweep  a CSV with columns model,dataset,mode,perplexity (and mlp_topk, att_topk, tokens,
                     output_manifest, ...), one row per sparse-inference run (SPEC §8)
   task sweep        a CSV with columns model,task,mode,acc,acc_stderr (and mlp_topk, att_topk, result_json, ...),
                     one row per (mode, budget, task) of scripts/study/task_sweep.py (SPEC §11)
-The report opens with the Answer (per model, side by side: drift, the lookahead penalty, per budget the perplexity
-ratio of every sparse mode and Recall@K against its floors, task accuracy), generated from the numbers: a sentence
-only compares numbers, and a threshold it uses is a flag (--within, --acc-within) printed with it. Then the summary
-tables, the decomposition and one section per kind of input; what was not measured, the missing inputs, a glossary,
-the commands, sources and provenance come last. Every table row carries a source id [S<n>]; the Sources table gives
-its file, command, git commit and manifest (from the provenance block every JSON of this project carries). Markdown
-tables have at most 10 columns (wider ones are split; summary.csv and the inputs' CSVs hold everything).
+  layer sweep       layer_sweep.csv of scripts/study/layer_sweep.py (one layer sparse at a time)
+report.md opens with the sparsity each mode sustains (scripts/report/headline.py: the smallest kept fraction at which
+perplexity stays within 1% and 5% of dense and the headline task mean within 1 point) and sentences built from it by a
+printed rule, where and why lines from the layer sweep, on-policy recall and the structured predictor when given, and
+what was not run; then Recall@K over every layer, the paper figures (scripts/report/figures.py; gallery in
+figures/README.md) and links to appendix_*.md: the Answer by budget (its sentences compare numbers under the flags
+--within and --acc-within), the summary and decomposition, baselines, one appendix per kind of input, and the glossary,
+sources and provenance. Every table row carries a source id [S<n>]; the Sources table gives its file, command, git
+commit and manifest. Markdown tables have at most 10 columns (summary.csv and the inputs' CSVs hold everything).
 
     python scripts/report/report.py data/opt-6.7b_c4 data/llama-3.2-3b_c4 out/drift out/lookahead out/sparsity \\
         data/opt-6.7b_c4_sparse_predictor data/llama-3.2-3b_c4_sparse_predictor out/sweep.csv --out-dir out/report
-Writes <out-dir>/report.md and its figures under <out-dir>/figures/.
+Writes <out-dir>/report.md, <out-dir>/appendix_*.md, summary.csv, baselines.csv and the figures under <out-dir>/figures/.
 """
 from __future__ import annotations
 

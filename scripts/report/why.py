@@ -61,14 +61,16 @@ def layer_values(text: str) -> dict[int, float]:
 
 def on_policy_lines(sweeps: Sequence[tuple[Path, list[dict]]],
                     held_out: dict[tuple[str, str, float], list[tuple[int, float]]]) -> list[str]:
-    """Per model, block and budget of the predictor's rows of that block alone: the mean on-policy Recall@K over the
-    sparse layers, in the first and the second half of them, beside the same predictors' held-out Recall@K on the
-    dense model's states over the same layers (when the per-budget predictors were given)."""
-    lines = []
+    """One line per model: for each block and budget of the predictor's rows of that block alone (head units), the
+    mean on-policy Recall@K over the sparse layers, with the first and second half of them, beside the same
+    predictors' held-out Recall@K on the dense model's states over the same layers (when the per-budget predictors were
+    given)."""
+    clauses: dict[str, list[str]] = defaultdict(list)
     for _, rows in sweeps:
         for row in rows:
             block = row.get("block")
-            if (row["mode"], row.get("dataset")) != ("predictor", HEADLINE_DATASET) or block not in ("mlp", "att"):
+            if ((row["mode"], row.get("dataset")) != ("predictor", HEADLINE_DATASET) or block not in ("mlp", "att")
+                    or row.get("att_unit") == "groups"):
                 continue
             recall = layer_values(row.get(f"{block}_on_policy_recall_layers", ""))
             if not recall:
@@ -77,39 +79,47 @@ def on_policy_lines(sweeps: Sequence[tuple[Path, list[dict]]],
             half = max(1, len(layers) // 2)
             mean = lambda chosen: sum(recall[l] for l in chosen) / len(chosen)  # noqa: E731
             budget = float(row[f"{block}_topk"])
-            text = (f"{row['model']}, {'MLP' if block == 'mlp' else 'attention'} at {budget:g}, predictor: on-policy "
-                    f"Recall@K of the applied masks {mean(layers):.3f} over {len(layers)} sparse layers "
-                    f"({mean(layers[:half]):.3f} in the first half, {mean(layers[half:] or layers):.3f} in the second)")
             dense_states = dict(held_out.get((row["model"], block, budget), []))
             common = [l for l in layers if l in dense_states]
-            if common:
-                text += (f"; held out on the dense model's states the same predictors score "
-                         f"{sum(dense_states[l] for l in common) / len(common):.3f} over those layers")
-            lines.append(text + ".")
-    return lines
+            off = f" vs {sum(dense_states[l] for l in common) / len(common):.3f}" if common else ""
+            clauses[row["model"]].append(f"{'MLP' if block == 'mlp' else 'attention'} {budget:g}: "
+                                         f"{mean(layers):.3f}{off} (halves {mean(layers[:half]):.3f}, "
+                                         f"{mean(layers[half:] or layers):.3f})")
+    return [f"{model}, predictor's Recall@K on the sparse model's own states (on-policy, mean over the sparse layers) "
+            f"vs held out on the dense model's states, same layers: " + "; ".join(parts) + "."
+            for model, parts in clauses.items()]
+
+
+HEADLINE_K = 0.25  # the K of the why lines: the recorded K closest to it
 
 
 def structured_lines(recall_payloads: Sequence[dict]) -> list[str]:
-    """Per model and structured ranking: its mean Recall@K against the lookahead predictor's on the same layers."""
+    """One line per model at the K closest to HEADLINE_K: each structured ranking's mean Recall@K from the lookahead
+    input beside DejaVu's lookahead predictor's, on the layers both have."""
     lines = []
     for payload in recall_payloads:
-        model = payload["source"]["model"]
         by: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
         predictor: dict[float, dict[int, float]] = defaultdict(dict)
         for r in payload["records"]:
-            if r.get("block") != "mlp" or r.get("Recall@K") is None:
+            if r.get("block") != "mlp" or r.get("Recall@K") is None or r.get("input") != "lookahead":
                 continue
-            if str(r.get("ranking", "")).startswith("structured") and r.get("input") == "lookahead":
+            if str(r.get("ranking", "")).startswith("structured"):
                 by[(r["ranking"], r["k"])][r["layer"]] = r["Recall@K"]
-            elif "ranking" not in r and r.get("input") == "lookahead" and r.get("label") == "topk":
+            elif "ranking" not in r and r.get("label") == "topk":
                 predictor[r["k"]][r["layer"]] = r["Recall@K"]
-        for (ranking, k), layers in sorted(by.items()):
-            common = sorted(set(layers) & set(predictor.get(k, {})))
-            if common:
-                ours = sum(layers[l] for l in common) / len(common)
-                theirs = sum(predictor[k][l] for l in common) / len(common)
-                lines.append(f"{model}, MLP, K = {k:g}: {ranking} Recall@K {ours:.3f} against DejaVu's lookahead "
-                             f"predictor's {theirs:.3f} (mean over {len(common)} layers).")
+        ks = sorted({k for _, k in by} & set(predictor))
+        if not ks:
+            continue
+        k = min(ks, key=lambda v: abs(v - HEADLINE_K))
+        parts, layers = [], set()
+        for (ranking, kk), values in sorted(by.items()):
+            common = sorted(set(values) & set(predictor[k]))
+            if kk == k and common:
+                parts.append(f"{ranking.removesuffix(f' (k {k:g})')} {sum(values[l] for l in common) / len(common):.3f}")
+                layers |= set(common)
+        theirs = sum(predictor[k][l] for l in layers) / len(layers)
+        lines.append(f"{payload['source']['model']}, MLP at K = {k:g}, Recall@K from the lookahead input (mean over "
+                     f"{len(layers)} layers): DejaVu's predictor {theirs:.3f}; " + ", ".join(parts) + ".")
     return lines
 
 
