@@ -313,19 +313,24 @@ def readable_log_ticks(low: float, high: float, most: int = MAX_LOG_TICKS) -> li
     return [10.0 ** e for e in range(first, last + 1, step) if low <= 10.0 ** e <= high]
 
 
-def log_y(ax) -> None:
-    """A log y axis with a few readable ticks (readable_log_ticks of the shown range, recomputed when the limits
-    change) as plain numbers, and no labelled minor ticks (they piled up)."""
+def log_axis(ax, which: str = "y") -> None:
+    """A log axis ('x' or 'y') with a few readable ticks (readable_log_ticks of the shown range, recomputed when the
+    limits change) as plain numbers, and no labelled minor ticks (they piled up)."""
     from matplotlib.ticker import FuncFormatter, Locator, NullFormatter
 
     class Readable(Locator):
         def __call__(self):
             return readable_log_ticks(*sorted(self.axis.get_view_interval()))
 
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(Readable())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    getattr(ax, f"set_{which}scale")("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(Readable())
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def log_y(ax) -> None:
+    log_axis(ax, "y")
 
 
 def figure_legend(fig, axes) -> None:

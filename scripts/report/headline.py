@@ -236,6 +236,18 @@ def not_run_lines(summaries: Sequence[ModelSummary], families: dict[str, str]) -
     return out
 
 
+def headline_csv_columns(rows: Sequence[HeadlineRow]) -> dict[str, dict[str, object]]:
+    """model -> summary.csv columns of its headline readings ('headline MLP predictor ppl<=1.05': value, '... side':
+    in / below / above), so that summary.csv keeps every number of the first screen."""
+    out: dict[str, dict[str, object]] = {}
+    for r in rows:
+        for mode, readings in r.readings.items():
+            for rule, reading in readings.items():
+                key = f"headline {BLOCK_NAMES[r.block]} {mode} {'tasks' if rule == 'tasks' else f'ppl<={rule}'}"
+                out.setdefault(r.model, {}).update({key: reading.value, f"{key} side": reading.side})
+    return out
+
+
 def first_screen(summaries: Sequence[ModelSummary], dataset: str, task_rows: Sequence[dict],
                  families: dict[str, str], where: Sequence[str], why: Sequence[str]) -> list[str]:
     """The report's first lines (at most 40): the table, its reading rules, sentences, where, why, not run."""

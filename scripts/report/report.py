@@ -28,6 +28,7 @@ Writes <out-dir>/report.md, <out-dir>/appendix_*.md, summary.csv, baselines.csv 
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from collections import defaultdict
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS  # noqa: E402
 from Decentralized_FM_alpha.utils.selection import fraction_count  # noqa: E402
-from scripts.analysis.common import model_colors, model_family, model_label  # noqa: E402
+from scripts.analysis.common import model_colors, model_family, model_label, write_csv_atomic  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
 from scripts.report.answer import Flags, answer_section, task_results  # noqa: E402
 from scripts.report.baselines import baselines_section  # noqa: E402
@@ -48,7 +49,7 @@ from scripts.report.speed import speed_section  # noqa: E402
 from scripts.report.figures import (CAPTIONS, gallery, plot_contextual_sparsity, plot_layer_cost,  # noqa: E402
                                     plot_quality)
 from scripts.report.figures import plot_recall_by_layer as plot_layer_recall  # noqa: E402
-from scripts.report.headline import first_screen  # noqa: E402
+from scripts.report.headline import first_screen, headline_csv_columns, headline_rows  # noqa: E402
 from scripts.report.inputs import Inputs, Sources, all_models, discover, model_dims  # noqa: E402
 from scripts.report.layers import (baseline_layer_recall, layer_recall_table, model_layers,  # noqa: E402
                                    predictor_layer_recall)
@@ -229,6 +230,9 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     dataset = headline_dataset(parts.summaries)
     task_rows = [row for _, rows in inputs.task_sweeps for row in rows]
     where, why = where_and_why(inputs)
+    if dataset:  # summary.csv keeps every number of the first screen too
+        add_summary_columns(out_dir / "summary.csv", headline_csv_columns(headline_rows(parts.summaries, dataset,
+                                                                                        task_rows)))
     screen = (first_screen(parts.summaries, dataset, task_rows, model_families(inputs), where, why) if dataset else
               ["No perplexity sweep with per-request log-probs among the inputs: the sparsity each mode sustains "
                "cannot be read."])
@@ -306,6 +310,19 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
           f"{len(SECTIONS)} sections, {len(sources.rows)} sources, {len(missing)} missing inputs, {len(not_measured)} "
           f"items not measured, figures in {figures}")
     return report
+
+
+def add_summary_columns(path: Path, columns: dict[str, dict[str, object]]) -> None:
+    """Add per-model columns to summary.csv (its rows are models)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    known = {row["model"] for row in rows}
+    rows += [{"model": model} for model in columns if model not in known]
+    for row in rows:
+        row.update(columns.get(row["model"], {}))
+    write_csv_atomic(path, rows, list(dict.fromkeys(k for row in rows for k in row)))
 
 
 def read_report(path: Path) -> str:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from scripts.analysis.common import (legend_outside, model_colors, new_figure, plot_series, reference_line,
+from scripts.analysis.common import (legend_outside, log_axis, model_colors, new_figure, plot_series, reference_line,
                                      save_figure)
 
 BOUND_MODES = {"oracle": "its masks need the dense activations", "gate": "it needs the exact gate pre-activation"}
@@ -129,7 +129,7 @@ def plot_speed(points: list[dict], figures_dir: Path) -> Path:
         x, y = zip(*sorted(xy))
         plot_series(axes[datasets.index(dataset)], x, y, mode, f"{model} {mode}", color=colors[model])
     for ax, dataset in zip(axes, datasets):
-        ax.set_xscale("log")
+        log_axis(ax, "x")
         reference_line(ax, 1.0, "dense", "dense (speedup 1 at ratio 1)")
         ax.set(xlabel="perplexity / dense perplexity (log scale)", ylabel="decode speedup at batch 1 (x dense)",
                title=f"{dataset}: what the accuracy cost buys")
