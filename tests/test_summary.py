@@ -221,6 +221,10 @@ def test_the_report_opens_with_the_headline_table_and_sentences_built_from_its_c
         assert f"the oracle {by_mode['oracle'].split(' / ')[1]}" in clause
         checked += 1
     assert checked == 2
+    row = next(r for r in csv.DictReader(open(out / "report" / "summary.csv")) if r["model"] == "opt-twin")
+    value, side = row["headline MLP + attention predictor ppl<=1.05"], row["headline MLP + attention predictor ppl<=1.05 side"]
+    shown = {"in": f"{float(value):.2f}", "below": f"<= {float(value):.2f}", "above": f"> {float(value):.2f}"}[side]
+    assert cells[("opt-twin", "MLP + attention")]["predictor"].split(" / ")[1] == shown  # summary.csv keeps it
 
 
 def test_the_answer_appendix_sets_models_side_by_side_without_a_path(presented):
