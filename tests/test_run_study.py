@@ -95,7 +95,7 @@ def test_the_plan_estimates_every_fitted_stage_of_a_model_of_the_fitted_shape(tm
 
     from scripts.assets.dejavu_tasks import documents_per_setting
     from scripts.study import plan
-    from scripts.study.sparse_sweep import SPARSE_MODES, plan_settings
+    from scripts.study.sparse_sweep import plan_settings
 
     config = AutoConfig.from_pretrained(REPO / "pretrained_models/tiny-llama")
     facts = plan.model_facts("tiny-llama", config)
@@ -113,7 +113,7 @@ def test_the_plan_estimates_every_fitted_stage_of_a_model_of_the_fitted_shape(tm
     run_study.main([TINY, "--out-dir", str(tmp_path / "out"), *SMALL, "--collect-tokens", "120", "--task-limit", "3",
                     "--plan"])
     out = capsys.readouterr().out
-    modes = list(SPARSE_MODES)
+    modes = run_study.build_parser().get_default("modes")  # the study's default modes (structured is not one)
     budgets = run_study.build_parser().get_default("mlp_budgets")
     settings = len(plan_settings(modes, budgets, budgets, ["mlp", "att", "both"],
                                  ["heads", "groups"] if facts.dims.num_kv_heads < facts.dims.num_heads else ["heads"],
