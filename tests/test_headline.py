@@ -9,7 +9,7 @@ import pytest
 
 from Decentralized_FM_alpha.utils.intervals import Interval
 from scripts.report.answer import collapsed_text, level_label
-from scripts.report.headline import (Reading, TaskScore, headline_tasks, kept_units, paired_standard_error,
+from scripts.report.headline import (Reading, TaskResult, headline_tasks, kept_units, paired_standard_error,
                                      smallest_meeting)
 from scripts.report.inputs import Budget
 from scripts.report.summary import Cell, ModelSummary
@@ -41,9 +41,9 @@ def test_each_model_keeps_its_own_counts_of_heads_and_groups():
 
 
 def test_tasks_at_chance_for_the_dense_model_leave_the_headline_mean():
-    dense = {"dejavu_cb": TaskScore(0.268, 0.06), "dejavu_openbookqa": TaskScore(0.202, 0.018),
-             "dejavu_winogrande": TaskScore(0.504, 0.014), "dejavu_piqa": TaskScore(0.643, 0.011),
-             "dejavu_lambada_openai": TaskScore(0.294, 0.006)}
+    dense = {"dejavu_cb": TaskResult(0.268, 0.06), "dejavu_openbookqa": TaskResult(0.202, 0.018),
+             "dejavu_winogrande": TaskResult(0.504, 0.014), "dejavu_piqa": TaskResult(0.643, 0.011),
+             "dejavu_lambada_openai": TaskResult(0.294, 0.006)}
     kept, left = headline_tasks(dense)
     assert kept == ["dejavu_piqa", "dejavu_lambada_openai"]
     assert left == ["dejavu_cb", "dejavu_openbookqa", "dejavu_winogrande"]

@@ -38,14 +38,12 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest, read_json, write_json_atomic  # noqa: E402
 from scripts.assets.dejavu_tasks import documents_per_setting  # noqa: E402
-from scripts.bench.common import (DISK_BLOCK, copy_bandwidth, disk_bandwidth, free_device_memory,  # noqa: E402
-                                  matmul_peak)
-from tests.helpers_tokenizer import build_test_tokenizer  # noqa: E402
+from scripts.bench.common import (DISK_BLOCK, copy_bandwidth, disk_bandwidth, matmul_peak,  # noqa: E402
+                                  save_random_hf)
 
 MODELS = {"llama-3.2-3b": REPO / "tests/fixtures/llama-3.2-3b-config.json",
           "opt-2.7b": REPO / "tests/fixtures/opt-2.7b-config.json"}
@@ -107,17 +105,7 @@ def build_hf_model(config_path: Path, out: Path, device: torch.device, seed: int
     if smoke:
         for key, value in smoke_dims(config).items():
             setattr(config, key, value)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(transformers, config.architectures[0])(config).to(torch.bfloat16).eval()
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.data.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(build_test_tokenizer(out.parent / f"{out.name}-tokenizer")).save_pretrained(out)
-    del model
-    free_device_memory(device)
-    return out
+    return save_random_hf(config, out, device, torch.bfloat16, seed)
 
 
 def smoke_dims(config) -> dict:

@@ -45,20 +45,28 @@ def build_converted(config: PretrainedConfig, work: Path, device: torch.device, 
                     seed: int) -> Path:
     """Random weights of `config`'s architecture (its `architectures` class, e.g. a Llama or Qwen2 config), saved as
     HF with the test tokenizer and converted (SPEC §3); returns the converted dir."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(transformers, config.architectures[0])(config).to(dtype).eval()
-        for name, p in model.named_parameters():  # norms start at 1: perturb them, as gpu_check_models does
-            if "norm" in name:
-                p.data.add_(0.1 * torch.randn_like(p))
-    hf_dir, converted = work / "hf", work / "converted"
-    model.save_pretrained(hf_dir)
-    AutoTokenizer.from_pretrained(build_test_tokenizer(work / "tokenizer")).save_pretrained(hf_dir)
-    del model
-    free_device_memory(device)
+    hf_dir, converted = save_random_hf(config, work / "hf", device, dtype, seed), work / "converted"
     convert_llama_checkpoint.main(["--model-name", str(hf_dir), "--save-path", str(converted)])
     shutil.rmtree(hf_dir)
     return converted
+
+
+def save_random_hf(config: PretrainedConfig, hf_dir: Path, device: torch.device, dtype: torch.dtype,
+                   seed: int) -> Path:
+    """Random weights of `config`'s architecture (its `architectures` class; norms perturbed, as gpu_check_models
+    does), saved as a Hugging Face directory with the test tokenizer (trained beside it); returns hf_dir."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(transformers, config.architectures[0])(config).to(dtype).eval()
+        for name, p in model.named_parameters():  # norms start at 1
+            if "norm" in name:
+                p.data.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(hf_dir)
+    tokenizer = build_test_tokenizer(hf_dir.parent / f"{hf_dir.name}-tokenizer")
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(hf_dir)
+    del model
+    free_device_memory(device)
+    return hf_dir
 
 
 def free_device_memory(device: torch.device) -> None:

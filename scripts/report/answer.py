@@ -10,13 +10,12 @@ Nothing here names a file: sources and commands are at the end of the report.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from scripts.report.headline import collapsed, difference_standard_error
+from scripts.report.headline import TaskResult, collapsed, difference_standard_error, task_result
 from scripts.report.inputs import PANELS, Budget, row_budget
 from scripts.report.plots import BLOCK_TITLES
 from scripts.report.summary import (BASELINES, MAX_COLUMNS, SPARSE_MODES, Cell, ModelSummary,
@@ -33,37 +32,21 @@ class Flags:
 COLLAPSED_AT = 10.0  # perplexity ratio to dense above which a run has collapsed
 
 
-@dataclass(frozen=True)
-class TaskResult:
-    acc: float
-    stderr: float
-    examples: dict | None = None  # doc ids and per-document acc (task_sweep.py's per_example), when stored
-
-
 TaskResults = dict[tuple[str, str, str, Budget | None], TaskResult]  # (model, task, mode, budget; None = dense)
-
-
-def per_example(csv_path: object, row: dict) -> dict | None:
-    """The row's per-document scores from its result JSON (path relative to the table), when that run stored them."""
-    if not row.get("result_json") or not isinstance(csv_path, Path):
-        return None
-    path = csv_path.parent / row["result_json"]
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("per_example", {}).get(row["task"])
 
 
 def task_results(task_sweeps: Sequence[tuple[object, list[dict]]]) -> TaskResults:
     """(model, task, mode, budget) -> accuracy, the harness's standard error and (when stored) per-document scores,
-    from task-sweep CSV rows."""
+    from task-sweep CSV rows (rows without a standard error are left out: their differences cannot be read)."""
     out = {}
     for csv_path, rows in task_sweeps:
         for row in rows:
-            if row.get("acc") in (None, "") or row.get("acc_stderr") in (None, ""):
+            if row.get("acc_stderr") in (None, ""):
                 continue
-            budget = None if row["mode"] == "dense" else row_budget(row)
-            out[(row["model"], row["task"], row["mode"], budget)] = TaskResult(
-                float(row["acc"]), float(row["acc_stderr"]), per_example(csv_path, row))
+            result = task_result(row, csv_path if isinstance(csv_path, Path) else None)
+            if result is not None:
+                budget = None if row["mode"] == "dense" else row_budget(row)
+                out[(row["model"], row["task"], row["mode"], budget)] = result
     return out
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-from scripts.report.inputs import Budget, row_budget
+from scripts.report.inputs import Budget, read_json_file, row_budget
 from scripts.report.summary import ModelSummary
 
 PERPLEXITY_RULES = (1.01, 1.05)  # perplexity ratio to dense at most this
@@ -84,12 +85,32 @@ def task_chance(task: str) -> float | None:
 
 
 @dataclass(frozen=True)
-class TaskScore:
+class TaskResult:
+    """One task result of one setting: accuracy, the harness's standard error, and (when the run stored them) the
+    doc ids and per-document acc of task_sweep.py's per_example."""
     acc: float
     stderr: float | None
+    examples: dict | None = None
 
 
-def headline_tasks(dense: dict[str, TaskScore]) -> tuple[list[str], list[str]]:
+def per_example(csv_path: Path | None, row: dict) -> dict | None:
+    """The row's per-document scores from its result JSON (path relative to the table), when that run stored them."""
+    if csv_path is None or not row.get("result_json"):
+        return None
+    path = Path(csv_path).parent / row["result_json"]
+    return read_json_file(path).get("per_example", {}).get(row["task"]) if path.is_file() else None
+
+
+def task_result(row: dict, csv_path: Path | None = None) -> TaskResult | None:
+    """A task-sweep CSV row as a TaskResult (per-document scores read when the table's path is given); None without
+    an accuracy."""
+    if row.get("acc") in (None, ""):
+        return None
+    stderr = row.get("acc_stderr")
+    return TaskResult(float(row["acc"]), float(stderr) if stderr not in (None, "") else None, per_example(csv_path, row))
+
+
+def headline_tasks(dense: dict[str, TaskResult]) -> tuple[list[str], list[str]]:
     """(tasks in the headline mean, tasks left out): a task whose dense accuracy is not more than CHANCE_SE standard
     errors above uniform chance (within them, or below chance) cannot show a loss, so it is left out of the headline
     mean (the mean of all is still shown)."""
@@ -102,19 +123,18 @@ def headline_tasks(dense: dict[str, TaskScore]) -> tuple[list[str], list[str]]:
     return kept, left
 
 
-def task_scores(task_rows: Sequence[dict], model: str) -> dict[tuple[str, Budget | None], dict[str, TaskScore]]:
+def task_scores(task_rows: Sequence[dict], model: str) -> dict[tuple[str, Budget | None], dict[str, TaskResult]]:
     """(mode, budget; None for dense) -> task -> accuracy and the harness's standard error, of one model."""
-    out: dict[tuple[str, Budget | None], dict[str, TaskScore]] = {}
+    out: dict[tuple[str, Budget | None], dict[str, TaskResult]] = {}
     for row in task_rows:
-        if row["model"] != model or row.get("acc") in (None, ""):
-            continue
-        key = ("dense", None) if row["mode"] == "dense" else (row["mode"], row_budget(row))
-        stderr = row.get("acc_stderr")
-        out.setdefault(key, {})[row["task"]] = TaskScore(float(row["acc"]), float(stderr) if stderr else None)
+        result = task_result(row) if row["model"] == model else None
+        if result is not None:
+            key = ("dense", None) if row["mode"] == "dense" else (row["mode"], row_budget(row))
+            out.setdefault(key, {})[row["task"]] = result
     return out
 
 
-def mean_over(scores: dict[str, TaskScore], tasks: Sequence[str]) -> float | None:
+def mean_over(scores: dict[str, TaskResult], tasks: Sequence[str]) -> float | None:
     return sum(scores[t].acc for t in tasks) / len(tasks) if tasks and all(t in scores for t in tasks) else None
 
 
@@ -248,10 +268,10 @@ def headline_csv_columns(rows: Sequence[HeadlineRow]) -> dict[str, dict[str, obj
     return out
 
 
-def first_screen(summaries: Sequence[ModelSummary], dataset: str, task_rows: Sequence[dict],
+def first_screen(summaries: Sequence[ModelSummary], rows: Sequence[HeadlineRow], dataset: str,
                  families: dict[str, str], where: Sequence[str], why: Sequence[str]) -> list[str]:
-    """The report's first lines (at most 40): the table, its reading rules, sentences, where, why, not run."""
-    rows = headline_rows(summaries, dataset, task_rows)
+    """The report's first lines (at most 40): the table of `rows` (headline_rows), its reading rules, sentences,
+    where, why, not run."""
     lines = [f"**Smallest kept fraction sustaining each quality** ({dataset} perplexity ratio to dense <= 1.01 / <= "
              f"1.05 / headline task mean within {100 * TASK_POINTS:.0f} point of dense), per model, block and mode:", ""]
     lines += headline_table(rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from collections import defaultdict
@@ -74,6 +75,14 @@ class Inputs:
 
 
 def read_json_file(path: Path) -> Any:
+    """A JSON file's content, read once per version of the file (the report reads each task result for its source,
+    its per-document scores and its table): callers must not modify what it returns."""
+    path = Path(path)
+    return _read_json(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_json(path: str, mtime_ns: int) -> Any:
     with open(path) as f:
         return json.load(f)
 

@@ -50,6 +50,16 @@ def baseline_layer_recall(recall_payloads: Sequence[dict], k: float
     return {m: {n: {b: sorted(v) for b, v in blocks.items()} for n, blocks in names.items()} for m, names in out.items()}
 
 
+def block_units(dims: dict, block: str) -> int | None:
+    """The units a block's Recall@K ranks: MLP neurons or attention heads."""
+    return dims.get("ffn_dim" if block == "mlp" else "num_heads")
+
+
+def uniform_chance(k: float, units: int) -> float:
+    """Recall@K of a ranking that ignores its input: K / units, K by the one count rule."""
+    return fraction_count(k, units) / units
+
+
 def spread_text(points: Sequence[tuple[int, float]]) -> str:
     """'0.582 (min 0.478 at layer 5, max 0.773 at layer 29; 29 layers)'."""
     values = [v for _, v in points]
@@ -65,12 +75,12 @@ def layer_recall_table(layer_recall: dict, baselines_by_k: dict[float, dict], wi
     rows = []
     order = lambda item: (models.index(item[0][0]), item[0][1] != "mlp", item[0][2])  # noqa: E731
     for (model, block, k), points in sorted(layer_recall.items(), key=order):
-        units = widths.get(model, {}).get("ffn_dim" if block == "mlp" else "num_heads")
+        units = block_units(widths.get(model, {}), block)
         baselines = baselines_by_k.get(k, {}).get(model, {})
         others = "; ".join(f"{name} {sum(v for _, v in pts) / len(pts):.3f} (layers {', '.join(str(l) for l, _ in pts)})"
                            for name, by_block in sorted(baselines.items()) for b, pts in by_block.items()
                            if b == block and pts) or "not scored"
-        chance = f"{fraction_count(k, units) / units:.3f}" if units else "n/a"
+        chance = f"{uniform_chance(k, units):.3f}" if units else "n/a"
         rows.append(f"| {model} | {'MLP' if block == 'mlp' else 'attention'} | {k:g} | {spread_text(points)} | "
                     f"{others} | {chance} |")
     if not rows:

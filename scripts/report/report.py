@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lets `python scr
 
 from Decentralized_FM_alpha.utils.manifest import base_manifest  # noqa: E402
 from sparse_predictor.trainer.metrics import METRIC_DEFINITIONS  # noqa: E402
-from Decentralized_FM_alpha.utils.selection import fraction_count  # noqa: E402
 from scripts.analysis.common import model_colors, model_family, model_label, write_csv_atomic  # noqa: E402
 from scripts.analysis.sparsity_stats import STATISTIC_DEFINITIONS  # noqa: E402
 from scripts.report.answer import Flags, answer_section, task_results  # noqa: E402
@@ -51,8 +50,8 @@ from scripts.report.figures import (CAPTIONS, gallery, plot_contextual_sparsity,
 from scripts.report.figures import plot_recall_by_layer as plot_layer_recall  # noqa: E402
 from scripts.report.headline import first_screen, headline_csv_columns, headline_rows  # noqa: E402
 from scripts.report.inputs import Inputs, Sources, all_models, discover, model_dims  # noqa: E402
-from scripts.report.layers import (baseline_layer_recall, layer_recall_table, model_layers,  # noqa: E402
-                                   predictor_layer_recall)
+from scripts.report.layers import (baseline_layer_recall, block_units, layer_recall_table,  # noqa: E402
+                                   model_layers, predictor_layer_recall, uniform_chance)
 from scripts.report.plots import plot_predictors, plot_results  # noqa: E402
 from scripts.report.why import (decomposition_lines, layer_sweep_lines, on_policy_lines,  # noqa: E402
                                 structured_lines)
@@ -159,9 +158,7 @@ def recall_headline(inputs: Inputs, dims: dict[str, dict], colors: dict[str, str
     for (model, block, kk), points in layer_recall.items():
         if kk == k:
             per_model[model][block] = points
-    chance = {m: {b: fraction_count(k, dims[m]["ffn_dim" if b == "mlp" else "num_heads"]) /
-                  dims[m]["ffn_dim" if b == "mlp" else "num_heads"] for b in per_model[m]}
-              for m in per_model if dims.get(m)}
+    chance = {m: {b: uniform_chance(k, block_units(dims[m], b)) for b in per_model[m]} for m in per_model if dims.get(m)}
     paths = plot_layer_recall(per_model, baselines[k], chance, model_layers(dims), colors, k, figures)
     return lines + [""], paths
 
@@ -230,12 +227,13 @@ def build_report(paths: Sequence[Path], out_dir: Path, notes: Sequence[str] = ()
     dataset = headline_dataset(parts.summaries)
     task_rows = [row for _, rows in inputs.task_sweeps for row in rows]
     where, why = where_and_why(inputs)
-    if dataset:  # summary.csv keeps every number of the first screen too
-        add_summary_columns(out_dir / "summary.csv", headline_csv_columns(headline_rows(parts.summaries, dataset,
-                                                                                        task_rows)))
-    screen = (first_screen(parts.summaries, dataset, task_rows, model_families(inputs), where, why) if dataset else
-              ["No perplexity sweep with per-request log-probs among the inputs: the sparsity each mode sustains "
-               "cannot be read."])
+    if dataset:
+        rows = headline_rows(parts.summaries, dataset, task_rows)
+        add_summary_columns(out_dir / "summary.csv", headline_csv_columns(rows))  # every first-screen number too
+        screen = first_screen(parts.summaries, rows, dataset, model_families(inputs), where, why)
+    else:
+        screen = ["No perplexity sweep with per-request log-probs among the inputs: the sparsity each mode sustains "
+                  "cannot be read."]
     recall_lines, recall_figures = recall_headline(inputs, dims, colors, figures, parts.fractions)
     paper = plot_contextual_sparsity([r for _, r in inputs.results["sparsity_stats"]], colors, figures)
     paper += recall_figures

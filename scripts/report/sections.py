@@ -10,8 +10,8 @@ import numpy as np
 
 from sparse_predictor.trainer.records import SUMMARY_COLUMNS
 from scripts.analysis.common import PERCENTILES, model_label, write_csv_atomic
-from scripts.report.answer import per_example, too_noisy
-from scripts.report.headline import TaskScore, difference_standard_error, headline_tasks
+from scripts.report.answer import too_noisy
+from scripts.report.headline import TaskResult, difference_standard_error, headline_tasks, per_example
 from scripts.report.summary import (MAX_COLUMNS, ModelSummary, build_summaries, decomposition_tables, layer_text,
                                     per_layer_tables, summary_tables, sweep_wiring,
                                     csv_rows as summary_csv_rows, table as markdown_table)
@@ -313,7 +313,7 @@ def task_matrix(rows: list[dict], dims: dict[str, dict]) -> list[str]:
             budget = "dense" if r["mode"] == "dense" else row_budget(r).text(dims.get(model))
             settings.setdefault((r["mode"], budget), {})[r["task"]] = r
         dense = settings.get(("dense", "dense"), {})
-        kept, left = headline_tasks({t: TaskScore(number(r["acc"]), number(r["acc_stderr"])) for t, r in dense.items()
+        kept, left = headline_tasks({t: TaskResult(number(r["acc"]), number(r["acc_stderr"])) for t, r in dense.items()
                                      if number(r["acc"]) is not None})
         out = []
         for (mode, budget), by_task in settings.items():
