@@ -198,6 +198,8 @@ def test_the_report_opens_with_the_headline_table_and_sentences_built_from_its_c
     lines = (out / "report" / "report.md").read_text().splitlines()
     screen = lines[:next(i for i, line in enumerate(lines) if line.startswith("## "))]
     assert len(screen) <= 40 and screen[0].startswith("# DejaVu's contextual sparsity: opt-twin, llama-twin")
+    assert ("What produced the rows: opt-twin: predictor input lookahead, top-K label trained at each row's budget; "
+            "layers kept dense in every sparse mode: 0") in "\n".join(screen)  # input, label, budget, layer policy
     header = next(i for i, line in enumerate(screen) if line.startswith("| model | block"))
     cells = {}
     for row in screen[header + 2:]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scripts.report.inputs import Budget, read_json_file, row_budget
-from scripts.report.summary import ModelSummary
+from scripts.report.summary import ModelSummary, wiring_text
 
 PERPLEXITY_RULES = (1.01, 1.05)  # perplexity ratio to dense at most this
 TASK_POINTS = 0.01  # the task mean within this of dense (one accuracy point)
@@ -277,7 +277,8 @@ def first_screen(summaries: Sequence[ModelSummary], rows: Sequence[HeadlineRow],
     lines += headline_table(rows)
     lines += ["", "Read off the measured budgets by linear interpolation (log perplexity; accuracy); '<= f': the "
               "smallest measured budget already meets the rule; '> f': no measured budget does; 'n/a': no task "
-              "result. Point estimates; the intervals are in the appendices.", ""]
+              "result. Point estimates; the intervals are in the appendices. What produced the rows: "
+              f"{wiring_text(summaries) or 'not recorded by the sweeps'}.", ""]
     lines += [f"Rule: {SENTENCE_RULE}."] + [f"- {s}" for s in model_sentences(rows)] + [""]
     lines += [f"- Where: {w}" for w in where] + [f"- Why: {w}" for w in why]
     lines += [f"- Not run: {n}" for n in not_run_lines(summaries, families) + range_lines(rows)]
